@@ -1,0 +1,3 @@
+"""fcflow: seed-to-voxel functional connectivity of drug studies on fMRIPrep derivatives."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,5 @@
+import sys
+
+from fcflow.cli import main
+
+sys.exit(main())

@@ -1,0 +1,580 @@
+"""Study recipes: the TOML file that describes an analysis, and the validated object built from it.
+
+A recipe (see ``workflows/weigner2025_pgacc.toml``) declares the groups, sessions, tasks and their
+measures, the seeds, the denoising, the contrasts and the inference. :func:`load_recipe` reads it
+with :mod:`tomllib`, checks every key and returns one frozen :class:`Recipe`, which the command
+line passes explicitly to whatever needs it. Nothing else in fcflow reads the TOML.
+
+Every problem is reported as a :class:`~fcflow.errors.RecipeError` that names the file, the key,
+what was expected and what was found::
+
+    weigner2025_pgacc.toml: [tasks.rest] 'high_pass' must be lower than 'low_pass' (0.08 Hz).
+    Got 0.1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import math
+import re
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fcflow.errors import RecipeError
+
+#: Denoising strategies a recipe may name (implemented with nilearn's ``load_confounds``).
+DENOISING_STRATEGIES = ("none", "24P", "24P+aCompCor", "36P", "ICA-AROMA")
+#: Measures per kind of task: resting state has correlation; a task with conditions may also
+#: have gPPI and task-regressed ("background") correlation.
+MEASURES = ("correlation", "gppi", "background")
+_CONDITION_MEASURES = ("gppi", "background")
+SEED_SIGNALS = ("mean", "eigenvariate")
+SEED_SOURCES = ("mpm", "pmap")
+HEMISPHERES = ("left", "right")
+INFERENCES = ("tfce", "maxt", "cluster_mass", "cluster_size", "fdr", "bonferroni", "cluster_extent")
+PERMUTATION_INFERENCES = ("tfce", "maxt", "cluster_mass", "cluster_size")
+_LABEL = re.compile(r"^[A-Za-z0-9]+$")
+_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+_TERM = re.compile(r"\s*([+-]?)\s*(?:(\d+(?:\.\d*)?|\.\d+)\s*\*\s*)?([A-Za-z0-9_]+)\s*")
+
+
+# ----------------------------------------------------------------------------------------------
+# The recipe object
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Contrast:
+    """A linear contrast written as text, e.g. ``"ketamine - placebo"``.
+
+    Attributes
+    ----------
+    name : str
+        BIDS-friendly label, e.g. ``ketamineMinusPlacebo``.
+    expression : str
+        The text of the recipe.
+    weights : tuple of (str, float)
+        Level name and weight, in the order they appear in the expression.
+    """
+
+    name: str
+    expression: str
+    weights: tuple[tuple[str, float], ...]
+
+    def vector(self, levels: Sequence[str]) -> list[float]:
+        """Return the weights as a vector over ``levels`` (0 for levels not named)."""
+        lookup = dict(self.weights)
+        return [float(lookup.get(level, 0.0)) for level in levels]
+
+
+@dataclass(frozen=True)
+class FTest:
+    """An F test that the named groups share one mean."""
+
+    name: str
+    groups: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """One task: its measures, conditions and temporal filter.
+
+    ``high_pass`` and ``low_pass`` are in Hz (nilearn's names); ``None`` means no such filter.
+    """
+
+    name: str
+    measures: tuple[str, ...]
+    high_pass: float | None
+    low_pass: float | None
+    conditions: tuple[str, ...] = ()
+    condition_contrasts: tuple[Contrast, ...] = ()
+
+
+@dataclass(frozen=True)
+class SeedConfig:
+    """A seed region defined on an atlas by area names (never label numbers)."""
+
+    name: str
+    atlas: str
+    areas: tuple[str, ...]
+    hemispheres: tuple[str, ...]
+    source: str = "mpm"
+    pmap_threshold: float = 0.5
+    min_coverage: float = 0.8
+    signal: str = "mean"
+
+
+@dataclass(frozen=True)
+class DenoisingConfig:
+    """Confound regression, censoring and run exclusion (see :mod:`fcflow.denoise`)."""
+
+    strategy: str = "24P+aCompCor"
+    n_compcor: int = 5
+    fd_threshold_mm: float | None = 0.5
+    std_dvars_threshold: float | None = 1.5
+    scrub_min_segment: int = 5
+    drop_nonsteady: bool = True
+    min_volumes: int = 50
+    max_mean_fd_mm: float | None = 0.5
+    detrend: bool = True
+    standardize_confounds: bool = True
+    smoothing_fwhm: float | None = None
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    """Group-level inference."""
+
+    primary: str = "tfce"
+    methods: tuple[str, ...] = ("tfce", "maxt", "cluster_mass", "fdr")
+    n_permutations: int = 5000
+    alpha: float = 0.05
+    cluster_forming_p: float = 0.001
+    two_sided: bool = True
+    random_seed: int = 0
+    covariates: tuple[str, ...] = ()
+    min_cluster_voxels: int = 1
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A validated study recipe. Build it with :func:`load_recipe` or :func:`recipe_from_dict`."""
+
+    name: str
+    description: str
+    space: str
+    group_column: str
+    groups: tuple[str, ...]
+    sessions: tuple[str, ...]
+    reference_session: str
+    tasks: tuple[TaskConfig, ...]
+    seeds: tuple[SeedConfig, ...]
+    denoising: DenoisingConfig
+    session_contrasts: tuple[Contrast, ...]
+    group_contrasts: tuple[Contrast, ...]
+    f_tests: tuple[FTest, ...]
+    inference: InferenceConfig
+    source_file: str = field(default="<dict>", compare=False)
+
+    def task(self, name: str) -> TaskConfig:
+        """Return the task called ``name``."""
+        for task in self.tasks:
+            if task.name == name:
+                return task
+        raise KeyError(f"The recipe has no task {name!r}; it has {[t.name for t in self.tasks]}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the resolved recipe as plain data (for provenance sidecars)."""
+        payload = dataclasses.asdict(self)
+        payload.pop("source_file")
+        return payload
+
+    def fingerprint(self) -> str:
+        """Return the SHA-256 of the resolved recipe (changes whenever a setting changes)."""
+        blob = json.dumps(self.to_dict(), sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+    def replace(self, **changes: Any) -> Recipe:
+        """Return a copy with top-level fields changed, validated again."""
+        return _check_recipe(dataclasses.replace(self, **changes))
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading and validation
+# ----------------------------------------------------------------------------------------------
+class _Table:
+    """One TOML table being validated: typed access that remembers which keys were read."""
+
+    def __init__(self, data: Any, where: str, source: str) -> None:
+        self.where = where
+        self.source = source
+        if not isinstance(data, Mapping):
+            raise self.error(None, "a table", data)
+        self.data = dict(data)
+        self.used: set[str] = set()
+
+    def error(self, key: str | None, expectation: str, got: Any, fix: str = "") -> RecipeError:
+        target = f"[{self.where}]" + (f" '{key}'" if key else "")
+        message = f"{self.source}: {target} must be {expectation}. Got {got!r}."
+        return RecipeError(message + (f" {fix}" if fix else ""))
+
+    def get(
+        self,
+        key: str,
+        kind: str,
+        default: Any = ...,
+        *,
+        choices: Sequence[str] | None = None,
+        check: Callable[[Any], bool] | None = None,
+        expectation: str | None = None,
+    ) -> Any:
+        """Read ``key`` as ``kind`` (str, int, float, bool, str_list, table, table_list)."""
+        self.used.add(key)
+        if key not in self.data:
+            if default is ...:
+                raise self.error(key, f"given ({expectation or kind})", "nothing", "Add it.")
+            return default
+        value = self.data[key]
+        expect = expectation or _KIND_TEXT[kind]
+        if not _KIND_CHECK[kind](value):
+            raise self.error(key, expect, value)
+        if kind == "float":
+            value = float(value)
+        if kind == "str_list":
+            value = tuple(value)
+        if choices is not None:
+            for item in value if kind == "str_list" else (value,):
+                if item not in choices:
+                    raise self.error(key, f"one of {list(choices)}", item, _did_you_mean(item, choices))
+        if check is not None and not check(value):
+            raise self.error(key, expect, value)
+        return value
+
+    def table(self, key: str, default: Any = ...) -> _Table:
+        value = self.get(key, "table", {} if default is ... else default)
+        return _Table(value, f"{self.where}.{key}" if self.where else key, self.source)
+
+    def finish(self) -> None:
+        unknown = sorted(set(self.data) - self.used)
+        if unknown:
+            key = unknown[0]
+            known = sorted(self.used)
+            raise RecipeError(
+                f"{self.source}: [{self.where}] has an unknown key '{key}'; expected one of "
+                f"{known}.{(' ' + _did_you_mean(key, known)) if _did_you_mean(key, known) else ''}"
+            )
+
+
+def _is_str_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(item, str) for item in value)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+_KIND_CHECK: dict[str, Callable[[Any], bool]] = {
+    "str": lambda v: isinstance(v, str) and v != "",
+    "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "float": _is_number,
+    "bool": lambda v: isinstance(v, bool),
+    "str_list": _is_str_list,
+    "table": lambda v: isinstance(v, Mapping),
+    "table_list": lambda v: isinstance(v, list) and all(isinstance(i, Mapping) for i in v),
+}
+_KIND_TEXT = {
+    "str": "a non-empty string",
+    "int": "an integer",
+    "float": "a number",
+    "bool": "true or false",
+    "str_list": "a list of strings",
+    "table": "a table",
+    "table_list": "an array of tables",
+}
+
+
+def _did_you_mean(word: str, choices: Sequence[str]) -> str:
+    close = difflib.get_close_matches(str(word), list(choices), n=1)
+    return f"Did you mean {close[0]!r}?" if close else ""
+
+
+def parse_contrast(expression: str, levels: Sequence[str]) -> tuple[tuple[str, float], ...]:
+    """Parse ``"ketamine - placebo"`` or ``"0.5*a + 0.5*b - c"`` into (level, weight) pairs.
+
+    Raises
+    ------
+    ValueError
+        If the text is not a sum of (optionally weighted) level names, names a level not in
+        ``levels``, or names one twice.
+    """
+    text = expression.strip()
+    pos, weights = 0, {}
+    while pos < len(text):
+        match = _TERM.match(text, pos)
+        if match is None or match.end() == pos or (pos > 0 and not match.group(1)):
+            raise ValueError(f"cannot read {expression!r} as a contrast like 'a - b'")
+        sign, number, name = match.groups()
+        if name not in levels:
+            raise ValueError(
+                f"{expression!r} names {name!r}, which is not one of {list(levels)}"
+                + (f"; {_did_you_mean(name, levels).lower()}" if _did_you_mean(name, levels) else "")
+            )
+        if name in weights:
+            raise ValueError(f"{expression!r} names {name!r} twice")
+        weights[name] = (-1.0 if sign == "-" else 1.0) * (float(number) if number else 1.0)
+        pos = match.end()
+    if not weights:
+        raise ValueError(f"{expression!r} is empty")
+    return tuple(weights.items())
+
+
+def contrast_label(expression: str) -> str:
+    """Return a BIDS-label-safe name: ``"infusion - baseline"`` -> ``infusionMinusBaseline``."""
+    out = []
+    for token in re.findall(r"[A-Za-z0-9]+|[+-]|\*|\.", expression):
+        if token == "-":
+            out.append("Minus")
+        elif token == "+":
+            out.append("Plus")
+        elif token in "*.":
+            out.append("x" if token == "*" else "p")
+        else:
+            out.append(token[0].upper() + token[1:] if out else token)
+    return "".join(out)
+
+
+def _contrast(table: _Table, key: str, expression: str, levels: Sequence[str]) -> Contrast:
+    try:
+        weights = parse_contrast(expression, levels)
+    except ValueError as exc:
+        raise table.error(key, f"contrasts of {list(levels)} like 'a - b' ({exc})", expression) from None
+    return Contrast(contrast_label(expression), expression, weights)
+
+
+def _read_tasks(table: _Table) -> tuple[TaskConfig, ...]:
+    tasks = []
+    if not table.data:
+        raise table.error(None, "a table with at least one task, e.g. [tasks.rest]", table.data)
+    for name in table.data:
+        table.used.add(name)
+        if not _LABEL.match(name):
+            raise table.error(name, "a BIDS task label (letters and digits)", name)
+        sub = table.table(name)
+        measures = sub.get("measures", "str_list", choices=MEASURES)
+        if not measures:
+            raise sub.error("measures", f"a non-empty list of {list(MEASURES)}", [])
+        conditions = sub.get("conditions", "str_list", ())
+        needs_conditions = [m for m in measures if m in _CONDITION_MEASURES]
+        if needs_conditions and len(conditions) < 1:
+            raise sub.error(
+                "conditions", f"the event conditions that {needs_conditions} model", list(conditions)
+            )
+        high_pass = sub.get("high_pass", "float", None, check=lambda v: v > 0,
+                            expectation="a positive frequency in Hz")
+        low_pass = sub.get("low_pass", "float", None, check=lambda v: v > 0,
+                           expectation="a positive frequency in Hz")
+        if high_pass is not None and low_pass is not None and high_pass >= low_pass:
+            raise sub.error("high_pass", f"lower than 'low_pass' ({low_pass} Hz)", high_pass)
+        contrasts = tuple(
+            _contrast(sub, "condition_contrasts", text, conditions)
+            for text in sub.get("condition_contrasts", "str_list", ())
+        )
+        sub.finish()
+        tasks.append(TaskConfig(name, measures, high_pass, low_pass, conditions, contrasts))
+    return tuple(tasks)
+
+
+def _read_seeds(table: _Table) -> tuple[SeedConfig, ...]:
+    seeds = []
+    if not table.data:
+        raise table.error(None, "a table with at least one seed, e.g. [seeds.pgACC]", table.data)
+    for name in table.data:
+        table.used.add(name)
+        if not _LABEL.match(name):
+            raise table.error(name, "a seed name of letters and digits (used as a BIDS label)", name)
+        sub = table.table(name)
+        seed = SeedConfig(
+            name=name,
+            atlas=sub.get("atlas", "str", "julich-brain-3.1"),
+            areas=sub.get("areas", "str_list", check=bool, expectation="a non-empty list of area names"),
+            hemispheres=sub.get("hemispheres", "str_list", ("left", "right"), choices=HEMISPHERES,
+                                check=lambda v: 0 < len(v) == len(set(v))),
+            source=sub.get("source", "str", "mpm", choices=SEED_SOURCES),
+            pmap_threshold=sub.get("pmap_threshold", "float", 0.5, check=lambda v: 0 < v < 1,
+                                   expectation="a probability between 0 and 1"),
+            min_coverage=sub.get("min_coverage", "float", 0.8, check=lambda v: 0 <= v <= 1,
+                                 expectation="a fraction between 0 and 1"),
+            signal=sub.get("signal", "str", "mean", choices=SEED_SIGNALS),
+        )
+        sub.finish()
+        seeds.append(seed)
+    return tuple(seeds)
+
+
+def _positive_or_none(table: _Table, key: str, default: float | None, unit: str) -> float | None:
+    value = table.get(key, "float", default, check=lambda v: v > 0,
+                      expectation=f"a positive number in {unit} (omit it to switch it off)")
+    return value
+
+
+def _read_denoising(table: _Table) -> DenoisingConfig:
+    base = DenoisingConfig()
+    config = DenoisingConfig(
+        strategy=table.get("strategy", "str", base.strategy, choices=DENOISING_STRATEGIES),
+        n_compcor=table.get("n_compcor", "int", base.n_compcor, check=lambda v: v >= 1,
+                            expectation="a positive integer"),
+        fd_threshold_mm=_positive_or_none(table, "fd_threshold_mm", base.fd_threshold_mm, "mm"),
+        std_dvars_threshold=_positive_or_none(table, "std_dvars_threshold",
+                                              base.std_dvars_threshold, "standard deviations"),
+        scrub_min_segment=table.get("scrub_min_segment", "int", base.scrub_min_segment,
+                                    check=lambda v: v >= 0, expectation="a non-negative integer"),
+        drop_nonsteady=table.get("drop_nonsteady", "bool", base.drop_nonsteady),
+        min_volumes=table.get("min_volumes", "int", base.min_volumes, check=lambda v: v >= 10,
+                              expectation="an integer of at least 10"),
+        max_mean_fd_mm=_positive_or_none(table, "max_mean_fd_mm", base.max_mean_fd_mm, "mm"),
+        detrend=table.get("detrend", "bool", base.detrend),
+        standardize_confounds=table.get("standardize_confounds", "bool", base.standardize_confounds),
+        smoothing_fwhm=_positive_or_none(table, "smoothing_fwhm", base.smoothing_fwhm, "mm"),
+    )
+    table.finish()
+    return config
+
+
+def _read_inference(table: _Table, covariate_choices: Sequence[str] | None = None) -> InferenceConfig:
+    base = InferenceConfig()
+    methods = table.get("methods", "str_list", base.methods, choices=INFERENCES,
+                        check=lambda v: len(v) > 0 and len(v) == len(set(v)),
+                        expectation=f"a non-empty list without repeats of {list(INFERENCES)}")
+    primary = table.get("primary", "str", base.primary, choices=INFERENCES)
+    if primary not in methods:
+        raise table.error("primary", f"one of the inferences in 'methods' {list(methods)}", primary)
+    config = InferenceConfig(
+        primary=primary,
+        methods=methods,
+        n_permutations=table.get("n_permutations", "int", base.n_permutations,
+                                 check=lambda v: v >= 100, expectation="an integer of at least 100"),
+        alpha=table.get("alpha", "float", base.alpha, check=lambda v: 0 < v < 1,
+                        expectation="a probability between 0 and 1"),
+        cluster_forming_p=table.get("cluster_forming_p", "float", base.cluster_forming_p,
+                                    check=lambda v: 0 < v < 0.5,
+                                    expectation="a p-value between 0 and 0.5"),
+        two_sided=table.get("two_sided", "bool", base.two_sided),
+        random_seed=table.get("random_seed", "int", base.random_seed, check=lambda v: v >= 0,
+                              expectation="a non-negative integer"),
+        covariates=table.get("covariates", "str_list", base.covariates),
+        min_cluster_voxels=table.get("min_cluster_voxels", "int", base.min_cluster_voxels,
+                                     check=lambda v: v >= 1, expectation="a positive integer"),
+    )
+    table.finish()
+    return config
+
+
+def recipe_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Recipe:
+    """Validate the contents of a recipe (as :func:`tomllib.load` returns them).
+
+    Parameters
+    ----------
+    data : mapping
+        The parsed TOML.
+    source : str, default="<dict>"
+        Where the data came from; every error message starts with it.
+
+    Returns
+    -------
+    Recipe
+
+    Raises
+    ------
+    RecipeError
+        On an unknown key, a wrong type or a contradiction, naming ``source`` and the key.
+    """
+    root = _Table(data, "", source)
+    study = root.table("study")
+    name = study.get("name", "str", check=lambda v: bool(_NAME.match(v)),
+                     expectation="a name of letters, digits and underscores")
+    description = study.get("description", "str", "")
+    space = study.get("space", "str", "MNI152NLin2009cAsym", choices=("MNI152NLin2009cAsym",))
+    study.finish()
+
+    groups_table = root.table("groups")
+    group_column = groups_table.get("column", "str", "group")
+    groups = groups_table.get("levels", "str_list", check=lambda v: len(v) >= 2 and len(v) == len(set(v)),
+                              expectation="a list of at least 2 distinct group names")
+    for group in groups:
+        if not _NAME.match(group):
+            raise groups_table.error("levels", "names of letters, digits and underscores", group)
+    groups_table.finish()
+
+    sessions_table = root.table("sessions")
+    sessions = sessions_table.get("levels", "str_list", check=lambda v: len(v) >= 1 and len(v) == len(set(v)),
+                                  expectation="a list of distinct BIDS session labels")
+    for session in sessions:
+        if not _LABEL.match(session):
+            raise sessions_table.error("levels", "BIDS session labels (letters and digits)", session)
+    reference = sessions_table.get("reference", "str", sessions[0], choices=sessions)
+    sessions_table.finish()
+
+    tasks = _read_tasks(root.table("tasks"))
+    seeds = _read_seeds(root.table("seeds"))
+    denoising = _read_denoising(root.table("denoising"))
+
+    contrasts = root.table("contrasts")
+    session_contrasts = tuple(
+        _contrast(contrasts, "sessions", text, sessions)
+        for text in contrasts.get("sessions", "str_list", ())
+    )
+    group_contrasts = tuple(
+        _contrast(contrasts, "groups", text, groups) for text in contrasts.get("groups", "str_list", ())
+    )
+    f_tests = []
+    for index, entry in enumerate(contrasts.get("f_tests", "table_list", [])):
+        sub = _Table(entry, f"contrasts.f_tests[{index}]", source)
+        members = sub.get("groups", "str_list", groups, choices=groups,
+                          check=lambda v: len(v) >= 2 and len(v) == len(set(v)),
+                          expectation="at least 2 distinct groups")
+        f_tests.append(FTest(sub.get("name", "str", "groups", check=lambda v: bool(_LABEL.match(v)),
+                                     expectation="a label of letters and digits"), members))
+        sub.finish()
+    contrasts.finish()
+    inference = _read_inference(root.table("inference"))
+    root.finish()
+
+    recipe = Recipe(
+        name=name, description=description, space=space, group_column=group_column,
+        groups=groups, sessions=sessions, reference_session=reference, tasks=tasks, seeds=seeds,
+        denoising=denoising, session_contrasts=session_contrasts, group_contrasts=group_contrasts,
+        f_tests=tuple(f_tests), inference=inference, source_file=source,
+    )
+    return _check_recipe(recipe)
+
+
+def _check_recipe(recipe: Recipe) -> Recipe:
+    """Cross-section checks that no single table can make."""
+    source = recipe.source_file
+    for contrast in recipe.session_contrasts:
+        total = sum(weight for _, weight in contrast.weights)
+        if abs(total) > 1e-9:
+            raise RecipeError(
+                f"{source}: [contrasts] 'sessions' must be within-subject differences whose "
+                f"weights sum to 0, like 'infusion - {recipe.reference_session}'. "
+                f"Got {contrast.expression!r} (weights sum to {total:g})."
+            )
+    names = [c.name for c in recipe.group_contrasts] + [f.name for f in recipe.f_tests]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise RecipeError(f"{source}: [contrasts] names must be unique. Got {duplicates} twice.")
+    return recipe
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a recipe file (TOML).
+
+    ``path`` may also be the name of a recipe that fcflow ships (``weigner2025_pgacc``).
+
+    Raises
+    ------
+    RecipeError
+        If the file is missing, is not valid TOML, or does not pass validation.
+    """
+    file = Path(path)
+    if not file.is_file() and not file.suffix and file.parent == Path("."):
+        from fcflow.resources import recipe_file
+
+        try:
+            file = recipe_file(str(path))
+        except FileNotFoundError as exc:
+            raise RecipeError(f"Recipe {str(path)!r} is not a file. {exc}") from None
+    if not file.is_file():
+        raise RecipeError(f"Recipe file {str(file)!r} does not exist: check the path given to --recipe.")
+    try:
+        with open(file, "rb") as handle:
+            data = tomllib.load(handle)
+    except tomllib.TOMLDecodeError as exc:
+        raise RecipeError(f"{file}: is not valid TOML ({exc}). Fix the syntax at that line.") from None
+    except UnicodeDecodeError:
+        raise RecipeError(f"{file}: is not valid TOML (not UTF-8 text).") from None
+    return recipe_from_dict(data, source=str(file))

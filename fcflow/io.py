@@ -1,0 +1,97 @@
+"""Atomic writers: every file fcflow writes appears complete or not at all.
+
+Each writer writes to a hidden temporary file in the destination folder and renames it over the
+final name (``os.replace`` is atomic on POSIX within one file system), so a crash or a kill leaves
+either the previous file or nothing, never a truncated one that a later step would trust.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import pandas as pd
+
+# nibabel chooses the format from the suffix, so temporary names keep the full suffix.
+_COMPOUND_SUFFIXES = (".nii.gz", ".tsv.gz")
+
+
+def _split_suffix(name: str) -> tuple[str, str]:
+    for suffix in _COMPOUND_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)], suffix
+    stem, dot, ext = name.rpartition(".")
+    return (stem, dot + ext) if dot else (name, "")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it to ``path`` if the block succeeds.
+
+    The parent folder is created. On an exception the temporary file is removed and ``path`` is
+    left untouched.
+    """
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    stem, suffix = _split_suffix(final.name)
+    tmp = final.with_name(f".{stem}.tmp-{os.getpid()}{suffix}")
+    try:
+        yield tmp
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, final)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def write_json(path: str | os.PathLike[str], payload: Any) -> Path:
+    """Write ``payload`` as indented, key-sorted JSON (stable bytes for the same content)."""
+    return write_text(path, json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def write_tsv(path: str | os.PathLike[str], table: pd.DataFrame) -> Path:
+    """Write ``table`` as a BIDS TSV (tab-separated, ``n/a`` for missing values, no index)."""
+    with atomic_path(path) as tmp:
+        table.to_csv(tmp, sep="\t", index=False, na_rep="n/a", lineterminator="\n")
+    return Path(path)
+
+
+def save_img(img: nib.spatialimages.SpatialImage, path: str | os.PathLike[str]) -> Path:
+    """Save a nibabel image atomically (the format follows the suffix of ``path``).
+
+    nibabel writes gzip streams with a zero modification time, so the same image gives the same
+    bytes on every run.
+    """
+    with atomic_path(path) as tmp:
+        img.to_filename(tmp)
+    return Path(path)
+
+
+def sha256_file(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str:
+    """Return the hex SHA-256 digest of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(chunk_size), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,71 @@
+"""The command line: help, version, errors as one line, the analysis levels' placeholders."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from fcflow import __version__
+from fcflow.cli import main
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fcflow", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_version_and_help():
+    done = _run("--version")
+    assert done.returncode == 0 and done.stdout.strip() == f"fcflow {__version__}"
+    done = _run("--help")
+    assert done.returncode == 0
+    for word in ("participant", "group", "simulate", "seeds", "demo"):
+        assert word in done.stdout
+
+
+def test_no_arguments_prints_help_and_fails(capsys):
+    assert main([]) == 2
+    assert "BIDS_DIR OUTPUT_DIR" in capsys.readouterr().out
+
+
+def test_tool_help_uses_module_docstring():
+    done = _run("demo", "--help")
+    assert done.returncode == 0
+    assert "sample study" in done.stdout
+
+
+def test_analysis_needs_a_bids_dataset(tmp_path, capsys):
+    status = main([str(tmp_path / "nothing"), str(tmp_path / "out"), "participant"])
+    err = capsys.readouterr().err
+    assert status == 1
+    assert err.startswith("fcflow: error: BIDS_DIR ")
+    assert "dataset_description.json" in err
+    assert "Traceback" not in err
+
+
+def test_bad_recipe_is_one_line_without_traceback(tmp_path):
+    (tmp_path / "dataset_description.json").write_text("{}")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[study]\nname = 'x'\nfoo = 1\n")
+    done = _run(str(tmp_path), str(tmp_path / "out"), "group", "--recipe", str(bad))
+    assert done.returncode == 1
+    assert done.stderr.count("\n") == 1
+    assert "bad.toml: [study] has an unknown key 'foo'" in done.stderr
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    (tmp_path / "dataset_description.json").write_text("{}")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("not toml [")
+    done = _run(str(tmp_path), str(tmp_path / "out"), "group", "--recipe", str(bad), "--debug")
+    assert done.returncode != 0
+    assert "Traceback" in done.stderr and "RecipeError" in done.stderr
+
+
+@pytest.mark.parametrize("label", ["../x", "sub-0/1", "a b"])
+def test_participant_labels_with_path_characters_are_refused(tmp_path, label, capsys):
+    with pytest.raises(SystemExit) as info:
+        main([str(tmp_path), str(tmp_path / "out"), "participant", "--participant-label", label])
+    assert info.value.code == 2
+    assert "participant labels must be letters and digits" in capsys.readouterr().err
