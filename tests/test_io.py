@@ -1,0 +1,55 @@
+"""Atomic writers (fcflow.io): a file appears complete or not at all, with stable bytes."""
+
+from __future__ import annotations
+
+import hashlib
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+
+from fcflow import io
+
+
+def test_failed_write_leaves_nothing(tmp_path):
+    target = tmp_path / "sub" / "map.nii.gz"
+    with pytest.raises(RuntimeError):
+        with io.atomic_path(target) as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("killed")
+    assert not target.exists()
+    assert list(target.parent.iterdir()) == []
+
+
+def test_failed_rewrite_keeps_the_previous_file(tmp_path):
+    target = io.write_text(tmp_path / "a.json", "old")
+    with pytest.raises(RuntimeError):
+        with io.atomic_path(target) as tmp:
+            tmp.write_text("new, half")
+            raise RuntimeError
+    assert target.read_text() == "old"
+
+
+def test_temporary_name_keeps_the_compound_suffix(tmp_path):
+    with io.atomic_path(tmp_path / "x_bold.nii.gz") as tmp:
+        assert tmp.name.endswith(".nii.gz") and tmp.name.startswith(".x_bold.tmp-")
+        tmp.write_bytes(b"")
+
+
+def test_nifti_bytes_are_identical_across_writes(tmp_path):
+    data = np.random.default_rng(0).standard_normal((7, 8, 9)).astype(np.float32)
+    img = nib.Nifti1Image(data, np.diag([2.0, 2.0, 2.0, 1.0]))
+    first = io.save_img(img, tmp_path / "a.nii.gz").read_bytes()
+    second = io.save_img(img, tmp_path / "b.nii.gz").read_bytes()
+    assert first == second
+    np.testing.assert_array_equal(np.asanyarray(nib.load(tmp_path / "a.nii.gz").dataobj), data)
+
+
+def test_json_tsv_and_checksum(tmp_path):
+    path = io.write_json(tmp_path / "x.json", {"b": 1, "a": [1, 2]})
+    assert path.read_text().index('"a"') < path.read_text().index('"b"')
+    table = pd.DataFrame({"participant_id": ["sub-01"], "age": [np.nan]})
+    tsv = io.write_tsv(tmp_path / "p.tsv", table)
+    assert tsv.read_text() == "participant_id\tage\nsub-01\tn/a\n"
+    assert io.sha256_file(tsv) == hashlib.sha256(tsv.read_bytes()).hexdigest()
