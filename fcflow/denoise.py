@@ -1,0 +1,545 @@
+"""Confound selection, censoring and the cleaning of a run as one linear operator.
+
+Denoising strategies
+--------------------
+:data:`DENOISING_STRATEGIES` maps fcflow's strategy names to the arguments of
+:func:`nilearn.interfaces.fmriprep.load_confounds`:
+
+========================  ===================================================================
+``"24P"``                 motion="full" (6 motion parameters, derivatives, squares: 24)
+``"24P+aCompCor"``        motion="full" + compcor="anat_combined", ``n_compcor`` (5) + the
+                          fMRIPrep cosines ("high_pass"; load_confounds requires them with
+                          CompCor because fMRIPrep computes CompCor after that high-pass)
+``"36P"``                 motion="full" + wm_csf="full" + global_signal="full" (GSR: 36)
+``"ICA-AROMA"``           ica_aroma="full" + wm_csf="basic" + the cosines, nilearn's
+                          ``ica_aroma`` preset: the input must be fMRIPrep's
+                          ``desc-smoothAROMAnonaggr_bold`` (non-aggressively denoised) run
+``"none"``                no confound regression: only detrending and filtering (QC-FC
+                          reference)
+========================  ===================================================================
+
+Censoring (``censor=True``) adds load_confounds' ``"scrub"``: a volume is flagged when its
+framewise displacement exceeds ``fd_threshold_mm`` or its standardised DVARS exceeds
+``std_dvars_threshold`` (strictly greater). With ``scrub=5`` (Power et al. 2014, nilearn's
+default) the *segment rule* then also flags every run of fewer than 5 consecutive unflagged
+volumes between two flagged ones, and the head (tail) of the run when fewer than 5 volumes
+precede the first (follow the last) flagged volume. fMRIPrep's non-steady-state volumes are
+always removed. Censored volumes leave ``sample_mask`` (the indices of the kept volumes).
+
+Order of operations of :func:`build_cleaning_operator`
+------------------------------------------------------
+The operator reproduces :func:`nilearn.signal.clean` 0.14.1 with ``filter="butterworth"`` and no
+``runs``, step by step (each step is linear in the signals, so the product of the steps is one
+``(n_kept, n_timepoints)`` matrix; the confounds go through the same steps):
+
+1. **Censored volumes.** Without filtering, censored volumes are simply dropped. With a
+   Butterworth filter they are first *replaced* by a cubic spline (scipy ``CubicSpline``,
+   not-a-knot, no extrapolation) through the kept volumes, so the filter does not spread a
+   motion spike; volumes outside the first..last kept volume cannot be interpolated and are
+   dropped. ``interpolation="nilearn"`` reproduces nilearn 0.14.1 exactly, including a quirk
+   of ``nilearn.signal._interpolate_volumes``: it selects the volumes to replace with
+   ``~sample_mask`` on an *integer index* array, i.e. it replaces volume ``n - 1 - i`` for each
+   kept index ``i`` instead of the censored volumes. Censored volumes whose mirror is also
+   censored keep their raw values and still pass through the filter, and head/tail trimming
+   can shift the kept indices. ``interpolation="spline"`` does what nilearn documents (replace
+   exactly the censored volumes). The two agree when nothing is censored inside the run.
+2. **Detrend** (``detrend=True``): remove the mean and the linear trend.
+3. **Butterworth filter** (order 5, ``high_pass`` and/or ``low_pass`` in Hz), zero-phase
+   (``scipy.signal.sosfiltfilt``, odd padding, scipy's default pad length), on the full-length
+   series; the confounds are filtered identically so that regression does not re-introduce
+   filtered-out frequencies (Lindquist et al. 2018).
+4. **Censor**: keep the rows of ``sample_mask``.
+5. **Confound regression**: the confounds are z-scored (``standardize_confounds=True``,
+   ddof=1) or scaled by their maximum, an orthonormal basis ``Q`` of their span is found by
+   pivoted QR (columns with ``|R_ii| <= 100 eps`` dropped), and ``I - Q Q^T`` is applied.
+6. **Standardize** (``standardize="zscore_sample"``): the operator includes the centring; the
+   division by each voxel's standard deviation (ddof=1) is not linear and is done by
+   :func:`apply_cleaning_operator`. Correlations do not depend on it.
+
+Effective degrees of freedom
+----------------------------
+For white noise ``x``, the cleaned series ``M x`` has covariance ``M M^T``. fcflow reports the
+Satterthwaite effective number of degrees of freedom of its sum of squares,
+``dof = tr(M M^T)^2 / tr((M M^T)^2)`` (Worsley & Friston 1995). For a projection (detrend,
+censoring and confound regression, no filter) this is exactly
+``n_kept - 2 - n_independent_confounds``; a band-pass filter removes roughly the fraction of
+the spectrum outside the pass band, e.g. about 72 % for 0.01-0.08 Hz at a TR of 2 s.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+from numpy.typing import NDArray
+from scipy import linalg
+
+from fcflow.errors import InputDataError
+
+__all__ = [
+    "DENOISING_STRATEGIES",
+    "RunConfounds",
+    "load_run_confounds",
+    "assess_run_exclusion",
+    "build_cleaning_operator",
+    "apply_cleaning_operator",
+    "compute_effective_dof",
+]
+
+#: fcflow strategy name -> keyword arguments of nilearn's ``load_confounds`` (without scrub).
+DENOISING_STRATEGIES: dict[str, dict] = {
+    "24P": {"strategy": ("motion",), "motion": "full"},
+    "24P+aCompCor": {
+        "strategy": ("motion", "high_pass", "compcor"),
+        "motion": "full",
+        "compcor": "anat_combined",
+    },
+    "36P": {
+        "strategy": ("motion", "wm_csf", "global_signal"),
+        "motion": "full",
+        "wm_csf": "full",
+        "global_signal": "full",
+    },
+    "ICA-AROMA": {
+        "strategy": ("high_pass", "wm_csf", "ica_aroma"),
+        "wm_csf": "basic",
+        "ica_aroma": "full",
+    },
+    "none": {"strategy": ()},
+}
+
+_AROMA_TAG = "_desc-smoothAROMAnonaggr_bold"
+# Columns per block for products with (n_timepoints, n_voxels) data: 300 x 8192 float32 = 10 MB.
+_BLOCK = 8192
+
+
+@dataclass(frozen=True)
+class RunConfounds:
+    """Confounds and censoring of one run, as selected by a denoising strategy.
+
+    Attributes
+    ----------
+    confounds : DataFrame of shape (n_timepoints, n_confounds) or None
+        Regressors (None for ``"none"`` and for the AROMA run with no extra regressors).
+    sample_mask : ndarray of int or None
+        Indices of the kept volumes; None when every volume is kept.
+    n_timepoints : int
+        Volumes in the run.
+    framewise_displacement : ndarray of shape (n_timepoints,)
+        fMRIPrep's FD in mm (nan for the first volume).
+    n_non_steady_state : int
+        Volumes fMRIPrep flagged as non-steady-state.
+    n_fd_outliers : int
+        Volumes whose FD exceeds ``fd_threshold_mm``.
+    strategy, fd_threshold_mm, std_dvars_threshold, scrub : settings in force
+    """
+
+    confounds: pd.DataFrame | None
+    sample_mask: NDArray[np.int64] | None
+    n_timepoints: int
+    framewise_displacement: NDArray[np.float64]
+    n_non_steady_state: int
+    n_fd_outliers: int
+    strategy: str
+    fd_threshold_mm: float
+    std_dvars_threshold: float
+    scrub: int
+
+    @property
+    def n_kept(self) -> int:
+        return self.n_timepoints if self.sample_mask is None else int(self.sample_mask.size)
+
+
+def load_run_confounds(
+    bold_file: str | os.PathLike[str],
+    strategy: str,
+    *,
+    censor: bool = True,
+    fd_threshold_mm: float = 0.5,
+    std_dvars_threshold: float = 1.5,
+    scrub: int = 5,
+    n_compcor: int | Literal["all"] = 5,
+    demean: bool = True,
+) -> RunConfounds:
+    """Select the confounds of an fMRIPrep run for a named denoising strategy.
+
+    Parameters
+    ----------
+    bold_file : str or path
+        fMRIPrep BOLD run (``*_desc-preproc_bold.nii[.gz]``, or
+        ``*_desc-smoothAROMAnonaggr_bold.nii.gz`` for ``"ICA-AROMA"``); its
+        ``*_desc-confounds_timeseries.tsv`` (and ``.json``) are found by name.
+    strategy : {"24P", "24P+aCompCor", "36P", "ICA-AROMA", "none"}
+        See :data:`DENOISING_STRATEGIES`.
+    censor : bool, default=True
+        Censor high-motion volumes (load_confounds' ``scrub``).
+    fd_threshold_mm : float, default=0.5
+        Framewise displacement above which a volume is censored.
+    std_dvars_threshold : float, default=1.5
+        Standardised DVARS above which a volume is censored.
+    scrub : int, default=5
+        Minimum segment length of the segment rule (0 disables it); see the module docstring.
+    n_compcor : int or "all", default=5
+        aCompCor components (combined WM+CSF mask) for ``"24P+aCompCor"``.
+    demean : bool, default=True
+        Demean the confounds over the kept volumes (as load_confounds).
+
+    Returns
+    -------
+    RunConfounds
+    """
+    from nilearn.interfaces.fmriprep import load_confounds
+    from nilearn.interfaces.fmriprep.load_confounds_utils import get_confounds_file
+
+    if strategy not in DENOISING_STRATEGIES:
+        raise InputDataError(
+            f"'strategy' must be one of {sorted(DENOISING_STRATEGIES)}. Got {strategy!r} "
+            f"for {bold_file}."
+        )
+    if fd_threshold_mm <= 0 or std_dvars_threshold <= 0:
+        raise InputDataError(
+            "'fd_threshold_mm' and 'std_dvars_threshold' must be positive. Got "
+            f"{fd_threshold_mm!r} and {std_dvars_threshold!r} for {bold_file}."
+        )
+    name = str(bold_file)
+    kwargs = dict(DENOISING_STRATEGIES[strategy])
+    if strategy == "ICA-AROMA" and _AROMA_TAG not in Path(name).name:
+        raise InputDataError(
+            f"'bold_file' must be fMRIPrep's non-aggressively AROMA-denoised run "
+            f"(*{_AROMA_TAG}.nii.gz) for strategy 'ICA-AROMA'. Got {name!r}: run fMRIPrep "
+            "with --use-aroma (fMRIPrep < 24) or fMRIPost-AROMA, or choose another strategy."
+        )
+    # load_confounds finds the TSV from the image name and accepts only .nii.gz names; the
+    # image itself is never opened, so an uncompressed run is looked up by its .nii.gz name.
+    lookup = name + ".gz" if name.endswith(".nii") else name
+    strategy_tuple = tuple(kwargs.pop("strategy")) + (("scrub",) if censor else ())
+    if "compcor" in strategy_tuple:
+        kwargs["n_compcor"] = n_compcor
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="strategy is empty")
+            confounds, sample_mask = load_confounds(
+                lookup,
+                strategy=strategy_tuple,
+                scrub=scrub,
+                fd_threshold=fd_threshold_mm,
+                std_dvars_threshold=std_dvars_threshold,
+                demean=demean,
+                **kwargs,
+            )
+        raw = pd.read_csv(
+            get_confounds_file(lookup, flag_full_aroma=strategy == "ICA-AROMA", flag_tedana=False),
+            sep="\t",
+            na_values="n/a",
+        )
+    except (ValueError, FileNotFoundError) as exc:
+        raise InputDataError(
+            f"Cannot load the {strategy!r} confounds of {name}: {exc}"
+        ) from exc
+    n_time = len(raw)
+    if confounds is not None and confounds.shape[1] == 0:
+        confounds = None
+    fd = raw["framewise_displacement"].to_numpy(dtype=np.float64)
+    n_nss = sum(1 for c in raw.columns if c.startswith("non_steady_state"))
+    return RunConfounds(
+        confounds=confounds,
+        sample_mask=None if sample_mask is None else np.asarray(sample_mask, dtype=np.int64),
+        n_timepoints=n_time,
+        framewise_displacement=fd,
+        n_non_steady_state=n_nss,
+        n_fd_outliers=int(np.count_nonzero(fd > fd_threshold_mm)),
+        strategy=strategy,
+        fd_threshold_mm=fd_threshold_mm,
+        std_dvars_threshold=std_dvars_threshold,
+        scrub=scrub if censor else 0,
+    )
+
+
+def assess_run_exclusion(
+    run_confounds: RunConfounds,
+    *,
+    min_volumes: int = 120,
+    max_mean_fd_mm: float | None = 0.5,
+    run_name: str = "",
+) -> tuple[bool, str]:
+    """Decide whether a run is excluded for motion; say why, with the thresholds in force.
+
+    A run is excluded when fewer than ``min_volumes`` volumes remain after censoring (and the
+    removal of non-steady-state volumes), or when its mean framewise displacement (over all
+    volumes with a defined FD, i.e. all but the first) exceeds ``max_mean_fd_mm``.
+
+    Returns
+    -------
+    excluded : bool
+    reason : str
+        Empty when the run is kept.
+    """
+    rc = run_confounds
+    prefix = f"{run_name}: " if run_name else ""
+    reasons = []
+    if rc.n_kept < min_volumes:
+        reasons.append(
+            f"{rc.n_fd_outliers} of {rc.n_timepoints} volumes exceed FD {rc.fd_threshold_mm:g} mm; "
+            f"{rc.n_kept} volumes remain after censoring, below the minimum of {min_volumes} "
+            "(min_volumes)."
+        )
+    mean_fd = float(np.nanmean(rc.framewise_displacement)) if rc.n_timepoints > 1 else 0.0
+    if max_mean_fd_mm is not None and mean_fd > max_mean_fd_mm:
+        reasons.append(
+            f"mean FD is {mean_fd:.3f} mm, above the maximum of {max_mean_fd_mm:g} mm "
+            "(max_mean_fd_mm)."
+        )
+    if not reasons:
+        return False, ""
+    return True, prefix + " ".join(reasons) + " Run excluded."
+
+
+# --------------------------------------------------------------------------------------------
+# The cleaning operator
+
+
+def _as_index_mask(sample_mask, n_timepoints: int) -> NDArray[np.int64] | None:
+    if sample_mask is None:
+        return None
+    sample_mask = np.asarray(sample_mask)
+    if sample_mask.dtype == bool:
+        if sample_mask.shape != (n_timepoints,):
+            raise InputDataError(
+                f"'sample_mask' must be a boolean array of length {n_timepoints} or indices. "
+                f"Got a boolean array of shape {sample_mask.shape!r}."
+            )
+        sample_mask = np.flatnonzero(sample_mask)
+    sample_mask = sample_mask.astype(np.int64)
+    if (
+        sample_mask.ndim != 1
+        or sample_mask.size == 0
+        or sample_mask.min() < 0
+        or sample_mask.max() >= n_timepoints
+        or np.any(np.diff(sample_mask) <= 0)
+    ):
+        raise InputDataError(
+            f"'sample_mask' must be increasing volume indices in [0, {n_timepoints}). "
+            f"Got {sample_mask!r}."
+        )
+    return sample_mask
+
+
+def _interpolation_matrix(
+    n_timepoints: int, t_r: float, kept: NDArray[np.int64], mode: str
+) -> tuple[NDArray[np.float64], NDArray[np.int64]]:
+    """Rows of the interpolated, trimmed series as combinations of the input volumes.
+
+    Returns the (n_rows, n_timepoints) matrix and the indices of the kept volumes among those
+    rows (nilearn's ``sample_mask - sample_mask[0]``).
+    """
+    from scipy.interpolate import CubicSpline
+
+    frame_times = np.arange(n_timepoints) * t_r
+    spline = CubicSpline(frame_times[kept], np.eye(kept.size), extrapolate=False)(frame_times)
+    if mode == "nilearn":
+        # ~index == -(index + 1): nilearn replaces volume n - 1 - i for each kept i.
+        replaced = np.zeros(n_timepoints, dtype=bool)
+        replaced[n_timepoints - 1 - kept] = True
+    else:
+        replaced = np.ones(n_timepoints, dtype=bool)
+        replaced[kept] = False
+    matrix = np.eye(n_timepoints)
+    matrix[replaced] = 0.0
+    matrix[np.ix_(replaced, kept)] = spline[replaced]
+    dropped = np.isnan(matrix).any(axis=1)
+    matrix = matrix[~dropped]
+    new_index = kept - kept[0]
+    if new_index[-1] >= matrix.shape[0]:
+        raise InputDataError(
+            "'sample_mask' cannot be used with interpolation='nilearn': nilearn 0.14.1 trims "
+            f"{int(dropped.sum())} volumes and then indexes past the end of the run. Use "
+            "interpolation='spline'."
+        )
+    return matrix, new_index
+
+
+def _detrend_matrix(n: int) -> NDArray[np.float64]:
+    centring = np.eye(n) - 1.0 / n
+    trend = np.arange(n, dtype=np.float64)
+    trend -= trend.mean()
+    norm = np.sqrt((trend**2).sum())
+    if norm > np.finfo(np.float64).eps:
+        trend /= norm
+    return centring - np.outer(trend, trend)
+
+
+def _filter_matrix(n: int, t_r: float, high_pass, low_pass) -> NDArray[np.float64]:
+    from nilearn.signal import butterworth
+
+    # nilearn's own filter on the identity: same critical-frequency checks, padding and order.
+    return butterworth(
+        np.eye(n), sampling_rate=1.0 / t_r, low_pass=low_pass, high_pass=high_pass, copy=True
+    )
+
+
+def build_cleaning_operator(
+    n_timepoints: int,
+    t_r: float,
+    confounds: NDArray | pd.DataFrame | None = None,
+    sample_mask: NDArray | None = None,
+    high_pass: float | None = None,
+    low_pass: float | None = None,
+    detrend: bool = True,
+    standardize_confounds: bool = True,
+    *,
+    standardize: Literal["zscore_sample"] | None = None,
+    interpolation: Literal["nilearn", "spline"] = "spline",
+) -> NDArray[np.float64]:
+    """Build the whole cleaning of a run as one matrix ``M``: ``cleaned = M @ signals``.
+
+    Parameters
+    ----------
+    n_timepoints : int
+        Volumes in the run (rows of the raw signals, censored ones included).
+    t_r : float
+        Repetition time in seconds.
+    confounds : ndarray or DataFrame of shape (n_timepoints, n_confounds), optional
+        Regressors, as returned by :func:`load_run_confounds`.
+    sample_mask : ndarray of int or bool, optional
+        Kept volumes (indices, increasing, or a boolean mask of length n_timepoints).
+    high_pass, low_pass : float, optional
+        Butterworth cut-offs in Hz; no filter when both are None.
+    detrend : bool, default=True
+        Remove mean and linear trend before filtering.
+    standardize_confounds : bool, default=True
+        z-score the confounds before regression (else scale by their maximum).
+    standardize : {"zscore_sample", None}, default=None
+        Include the centring of nilearn's final standardisation; divide by the standard
+        deviation with :func:`apply_cleaning_operator`.
+    interpolation : {"spline", "nilearn"}, default="spline"
+        How censored volumes are filled before filtering; see the module docstring.
+
+    Returns
+    -------
+    operator : ndarray of shape (n_kept, n_timepoints), float64
+        Columns of censored volumes are zero (with ``interpolation="spline"``).
+    """
+    if n_timepoints < 3:
+        raise InputDataError(f"'n_timepoints' must be at least 3. Got {n_timepoints!r}.")
+    if interpolation not in ("nilearn", "spline"):
+        raise InputDataError(
+            f"'interpolation' must be 'spline' or 'nilearn'. Got {interpolation!r}."
+        )
+    if standardize not in (None, "zscore_sample"):
+        raise InputDataError(
+            f"'standardize' must be 'zscore_sample' or None. Got {standardize!r}."
+        )
+    if not t_r or t_r <= 0:
+        raise InputDataError(f"'t_r' must be a positive number of seconds. Got {t_r!r}.")
+    kept = _as_index_mask(sample_mask, n_timepoints)
+    if confounds is not None:
+        confounds = np.asarray(confounds, dtype=np.float64)
+        if confounds.ndim == 1:
+            confounds = confounds[:, None]
+        if confounds.shape[0] != n_timepoints:
+            raise InputDataError(
+                f"'confounds' must have one row per volume ({n_timepoints}). Got shape "
+                f"{confounds.shape!r}."
+            )
+        if not np.isfinite(confounds).all():
+            raise InputDataError(
+                f"'confounds' must be finite. Got {int((~np.isfinite(confounds)).sum())} "
+                "NaN or Inf values."
+            )
+        if confounds.shape[1] == 0:
+            confounds = None
+    filtering = high_pass is not None or low_pass is not None
+    if filtering and high_pass is not None and low_pass is not None and high_pass >= low_pass:
+        raise InputDataError(
+            f"'high_pass' must be below 'low_pass'. Got {high_pass!r} and {low_pass!r}."
+        )
+
+    # Step 1: censoring (no filter) or interpolation (filter).
+    operator = np.eye(n_timepoints)
+    late_index = None
+    if kept is not None:
+        if filtering:
+            operator, late_index = _interpolation_matrix(n_timepoints, t_r, kept, interpolation)
+        else:
+            operator = operator[kept]
+    conf = None if confounds is None else operator @ confounds
+    # Step 2: detrend.
+    if detrend:
+        d = _detrend_matrix(operator.shape[0])
+        operator = d @ operator
+        conf = None if conf is None else d @ conf
+    # Steps 3-4: filter, then censor.
+    if filtering:
+        f = _filter_matrix(operator.shape[0], t_r, high_pass, low_pass)
+        operator = f @ operator
+        conf = None if conf is None else f @ conf
+        if late_index is not None:
+            operator = operator[late_index]
+            conf = None if conf is None else conf[late_index]
+    # Step 5: confound regression.
+    if conf is not None:
+        if standardize_confounds:
+            conf = conf - conf.mean(axis=0)
+            std = conf.std(axis=0, ddof=1)
+            std[std < np.finfo(np.float64).eps] = 1.0
+            conf = conf / std
+        else:
+            peak = np.abs(conf).max(axis=0)
+            peak[peak == 0] = 1.0
+            conf = conf / peak
+        q, r, _ = linalg.qr(conf, mode="economic", pivoting=True)
+        q = q[:, np.abs(np.diag(r)) > np.finfo(np.float64).eps * 100.0]
+        operator = operator - q @ (q.T @ operator)
+    # Step 6: centring of the final standardisation.
+    if standardize is not None:
+        operator = operator - operator.mean(axis=0)
+    return operator
+
+
+def apply_cleaning_operator(
+    operator: NDArray[np.float64],
+    signals: NDArray,
+    standardize: Literal["zscore_sample"] | None = None,
+) -> NDArray[np.float32]:
+    """Return ``operator @ signals`` in float32, z-scored per column when asked.
+
+    ``signals`` is the raw ``(n_timepoints, n_voxels)`` array; the product is computed in
+    float32 blocks of columns, so no float64 copy of the data is made. Each column's mean is
+    taken out first (and its image ``(M 1) mean`` added back in float64): raw BOLD sits on a
+    baseline of ~1e3-1e4, and a float32 product on it would lose about 3 digits. Constant
+    columns are left at 0 (nilearn sets their standard deviation to 1).
+    """
+    signals = np.asarray(signals)
+    operator32 = operator.astype(np.float32)
+    response_to_mean = operator.sum(axis=1)
+    cleaned = np.empty((operator.shape[0], signals.shape[1]), dtype=np.float32)
+    for start in range(0, signals.shape[1], _BLOCK):
+        block = signals[:, start : start + _BLOCK]
+        # The float32 mean is subtracted, and exactly that value is added back in float64.
+        mean = block.mean(axis=0, dtype=np.float64).astype(np.float32)
+        centred = block.astype(np.float32, copy=False) - mean
+        cleaned[:, start : start + _BLOCK] = operator32 @ centred + np.outer(
+            response_to_mean, mean.astype(np.float64)
+        )
+    if standardize == "zscore_sample":
+        std = cleaned.std(axis=0, ddof=1, dtype=np.float64)
+        std[std < np.finfo(np.float64).eps] = 1.0
+        cleaned /= std.astype(np.float32)
+    return cleaned
+
+
+def compute_effective_dof(operator: NDArray[np.float64]) -> float:
+    """Satterthwaite effective degrees of freedom of a cleaning operator ``M``.
+
+    ``tr(M M^T)^2 / tr((M M^T)^2)``: the number of independent white-noise samples whose sum
+    of squares has the same mean-to-variance ratio as that of ``M x``; equals the rank of
+    ``M`` when ``M`` is a projection.
+    """
+    gram = operator @ operator.T
+    return float(np.trace(gram) ** 2 / np.sum(gram * gram))

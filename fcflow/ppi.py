@@ -1,0 +1,439 @@
+"""Task regressors, generalised PPI (gPPI) and background connectivity of task runs.
+
+gPPI without deconvolution
+--------------------------
+:func:`build_gppi_design` builds, for conditions ``c = 1..k`` (McLaren et al. 2012)::
+
+    y = sum_c b_c task_c + b_s seed + sum_c g_c (seed - mean(seed)) * task_c + confounds + b_0
+
+where ``task_c`` is the HRF-convolved regressor of condition ``c`` and ``seed`` the seed's BOLD
+time series. fcflow does **not** deconvolve the seed to a neural signal before forming the
+interaction (the "no-deconvolution" gPPI of Di, Zhang & Biswal 2017, *Human Brain Mapping*
+38:1723 and 2021, *NeuroImage* 230): deconvolution is ill-posed, depends on an assumed HRF and
+noise model, and for block designs such as the n-back (blocks of ~30 s, much longer than the
+HRF) the product of the BOLD seed and the convolved block regressor is nearly identical to the
+convolved product of the neural signals, so the deconvolution adds noise and model dependence
+without changing the answer. (Event-related designs with short trials are where the two
+differ; ``deconvolve=True`` is reserved for that and not implemented yet.)
+
+The interaction uses the mean-centred seed; the task regressors are not centred. With the seed,
+the task regressors and a constant in the model, centring changes only the main effects, never
+the interaction betas ``g_c``.
+
+Background connectivity
+-----------------------
+:func:`compute_background_fc` correlates seed and voxels after regressing the HRF-convolved task
+regressors (and confounds) out of both (Al-Aidroos et al. 2012; Fair et al. 2007), so that two
+regions that merely respond to the same task blocks do not appear connected.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from numpy.typing import NDArray
+from scipy import stats
+
+from fcflow.connectivity import _correlate_cleaned_seeds, fisher_z
+from fcflow.errors import InputDataError
+
+__all__ = [
+    "build_task_regressors",
+    "build_gppi_design",
+    "GppiResult",
+    "fit_gppi",
+    "compute_background_fc",
+    "t_to_z",
+]
+
+_BLOCK = 8192
+_PPI_PREFIX = "ppi_"
+_HRF_SUFFIXES = ("_derivative", "_dispersion")
+
+
+def _where(events_file) -> str:
+    return f" in {events_file}" if events_file else ""
+
+
+def build_task_regressors(
+    events: pd.DataFrame,
+    conditions: Sequence[str],
+    n_timepoints: int,
+    t_r: float,
+    hrf_model: str = "spm",
+    *,
+    ignore_conditions: Sequence[str] = (),
+    slice_time_ref: float = 0.0,
+    events_file: str = "",
+) -> pd.DataFrame:
+    """HRF-convolved regressors of the task conditions of one run.
+
+    Parameters
+    ----------
+    events : DataFrame
+        BIDS events with ``onset``, ``duration`` (seconds) and ``trial_type``.
+    conditions : sequence of str
+        Conditions to model, e.g. ``["0back", "2back"]``; each must occur in ``events``.
+    n_timepoints : int
+        Volumes in the run.
+    t_r : float
+        Repetition time in seconds.
+    hrf_model : str, default="spm"
+        nilearn HRF model ("spm", "glover", "spm + derivative", ...).
+    ignore_conditions : sequence of str, default=()
+        Trial types in ``events`` that are deliberately not modelled (e.g. "instructions");
+        any other trial type not in ``conditions`` is an error.
+    slice_time_ref : float, default=0.0
+        Fraction of the TR at which the volumes are sampled (nilearn's ``slice_time_ref``;
+        0.5 matches fMRIPrep's slice-timing reference).
+    events_file : str
+        Named in error messages.
+
+    Returns
+    -------
+    task_regressors : DataFrame of shape (n_timepoints, n_regressors)
+        One column per condition (plus ``<condition>_derivative``/``_dispersion`` columns for
+        HRF models with derivatives), in the order of ``conditions``.
+    """
+    from nilearn.glm.first_level import make_first_level_design_matrix
+
+    where = _where(events_file)
+    missing_columns = {"onset", "duration", "trial_type"} - set(events.columns)
+    if missing_columns:
+        raise InputDataError(
+            f"'events' must have columns onset, duration and trial_type. Got "
+            f"{sorted(events.columns)!r}{where} (missing {sorted(missing_columns)!r})."
+        )
+    onset = pd.to_numeric(events["onset"], errors="coerce").to_numpy(dtype=float)
+    duration = pd.to_numeric(events["duration"], errors="coerce").to_numpy(dtype=float)
+    bad = ~np.isfinite(onset) | ~np.isfinite(duration) | (duration < 0)
+    if bad.any():
+        raise InputDataError(
+            f"'events' must have finite onsets and non-negative durations. Got {int(bad.sum())} "
+            f"invalid rows{where} (first: row {int(np.flatnonzero(bad)[0])})."
+        )
+    trial_types = events["trial_type"].astype(str)
+    present = set(trial_types)
+    unknown = sorted(present - set(conditions) - set(ignore_conditions))
+    if unknown:
+        raise InputDataError(
+            f"'events' must only hold the conditions {list(conditions)!r} (or ignored ones "
+            f"{list(ignore_conditions)!r}). Got unknown trial types {unknown!r}{where}: add them "
+            "to the recipe's conditions or to its ignored conditions."
+        )
+    missing = [c for c in conditions if c not in present]
+    if missing:
+        raise InputDataError(
+            f"'events' must contain every condition of the recipe. Got no events of "
+            f"{missing!r}{where}."
+        )
+    run_duration = n_timepoints * t_r
+    late_start = onset >= run_duration
+    # One TR of slack: a block may end while its last volume is acquired.
+    late_end = onset + duration > run_duration + t_r
+    if late_start.any() or late_end.any():
+        n_late = int((late_start | late_end).sum())
+        first = int(np.flatnonzero(late_start | late_end)[0])
+        raise InputDataError(
+            f"'events' must lie within the run ({n_timepoints} volumes x {t_r:g} s = "
+            f"{run_duration:g} s). Got {n_late} events{where} starting or ending after its end "
+            f"(first: onset {onset[first]:g} s, duration {duration[first]:g} s): check the "
+            "events file, the run and its t_r."
+        )
+    keep = trial_types.isin(list(conditions)).to_numpy()
+    table = pd.DataFrame(
+        {
+            "onset": onset[keep],
+            "duration": duration[keep],
+            "trial_type": trial_types[keep].to_numpy(),
+        }
+    )
+    frame_times = (np.arange(n_timepoints) + slice_time_ref) * t_r
+    design = make_first_level_design_matrix(
+        frame_times, table, hrf_model=hrf_model, drift_model=None
+    )
+    columns = [
+        col
+        for cond in conditions
+        for col in [cond, *(cond + s for s in _HRF_SUFFIXES)]
+        if col in design.columns
+    ]
+    return design[columns].reset_index(drop=True)
+
+
+def build_gppi_design(
+    seed_signal: NDArray,
+    task_regressors: pd.DataFrame,
+    confounds: NDArray | pd.DataFrame | None = None,
+    deconvolve: bool = False,
+    *,
+    conditions: Sequence[str] | None = None,
+) -> pd.DataFrame:
+    """gPPI design: task regressors, seed, one seed x condition interaction each, confounds.
+
+    Parameters
+    ----------
+    seed_signal : ndarray of shape (n_timepoints,)
+        The seed's BOLD series (prepared like the voxel data it will be fitted to).
+    task_regressors : DataFrame of shape (n_timepoints, n_regressors)
+        From :func:`build_task_regressors`.
+    confounds : ndarray or DataFrame of shape (n_timepoints, n_confounds), optional
+    deconvolve : bool, default=False
+        Not implemented: see the module docstring for why fcflow does not deconvolve.
+    conditions : sequence of str, optional
+        Conditions that get an interaction; default: every column of ``task_regressors``
+        that is not an HRF derivative/dispersion column.
+
+    Returns
+    -------
+    design : DataFrame of shape (n_timepoints, n_columns)
+        Columns: the task regressors, ``seed``, ``ppi_<condition>`` for each condition, the
+        confounds (prefixed ``confound_`` when unnamed) and ``constant``.
+    """
+    if deconvolve:
+        raise NotImplementedError(
+            "'deconvolve' must be False: fcflow fits the no-deconvolution gPPI (see fcflow.ppi)."
+        )
+    seed = np.asarray(seed_signal, dtype=np.float64)
+    n_time = len(task_regressors)
+    if seed.shape != (n_time,):
+        raise InputDataError(
+            f"'seed_signal' must have shape ({n_time},), one value per volume of the task "
+            f"regressors. Got {seed.shape!r}."
+        )
+    if conditions is None:
+        conditions = [c for c in task_regressors.columns if not str(c).endswith(_HRF_SUFFIXES)]
+    absent = [c for c in conditions if c not in task_regressors.columns]
+    if absent:
+        raise InputDataError(
+            f"'conditions' must be columns of the task regressors. Got {absent!r}; columns are "
+            f"{list(task_regressors.columns)!r}."
+        )
+    design = task_regressors.reset_index(drop=True).astype(np.float64).copy()
+    design["seed"] = seed
+    centred = seed - seed.mean()
+    for cond in conditions:
+        design[_PPI_PREFIX + cond] = centred * design[cond].to_numpy()
+    if confounds is not None:
+        if isinstance(confounds, pd.DataFrame):
+            conf = confounds.reset_index(drop=True).astype(np.float64)
+            conf.columns = [c if c not in design.columns else f"confound_{c}" for c in conf.columns]
+        else:
+            values = np.asarray(confounds, dtype=np.float64)
+            values = values[:, None] if values.ndim == 1 else values
+            conf = pd.DataFrame(values, columns=[f"confound_{i}" for i in range(values.shape[1])])
+        if len(conf) != n_time:
+            raise InputDataError(
+                f"'confounds' must have one row per volume ({n_time}). Got {len(conf)} rows."
+            )
+        design = pd.concat([design, conf], axis=1)
+    design["constant"] = 1.0
+    if not np.isfinite(design.to_numpy()).all():
+        raise InputDataError("The gPPI design must be finite. Got NaN or Inf in its regressors.")
+    return design
+
+
+def parse_condition_contrast(expression: str, conditions: Sequence[str]) -> NDArray[np.float64]:
+    """Weights over ``conditions`` of an expression like ``"2back - 0back"`` or ``"0.5*2back"``."""
+    text = expression.replace(" ", "")
+    pattern = re.compile(r"([+-]?)(?:(\d+(?:\.\d*)?|\.\d+)\*)?([A-Za-z0-9_]+)")
+    weights = np.zeros(len(conditions))
+    position = 0
+    while position < len(text):
+        match = pattern.match(text, position)
+        if not match or match.end() == position or match.group(3) not in conditions:
+            raise InputDataError(
+                f"'contrasts' must be sums of conditions {list(conditions)!r} with optional "
+                f"'<number>*' weights, e.g. '2back - 0back'. Got {expression!r}."
+            )
+        sign = -1.0 if match.group(1) == "-" else 1.0
+        coefficient = float(match.group(2)) if match.group(2) else 1.0
+        weights[list(conditions).index(match.group(3))] += sign * coefficient
+        position = match.end()
+        if position < len(text) and text[position] not in "+-":
+            raise InputDataError(
+                f"'contrasts' must be sums of conditions {list(conditions)!r}. Got {expression!r}."
+            )
+    return weights
+
+
+def t_to_z(t: NDArray, dof: float) -> NDArray[np.float64]:
+    """Convert t statistics to z with the same tail probability (symmetric, no underflow)."""
+    t = np.asarray(t, dtype=np.float64)
+    z = stats.norm.isf(stats.t.sf(np.abs(t), dof))
+    return np.sign(t) * z
+
+
+@dataclass(frozen=True)
+class GppiResult:
+    """Result of :func:`fit_gppi`.
+
+    Attributes
+    ----------
+    beta, t, z : dict of str to ndarray of shape (n_voxels,), float32
+        Keys ``ppi_<condition>`` for each interaction and the names of the contrasts.
+    dof : int
+        Residual degrees of freedom, ``n_volumes - rank(design)``.
+    columns : list of str
+        Design columns.
+    """
+
+    beta: dict[str, NDArray[np.float32]]
+    t: dict[str, NDArray[np.float32]]
+    z: dict[str, NDArray[np.float32]]
+    dof: int
+    columns: list[str]
+
+
+def fit_gppi(
+    voxel_signals: NDArray,
+    design: pd.DataFrame,
+    contrasts: Mapping[str, str] | None = None,
+    *,
+    sample_mask: NDArray | None = None,
+) -> GppiResult:
+    """Fit the gPPI model by OLS at every voxel; interaction betas, t and z maps.
+
+    Parameters
+    ----------
+    voxel_signals : ndarray of shape (n_timepoints, n_voxels)
+        Voxel time series (float32), prepared like the seed.
+    design : DataFrame of shape (n_timepoints, n_columns)
+        From :func:`build_gppi_design` (must contain the ``ppi_<condition>`` columns).
+    contrasts : mapping of str to str, optional
+        Name -> expression over *condition names*, applied to the interactions, e.g.
+        ``{"2back-0back": "2back - 0back"}`` tests ``ppi_2back - ppi_0back``.
+    sample_mask : ndarray of int or bool, optional
+        Volumes to fit (censoring); rows of both the data and the design.
+
+    Returns
+    -------
+    GppiResult
+    """
+    y = np.asarray(voxel_signals)
+    x = design.to_numpy(dtype=np.float64)
+    if y.shape[0] != x.shape[0]:
+        raise InputDataError(
+            f"'design' must have one row per volume of 'voxel_signals' ({y.shape[0]}). Got "
+            f"{x.shape[0]} rows."
+        )
+    if sample_mask is not None:
+        y = y[sample_mask]
+        x = x[sample_mask]
+    columns = list(design.columns)
+    ppi_columns = [c for c in columns if c.startswith(_PPI_PREFIX)]
+    if not ppi_columns:
+        raise InputDataError(
+            f"'design' must contain seed x condition columns ('{_PPI_PREFIX}<condition>'). Got "
+            f"{columns!r}."
+        )
+    conditions = [c[len(_PPI_PREFIX) :] for c in ppi_columns]
+    tests: dict[str, NDArray[np.float64]] = {}
+    for col in ppi_columns:
+        vector = np.zeros(len(columns))
+        vector[columns.index(col)] = 1.0
+        tests[col] = vector
+    for name, expression in (contrasts or {}).items():
+        weights = parse_condition_contrast(expression, conditions)
+        vector = np.zeros(len(columns))
+        vector[[columns.index(c) for c in ppi_columns]] = weights
+        tests[name] = vector
+
+    n_obs = x.shape[0]
+    rank = np.linalg.matrix_rank(x)
+    dof = n_obs - rank
+    if dof < 1:
+        raise InputDataError(
+            f"The gPPI design must have fewer independent columns ({rank}) than volumes "
+            f"({n_obs})."
+        )
+    pinv = np.linalg.pinv(x)  # (p, n)
+    c_matrix = np.array(list(tests.values()))  # (k, p)
+    # Variance factor c (X^T X)^+ c^T = ||c X^+||^2.
+    effect_rows = c_matrix @ pinv  # (k, n)
+    variance_factor = (effect_rows**2).sum(axis=1)
+    residual_forming = np.eye(n_obs) - x @ pinv
+    pinv32 = pinv.astype(np.float32)
+    effects32 = effect_rows.astype(np.float32)
+    x32 = x.astype(np.float32)
+    effect_ones = effect_rows.sum(axis=1)
+    residual_ones = residual_forming.sum(axis=1)
+
+    n_voxels = y.shape[1]
+    effects = np.empty((len(tests), n_voxels), dtype=np.float64)
+    rss = np.empty(n_voxels, dtype=np.float64)
+    for start in range(0, n_voxels, _BLOCK):
+        block = y[:, start : start + _BLOCK]
+        # Mean-removed float32 products, the mean's part added back in float64 (as in
+        # fcflow.connectivity): BOLD sits on a large baseline.
+        mean = block.mean(axis=0, dtype=np.float64).astype(np.float32)
+        centred = block.astype(np.float32, copy=False) - mean
+        mean64 = mean.astype(np.float64)
+        effects[:, start : start + _BLOCK] = (effects32 @ centred) + np.outer(effect_ones, mean64)
+        residuals = centred - x32 @ (pinv32 @ centred)
+        residuals = residuals.astype(np.float64) + np.outer(residual_ones, mean64)
+        rss[start : start + _BLOCK] = (residuals**2).sum(axis=0)
+    sigma2 = rss / dof
+    with np.errstate(invalid="ignore", divide="ignore"):
+        t_values = effects / np.sqrt(np.outer(variance_factor, sigma2))
+    beta, t, z = {}, {}, {}
+    for i, name in enumerate(tests):
+        beta[name] = effects[i].astype(np.float32)
+        t[name] = t_values[i].astype(np.float32)
+        z[name] = t_to_z(t_values[i], dof).astype(np.float32)
+    return GppiResult(beta=beta, t=t, z=z, dof=int(dof), columns=columns)
+
+
+def compute_background_fc(
+    voxel_signals: NDArray,
+    seed_signal: NDArray,
+    task_regressors: pd.DataFrame | NDArray,
+    confounds: NDArray | pd.DataFrame | None = None,
+    *,
+    sample_mask: NDArray | None = None,
+) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
+    """Seed-to-voxel correlation after regressing the task (and confounds) out of both.
+
+    Parameters
+    ----------
+    voxel_signals : ndarray of shape (n_timepoints, n_voxels)
+    seed_signal : ndarray of shape (n_timepoints,)
+    task_regressors : DataFrame or ndarray of shape (n_timepoints, n_regressors)
+        HRF-convolved task regressors (:func:`build_task_regressors`).
+    confounds : ndarray or DataFrame of shape (n_timepoints, n_confounds), optional
+    sample_mask : ndarray of int or bool, optional
+        Volumes to use.
+
+    Returns
+    -------
+    r, z : ndarray of shape (n_voxels,), float32
+        Pearson r of the residuals and its Fisher z; nan where a voxel's residual is constant.
+    """
+    y = np.asarray(voxel_signals)
+    seed = np.asarray(seed_signal, dtype=np.float64)
+    parts = [np.asarray(task_regressors, dtype=np.float64)]
+    if confounds is not None:
+        conf = np.asarray(confounds, dtype=np.float64)
+        parts.append(conf[:, None] if conf.ndim == 1 else conf)
+    n_time = y.shape[0]
+    if any(p.shape[0] != n_time for p in parts) or seed.shape != (n_time,):
+        raise InputDataError(
+            f"'seed_signal', 'task_regressors' and 'confounds' must have one row per volume "
+            f"({n_time}). Got {seed.shape[0]}, {[p.shape[0] for p in parts]}."
+        )
+    x = np.column_stack([*parts, np.ones(n_time)])
+    if sample_mask is not None:
+        keep = np.zeros(n_time, bool)
+        keep[sample_mask] = True
+        select = np.eye(n_time)[keep]
+        x = x[keep]
+    else:
+        select = np.eye(n_time)
+    residual_forming = np.eye(x.shape[0]) - x @ np.linalg.pinv(x)
+    operator = residual_forming @ select  # (n_kept, n_timepoints)
+    r = _correlate_cleaned_seeds(y, operator, (operator @ seed)[:, None])[0]
+    return r, fisher_z(r)
