@@ -396,9 +396,10 @@ def _read_seeds(table: _Table) -> tuple[SeedConfig, ...]:
 
 
 def _positive_or_none(table: _Table, key: str, default: float | None, unit: str) -> float | None:
-    value = table.get(key, "float", default, check=lambda v: v > 0,
-                      expectation=f"a positive number in {unit} (omit it to switch it off)")
-    return value
+    """A positive number, or 0 to switch the setting off (TOML has no null)."""
+    value = table.get(key, "float", default if default is not None else 0.0, check=lambda v: v >= 0,
+                      expectation=f"a positive number in {unit}, or 0 to switch it off")
+    return None if value == 0 else value
 
 
 def _read_denoising(table: _Table) -> DenoisingConfig:

@@ -13,14 +13,17 @@ measure the map is (``correlation``, ``background``, ``gppi2back``, ``gppi2backM
 
 from __future__ import annotations
 
+import json
 import platform
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
+
 from fcflow import __version__
-from fcflow.io import sha256_file, write_json
+from fcflow.io import atomic_path, save_img, sha256_file, write_json, write_tsv
 
 #: Entities fcflow adds to BIDS, declared in the dataset description.
 CUSTOM_ENTITIES = {"seed": "Seed region the map or series was computed from (see the sidecar)."}
@@ -84,9 +87,123 @@ def software_versions() -> dict[str, str]:
     }
 
 
-def provenance(command: Sequence[str] | None = None) -> dict[str, Any]:
+def software_provenance(command: Sequence[str] | None = None) -> dict[str, Any]:
     """What a reader needs to rebuild an output: the command line and software versions."""
     return {
         "Command": list(sys.argv if command is None else command),
         "Software": software_versions(),
     }
+
+
+def _parse_node_name(path: Path) -> dict[str, str]:
+    """``seed-pgACC_desc-correlation_stat-z.nii.gz`` -> its entities."""
+    stem = path.name.split(".")[0]
+    return dict(part.split("-", 1) for part in stem.split("_") if "-" in part)
+
+
+def write_run_derivatives(
+    output_dir: str | Path,
+    entities: Mapping[str, str | None],
+    *,
+    map_files: Sequence[str],
+    timeseries_files: Sequence[str],
+    seed_files: Sequence[str],
+    seed_sidecars: Sequence[str],
+    qc_file: str,
+    censoring_file: str,
+    provenance: Mapping[str, Any],
+) -> tuple[list[Path], dict[str, Any]]:
+    """Write one run's maps, seed masks and seed time series under their BIDS-derivative names.
+
+    Images and tables are written first, then every JSON sidecar, each atomically, so a sidecar
+    exists only beside a complete file. Sidecars hold the inputs with their SHA-256, the seed's
+    provenance, the denoising settings in force, the volumes kept, mean FD, the degrees of
+    freedom, the resolved recipe and the software versions.
+
+    Returns
+    -------
+    files : list of Path
+        Every file written.
+    qc_row : dict
+        The run's row of the participant's QC table.
+    """
+    import shutil
+
+    out = run_dir(Path(output_dir), str(entities["sub"]), entities.get("ses"))
+    base = {k: entities.get(k) for k in ("sub", "ses", "task", "acq", "run")}
+    grid = {**base, "space": entities.get("space"), "res": entities.get("res")}
+    qc = json.loads(Path(qc_file).read_text())
+    censoring = json.loads(Path(censoring_file).read_text())
+    inputs = {key: file_record(Path(path)) for key, path in provenance.get("inputs", {}).items() if path}
+    common = {
+        "Sources": inputs,
+        "RepetitionTime": provenance.get("t_r"),
+        "TaskName": entities.get("task"),
+        "Denoising": provenance.get("denoising", {}),
+        "Censoring": {k: censoring[k] for k in ("n_timepoints", "n_kept", "mean_fd_mm", "percent_censored",
+                                                "n_non_steady_state", "n_fd_outliers", "strategy",
+                                                "n_confounds", "confound_names")},
+        "Recipe": provenance.get("recipe", {}),
+        "RecipeSHA256": provenance.get("recipe_sha256"),
+        **software_provenance(provenance.get("command")),
+    }
+    seed_meta = {}
+    for path in seed_sidecars:
+        meta = json.loads(Path(path).read_text())
+        seed_meta[_parse_node_name(Path(path))["seed"]] = meta
+
+    written: list[Path] = []
+    sidecars: list[tuple[Path, dict[str, Any]]] = []
+    for path in seed_files:
+        seed = _parse_node_name(Path(path))["seed"]
+        target = out / bids_name({**grid, "seed": seed}, "mask", ".nii.gz")
+        written.append(save_img(nib.load(path), target))
+        sidecars.append((target, {**seed_meta.get(seed, {}), "Sources": inputs,
+                                  "SeedQC": qc.get("seeds", {}).get(seed)}))
+    for path in map_files:
+        ents = _parse_node_name(Path(path))
+        target = out / bids_name({**grid, "seed": ents["seed"], "desc": ents["desc"], "stat": ents["stat"]},
+                                 "statmap", ".nii.gz")
+        written.append(save_img(nib.load(path), target))
+        measure = "gppi" if ents["desc"].startswith("gppi") else ents["desc"]
+        sidecars.append((target, {
+            **common, "Measure": measure, "Statistic": ents["stat"], "Seed": seed_meta.get(ents["seed"], {}),
+            "SeedQC": qc.get("seeds", {}).get(ents["seed"]),
+            "DegreesOfFreedom": qc.get("dof", {}).get(measure),
+        }))
+    for path in timeseries_files:
+        seed = _parse_node_name(Path(path))["seed"]
+        target = out / bids_name({**base, "seed": seed}, "timeseries", ".tsv")
+        with atomic_path(target) as tmp:
+            shutil.copyfile(path, tmp)
+        written.append(target)
+        sidecars.append((target, {**common, "Seed": seed_meta.get(seed, {}),
+                                  "Description": "Cleaned seed signal at the kept volumes ('volume' is the "
+                                                 "0-based index in the BOLD run)."}))
+    for target, meta in sidecars:
+        stem = target.name.split(".")[0]
+        written.append(write_json(target.with_name(stem + ".json"), meta))
+
+    row: dict[str, Any] = {
+        "participant_id": f"sub-{entities['sub']}", "session": entities.get("ses"), "task": entities.get("task"),
+        "run": entities.get("run"), "n_timepoints": censoring["n_timepoints"], "n_kept": censoring["n_kept"],
+        "mean_fd_mm": censoring["mean_fd_mm"], "percent_censored": censoring["percent_censored"],
+        "excluded": bool(qc.get("excluded")), "exclusion_reason": qc.get("exclusion_reason") or "",
+    }
+    for seed, seed_qc in (qc.get("seeds") or {}).items():
+        row[f"{seed}_n_voxels"] = seed_qc.get("n_voxels")
+        row[f"{seed}_coverage"] = seed_qc.get("coverage")
+        row[f"{seed}_tsnr"] = seed_qc.get("tsnr_median")
+    for measure, dof in (qc.get("dof") or {}).items():
+        row[f"dof_{measure}"] = dof
+    return written, row
+
+
+def write_participant_qc(output_dir: str | Path, subject: str, rows: Sequence[Mapping[str, Any]]) -> Path:
+    """Write ``sub-<label>/sub-<label>_desc-runs_qc.tsv``: one row per run (motion, seed, exclusion)."""
+    import pandas as pd
+
+    table = pd.DataFrame(list(rows))
+    order = ["session", "task", "run"]
+    table = table.sort_values([c for c in order if c in table], key=lambda s: s.astype(str)).reset_index(drop=True)
+    return write_tsv(Path(output_dir) / f"sub-{subject}" / f"sub-{subject}_desc-runs_qc.tsv", table)

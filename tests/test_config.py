@@ -171,3 +171,12 @@ def test_contrast_label_is_a_bids_label():
     assert contrast_label("infusion - baseline") == "infusionMinusBaseline"
     assert contrast_label("lamotrigine_ketamine - placebo") == "lamotrigineKetamineMinusPlacebo"
     assert re.fullmatch(r"[A-Za-z0-9]+", contrast_label("0.5*a + 0.5*b - c"))
+
+
+def test_zero_switches_censoring_off(tmp_path):
+    path = _edited(tmp_path, "fd_threshold_mm = 0.5", "fd_threshold_mm = 0")
+    recipe = load_recipe(path)
+    assert recipe.denoising.fd_threshold_mm is None
+    assert recipe.denoising.std_dvars_threshold == 1.5
+    with pytest.raises(RecipeError, match=r"'max_mean_fd_mm' must be a positive number in mm, or 0 to switch it off\. Got -1"):
+        load_recipe(_edited(tmp_path, "max_mean_fd_mm = 0.5", "max_mean_fd_mm = -1"))

@@ -81,6 +81,18 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     return _top_parser()
 
 
+def _configure_logging(level: int) -> None:
+    """fcflow's messages on stderr; nipype keeps its own handler (quieter unless --debug)."""
+    logger = logging.getLogger("fcflow")
+    logger.setLevel(level)
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s fcflow %(levelname)s: %(message)s", "%H:%M:%S"))
+        logger.addHandler(handler)
+    logger.propagate = False
+    logging.getLogger("py.warnings").setLevel(logging.ERROR)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run fcflow with ``argv`` (default: ``sys.argv[1:]``) and return the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -89,11 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not hasattr(args, "_run"):
         parser.print_help()
         return 2
-    logging.basicConfig(
-        level=logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO,
-        format="%(asctime)s fcflow %(levelname)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+    _configure_logging(logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO)
     try:
         return int(args._run(args) or 0)
     except (FcflowError, FileNotFoundError, PermissionError) as exc:

@@ -10,6 +10,8 @@ the group level turns those maps into group x session contrasts, cluster tables 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import re
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from fcflow.config import load_recipe
 from fcflow.errors import FcflowError, InputDataError
 
 _LABEL = re.compile(r"^[A-Za-z0-9]+$")
+LOGGER = logging.getLogger("fcflow.participant")
 
 
 def _label(kind: str, prefix: str):
@@ -49,6 +52,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nprocs", type=int, default=None, help="processes for MultiProc (default: all cores)")
 
 
+def _derivatives_dir(args: argparse.Namespace) -> Path:
+    return args.derivatives if args.derivatives is not None else args.bids_dir / "derivatives" / "fmriprep"
+
+
+def _check_output_dir(args: argparse.Namespace) -> None:
+    """Refuse an OUTPUT_DIR that would write into the inputs (derivatives/<name> is fine)."""
+    output = args.output_dir.resolve()
+    bids = args.bids_dir.resolve()
+    fmriprep = _derivatives_dir(args).resolve()
+    inside_fmriprep = output == fmriprep or fmriprep in output.parents
+    inside_raw = (output == bids or bids in output.parents) and (bids / "derivatives") not in output.parents
+    if inside_fmriprep or inside_raw:
+        raise InputDataError(
+            f"OUTPUT_DIR {str(args.output_dir)!r} is inside the input dataset "
+            f"{str(fmriprep if inside_fmriprep else bids)!r}: fcflow would write among its inputs. "
+            f"Choose a folder outside it, e.g. {str(bids / 'derivatives' / 'fcflow')!r}."
+        )
+
+
 def run(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe)
     bids_dir = args.bids_dir
@@ -57,7 +79,47 @@ def run(args: argparse.Namespace) -> int:
             f"BIDS_DIR {str(bids_dir)!r} must be a BIDS dataset with a dataset_description.json; "
             "check the first argument."
         )
+    _check_output_dir(args)
+    if args.analysis_level == "participant":
+        return _run_participant(args, recipe)
     raise FcflowError(
         f"the {args.analysis_level} level is not implemented yet in this version of fcflow "
         f"(recipe {recipe.name!r} is valid). Use 'fcflow simulate' and 'fcflow seeds' meanwhile."
     )
+
+
+def _run_participant(args: argparse.Namespace, recipe) -> int:
+    import sys
+
+    from fcflow.atlas import resolve_atlas_dir
+    from fcflow.bids import collect_runs
+    from fcflow.derivatives import write_dataset_description
+    from fcflow.workflows.runner import run_workflow
+
+    derivatives = _derivatives_dir(args)
+    study = collect_runs(
+        bids_dir=args.bids_dir, derivatives_dir=derivatives, space=recipe.space,
+        group_column=recipe.group_column, groups=recipe.groups, sessions=recipe.sessions,
+        tasks_with_events=[t.name for t in recipe.tasks if t.conditions], tasks=[t.name for t in recipe.tasks],
+        participant_labels=args.participant_label, session_labels=args.session_label, task_labels=args.task,
+    )
+    pmap_areas = sorted({a for s in recipe.seeds if s.source == "pmap" for a in s.areas})
+    atlas_dir = resolve_atlas_dir(args.julich_dir, with_pmaps_for=pmap_areas)
+    output_dir = args.output_dir.resolve()
+    work_dir = (args.work_dir or output_dir.parent / f"{output_dir.name}_work").resolve()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    write_dataset_description(output_dir, [args.bids_dir, derivatives])
+    from fcflow.workflows.participant import init_fcflow_participant_wf
+
+    workflow = init_fcflow_participant_wf(
+        runs=study.runs, recipe=recipe, atlas_dir=atlas_dir, output_dir=output_dir, work_dir=work_dir,
+        command=["fcflow", *sys.argv[1:]],
+    )
+    n_subjects = len({r.subject for r in study.runs})
+    LOGGER.info("Participant level: %d runs of %d participants; work directory %s", len(study.runs),
+                n_subjects, work_dir)
+    run_workflow(workflow, plugin="MultiProc" if (args.nprocs or 2) > 1 else "Linear",
+                 plugin_args={"n_procs": args.nprocs or os.cpu_count() or 1, "raise_insufficient": False},
+                 work_dir=work_dir)
+    print(f"Participant level done: {len(study.runs)} runs; outputs in {output_dir}")
+    return 0

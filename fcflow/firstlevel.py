@@ -1,0 +1,367 @@
+"""One run, from fMRIPrep outputs to seed-to-voxel maps: the science the participant workflow wires.
+
+:func:`compute_run_maps` reads the run once (:func:`fcflow.niftiio.read_masked_bold`), then per
+seed and measure:
+
+* **rest** (``correlation``): the whole cleaning (censoring, detrending, band-pass, confound
+  regression) is one linear operator (:func:`fcflow.denoise.build_cleaning_operator`); the seed
+  signal is the mean (or eigenvariate) of the cleaned seed voxels; the map is the Pearson r of
+  every cleaned voxel with it, and its Fisher z.
+* **task** (``gppi``, ``background``): the data are detrended, high-pass filtered and censored
+  by the same operator built *without* confounds, and the confounds and task regressors are put
+  through that same operator, so that every column of the model lives in the same filtered,
+  censored time domain. gPPI fits task regressors, seed, one seed x condition interaction per
+  condition and the confounds by OLS (no deconvolution: see :mod:`fcflow.ppi`); background FC
+  correlates seed and voxels after regressing the task regressors and confounds out of both.
+
+Maps are vectors over the brain-mask voxels (C order of the grid); :func:`fcflow.niftiio.unmask`
+puts them back on the grid.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+from numpy.typing import NDArray
+
+from fcflow.atlas import SeedQC, seed_qc
+from fcflow.connectivity import compute_rest_connectivity, extract_seed_signal
+from fcflow.denoise import build_cleaning_operator, compute_effective_dof
+from fcflow.errors import InputDataError
+from fcflow.niftiio import read_masked_bold
+from fcflow.ppi import build_gppi_design, build_task_regressors, compute_background_fc, fit_gppi
+
+
+@dataclass(frozen=True)
+class MapSpec:
+    """What one output map is: its seed, measure (``desc``) and statistic (``stat``)."""
+
+    seed: str
+    desc: str
+    stat: str
+
+
+@dataclass
+class RunMaps:
+    """Everything computed for one run.
+
+    Attributes
+    ----------
+    maps : dict of MapSpec to ndarray of shape (n_voxels,), float32
+    seed_signals : dict of str to ndarray of shape (n_kept,)
+        Each seed's cleaned time series (kept volumes only).
+    kept_volumes : ndarray of int
+        Indices of the volumes behind ``seed_signals``.
+    seed_qc : dict of str to SeedQC
+    dof : dict of str to float
+        Effective degrees of freedom per measure (see the sidecars).
+    excluded : bool
+    exclusion_reason : str
+    """
+
+    maps: dict[MapSpec, NDArray[np.float32]] = field(default_factory=dict)
+    seed_signals: dict[str, NDArray[np.float64]] = field(default_factory=dict)
+    kept_volumes: NDArray[np.int64] = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    seed_qc: dict[str, SeedQC] = field(default_factory=dict)
+    dof: dict[str, float] = field(default_factory=dict)
+    excluded: bool = False
+    exclusion_reason: str = ""
+
+
+def _seed_columns(seed_img: nib.spatialimages.SpatialImage, brain: NDArray[np.bool_]) -> NDArray[np.bool_]:
+    seed = np.asarray(seed_img.dataobj).reshape(brain.shape) > 0
+    return seed[brain]
+
+
+def compute_run_maps(
+    bold_file: str | Path,
+    mask_file: str | Path,
+    seed_imgs: Mapping[str, nib.spatialimages.SpatialImage],
+    *,
+    t_r: float,
+    measures: Sequence[str],
+    confounds: pd.DataFrame | None,
+    sample_mask: NDArray[np.int64] | None,
+    high_pass: float | None,
+    low_pass: float | None,
+    conditions: Sequence[str] = (),
+    condition_contrasts: Mapping[str, str] | None = None,
+    events: pd.DataFrame | None = None,
+    events_file: str = "",
+    seed_signal: str = "mean",
+    min_coverage: float = 0.8,
+    detrend: bool = True,
+    standardize_confounds: bool = True,
+    run_name: str = "",
+) -> RunMaps:
+    """Compute the seed-to-voxel maps of one run.
+
+    Parameters
+    ----------
+    bold_file, mask_file : path
+        fMRIPrep's preprocessed BOLD and its brain mask (same grid).
+    seed_imgs : mapping of str to nibabel image
+        Seed masks on the run's grid (before intersection with the brain mask).
+    t_r : float
+        Repetition time in seconds.
+    measures : sequence of {"correlation", "gppi", "background"}
+    confounds : DataFrame of shape (n_timepoints, n_confounds) or None
+        From :func:`fcflow.denoise.load_run_confounds`.
+    sample_mask : ndarray of int or None
+        Kept volumes (censoring, non-steady-state removal); None keeps all.
+    high_pass, low_pass : float or None
+        Butterworth band in Hz.
+    conditions, condition_contrasts, events, events_file :
+        For task measures: the modelled conditions, named contrasts over them
+        (``{"2backMinus0back": "2back - 0back"}``), the events table and its file name.
+    seed_signal : {"mean", "eigenvariate"}, default="mean"
+    min_coverage : float, default=0.8
+        A seed with less of its volume inside the brain mask excludes the run.
+    detrend, standardize_confounds : bool, default=True
+    run_name : str
+        Used in messages.
+
+    Returns
+    -------
+    RunMaps
+    """
+    mask_img = nib.load(mask_file)
+    brain = np.asarray(mask_img.dataobj).reshape(mask_img.shape[:3]) > 0
+    result = RunMaps()
+    columns = {}
+    for name, img in seed_imgs.items():
+        # Coverage first: a run that loses its seed is excluded before its data are read.
+        qc = seed_qc(img, mask_img, None, min_coverage=min_coverage, run_name=run_name, seed_name=name)
+        result.seed_qc[name] = qc
+        if qc.excluded:
+            result.excluded, result.exclusion_reason = True, qc.exclusion_reason or ""
+        columns[name] = _seed_columns(img, brain)
+    if result.excluded:
+        return result
+
+    data, info = read_masked_bold(bold_file, mask_img)
+    n_time = data.shape[0]
+    if confounds is not None and len(confounds) != n_time:
+        raise InputDataError(
+            f"{run_name}: the confounds have {len(confounds)} rows but the BOLD run "
+            f"{Path(bold_file).name} has {n_time} volumes. Use the confounds file of this run."
+        )
+    for name in seed_imgs:
+        # tSNR of the seed on the raw (preprocessed) data, before any cleaning.
+        result.seed_qc[name] = seed_qc(
+            seed_imgs[name], mask_img, data, min_coverage=min_coverage, run_name=run_name, seed_name=name
+        )
+
+    if "correlation" in measures:
+        for name, cols in columns.items():
+            conn = compute_rest_connectivity(
+                data, cols, t_r, confounds, sample_mask, high_pass=high_pass, low_pass=low_pass,
+                detrend=detrend, standardize_confounds=standardize_confounds, seed_method=seed_signal,
+                seed_name=name, run_name=run_name,
+            )
+            result.maps[MapSpec(name, "correlation", "r")] = conn.r
+            result.maps[MapSpec(name, "correlation", "z")] = conn.z
+            result.seed_signals[name] = conn.seed_signal
+            result.dof["correlation"] = conn.dof
+
+    task_measures = [m for m in measures if m in ("gppi", "background")]
+    if task_measures:
+        _task_maps(result, data, columns, t_r=t_r, confounds=confounds, sample_mask=sample_mask,
+                   high_pass=high_pass, low_pass=low_pass, measures=task_measures, conditions=conditions,
+                   condition_contrasts=condition_contrasts or {}, events=events, events_file=events_file,
+                   seed_signal=seed_signal, detrend=detrend, standardize_confounds=standardize_confounds,
+                   run_name=run_name)
+
+    operator_rows = np.arange(n_time) if sample_mask is None else np.asarray(sample_mask)
+    result.kept_volumes = operator_rows
+    return result
+
+
+def _task_maps(
+    result: RunMaps,
+    data: NDArray[np.float32],
+    columns: Mapping[str, NDArray[np.bool_]],
+    *,
+    t_r: float,
+    confounds: pd.DataFrame | None,
+    sample_mask: NDArray[np.int64] | None,
+    high_pass: float | None,
+    low_pass: float | None,
+    measures: Sequence[str],
+    conditions: Sequence[str],
+    condition_contrasts: Mapping[str, str],
+    events: pd.DataFrame | None,
+    events_file: str,
+    seed_signal: str,
+    detrend: bool,
+    standardize_confounds: bool,
+    run_name: str,
+) -> None:
+    if events is None:
+        raise InputDataError(f"{run_name}: task measures {list(measures)} need the run's events file.")
+    n_time = data.shape[0]
+    # Filter and censor everything with one operator and no confounds, so that the confounds can
+    # enter the model as regressors (with honest degrees of freedom) instead of being projected
+    # out of the data beforehand.
+    operator = build_cleaning_operator(n_time, t_r, None, sample_mask, high_pass, low_pass, detrend,
+                                       standardize_confounds)
+    prepared = (operator.astype(np.float32) @ data).astype(np.float32, copy=False)
+    task = build_task_regressors(events, conditions, n_time, t_r, events_file=events_file)
+    task_prepared = pd.DataFrame(operator @ task.to_numpy(dtype=np.float64), columns=task.columns)
+    confounds_prepared = None
+    if confounds is not None:
+        confounds_prepared = pd.DataFrame(
+            operator @ np.nan_to_num(confounds.to_numpy(dtype=np.float64)), columns=confounds.columns
+        )
+    base_dof = compute_effective_dof(operator)
+    for name, cols in columns.items():
+        seed = extract_seed_signal(prepared, cols, seed_signal, seed_name=name, run_name=run_name)
+        result.seed_signals[name] = seed
+        if "gppi" in measures:
+            design = build_gppi_design(seed, task_prepared, confounds_prepared, conditions=list(conditions))
+            fit = fit_gppi(prepared, design, dict(condition_contrasts))
+            for cond in conditions:
+                key = f"ppi_{cond}"
+                result.maps[MapSpec(name, f"gppi{cond}", "beta")] = fit.beta[key]
+                result.maps[MapSpec(name, f"gppi{cond}", "z")] = fit.z[key]
+            for label in condition_contrasts:
+                result.maps[MapSpec(name, f"gppi{label}", "beta")] = fit.beta[label]
+                result.maps[MapSpec(name, f"gppi{label}", "z")] = fit.z[label]
+            result.dof["gppi"] = float(fit.dof)
+        if "background" in measures:
+            r, z = compute_background_fc(prepared, seed, task_prepared, confounds_prepared)
+            result.maps[MapSpec(name, "background", "r")] = r
+            result.maps[MapSpec(name, "background", "z")] = z
+            n_regressors = task_prepared.shape[1] + (0 if confounds_prepared is None else confounds_prepared.shape[1])
+            result.dof["background"] = float(base_dof - n_regressors)
+
+
+# ----------------------------------------------------------------------------------------------
+# File-level entry points (what the nipype adapters call)
+# ----------------------------------------------------------------------------------------------
+def select_run_confounds(
+    bold_file: str | Path, denoising: Mapping[str, object], *, run_name: str = ""
+) -> tuple[pd.DataFrame | None, dict]:
+    """Select a run's confounds and censoring, and decide whether motion excludes it.
+
+    Parameters
+    ----------
+    bold_file : path
+        fMRIPrep BOLD run; its confounds TSV is found by name (nilearn's ``load_confounds``).
+    denoising : mapping
+        The recipe's ``[denoising]`` settings (:class:`fcflow.config.DenoisingConfig` as a dict).
+    run_name : str
+        Used in messages.
+
+    Returns
+    -------
+    confounds : DataFrame or None
+    censoring : dict
+        ``sample_mask`` (list of kept volumes, or None), ``n_timepoints``, ``n_kept``,
+        ``framewise_displacement`` (list, nan as None), ``mean_fd_mm``, ``percent_censored``,
+        ``n_non_steady_state``, ``excluded``, ``exclusion_reason``, and the settings in force.
+    """
+    from fcflow.denoise import assess_run_exclusion, load_run_confounds
+
+    fd_threshold = denoising.get("fd_threshold_mm")
+    dvars_threshold = denoising.get("std_dvars_threshold")
+    censor = fd_threshold is not None or dvars_threshold is not None
+    selected = load_run_confounds(
+        bold_file, str(denoising["strategy"]), censor=censor,
+        fd_threshold_mm=float(fd_threshold) if fd_threshold is not None else np.inf,
+        std_dvars_threshold=float(dvars_threshold) if dvars_threshold is not None else np.inf,
+        scrub=int(denoising.get("scrub_min_segment", 5)), n_compcor=int(denoising.get("n_compcor", 5)),
+    )
+    sample_mask = selected.sample_mask
+    if not denoising.get("drop_nonsteady", True) and sample_mask is not None and not censor:
+        sample_mask = None
+    excluded, reason = assess_run_exclusion(
+        selected, min_volumes=int(denoising.get("min_volumes", 50)),
+        max_mean_fd_mm=denoising.get("max_mean_fd_mm"), run_name=run_name,
+    )
+    fd = selected.framewise_displacement
+    censoring = {
+        "sample_mask": None if sample_mask is None else [int(i) for i in sample_mask],
+        "n_timepoints": selected.n_timepoints,
+        "n_kept": selected.n_kept,
+        "framewise_displacement": [None if not np.isfinite(v) else float(v) for v in fd],
+        "mean_fd_mm": float(np.nanmean(fd)) if np.isfinite(fd).any() else 0.0,
+        "percent_censored": 100.0 * (1 - selected.n_kept / selected.n_timepoints),
+        "n_non_steady_state": selected.n_non_steady_state,
+        "n_fd_outliers": selected.n_fd_outliers,
+        "excluded": bool(excluded),
+        "exclusion_reason": reason,
+        "strategy": selected.strategy,
+        "n_confounds": 0 if selected.confounds is None else int(selected.confounds.shape[1]),
+        "confound_names": [] if selected.confounds is None else [str(c) for c in selected.confounds.columns],
+    }
+    return selected.confounds, censoring
+
+
+def run_maps_from_files(
+    *,
+    bold_file: str,
+    mask_file: str,
+    seed_files: Sequence[str],
+    seeds: Sequence[Mapping[str, object]],
+    confounds_file: str,
+    censoring_file: str,
+    t_r: float,
+    task: Mapping[str, object],
+    denoising: Mapping[str, object],
+    events_file: str | None,
+    run_name: str,
+    out_dir: str,
+) -> dict[str, object]:
+    """Read a run's prepared inputs, call :func:`compute_run_maps`, write its results to ``out_dir``.
+
+    Returns the paths nipype passes on: ``map_files`` (``seed-<s>_desc-<d>_stat-<t>.nii.gz``),
+    ``timeseries_files`` (``seed-<s>_timeseries.tsv``) and ``qc_file`` (``run_qc.json``).
+    """
+    from fcflow.io import save_img, write_json, write_tsv
+    from fcflow.niftiio import unmask
+
+    censoring = json.loads(Path(censoring_file).read_text())
+    confounds = pd.read_csv(confounds_file, sep="\t")
+    confounds = None if confounds.shape[1] == 0 else confounds
+    sample_mask = None if censoring["sample_mask"] is None else np.asarray(censoring["sample_mask"], dtype=np.int64)
+    out = Path(out_dir)
+    qc: dict[str, object] = {"run_name": run_name, "censoring": censoring}
+    map_files: list[str] = []
+    timeseries_files: list[str] = []
+    if censoring["excluded"]:
+        qc.update(excluded=True, exclusion_reason=censoring["exclusion_reason"], seeds={}, dof={})
+        return {"map_files": map_files, "timeseries_files": timeseries_files,
+                "qc_file": str(write_json(out / "run_qc.json", qc))}
+    events = pd.read_csv(events_file, sep="\t") if events_file else None
+    seed_imgs = {str(seed["name"]): nib.load(path) for seed, path in zip(seeds, seed_files, strict=True)}
+    first = seeds[0]
+    result = compute_run_maps(
+        bold_file, mask_file, seed_imgs, t_r=t_r, measures=list(task["measures"]),
+        confounds=confounds, sample_mask=sample_mask, high_pass=task.get("high_pass"),
+        low_pass=task.get("low_pass"), conditions=list(task.get("conditions", ())),
+        condition_contrasts={c["name"]: c["expression"] for c in task.get("condition_contrasts", ())},
+        events=events, events_file=str(events_file or ""), seed_signal=str(first.get("signal", "mean")),
+        min_coverage=float(first.get("min_coverage", 0.8)), detrend=bool(denoising.get("detrend", True)),
+        standardize_confounds=bool(denoising.get("standardize_confounds", True)), run_name=run_name,
+    )
+    mask_img = nib.load(mask_file)
+    brain = np.asarray(mask_img.dataobj).reshape(mask_img.shape[:3]) > 0
+    for spec, values in result.maps.items():
+        img = unmask(values.astype(np.float32), brain, mask_img.affine)
+        map_files.append(str(save_img(img, out / f"seed-{spec.seed}_desc-{spec.desc}_stat-{spec.stat}.nii.gz")))
+    for name, signal in result.seed_signals.items():
+        table = pd.DataFrame({"volume": result.kept_volumes[: len(signal)], name: signal})
+        timeseries_files.append(str(write_tsv(out / f"seed-{name}_timeseries.tsv", table)))
+    qc.update(
+        excluded=result.excluded, exclusion_reason=result.exclusion_reason,
+        seeds={name: q.to_dict() for name, q in result.seed_qc.items()}, dof=result.dof,
+    )
+    return {"map_files": map_files, "timeseries_files": timeseries_files,
+            "qc_file": str(write_json(out / "run_qc.json", qc))}

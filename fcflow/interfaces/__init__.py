@@ -1,0 +1,1 @@
+"""nipype adapters: thin SimpleInterfaces over fcflow's science functions."""

@@ -1,0 +1,1 @@
+"""Workflow factories (init_*_wf) and how they are run."""

@@ -1,0 +1,141 @@
+"""The participant level: graph building, maps against nilearn's recipe, resume after a kill."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from fcflow.bids import collect_runs
+from fcflow.config import load_recipe
+
+RECIPE = load_recipe("weigner2025_pgacc")
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory) -> Path:
+    """A tiny simulated study: 3 subjects (one per group), 3 sessions, rest + n-back, 4 mm."""
+    from fcflow.simulate import simulate_study
+
+    root = tmp_path_factory.mktemp("study") / "bids"
+    simulate_study(root, n_per_group=1, resolution_mm=4, n_volumes=100, seed=11)
+    return root
+
+
+def _runs(study: Path, **filters):
+    return collect_runs(
+        study, study / "derivatives" / "fmriprep", space=RECIPE.space, group_column="group",
+        groups=RECIPE.groups, sessions=RECIPE.sessions, tasks_with_events=["nback"], tasks=["rest", "nback"],
+        **filters,
+    ).runs
+
+
+def test_participant_graph_builds(study, tmp_path):
+    from fcflow.workflows.participant import init_fcflow_participant_wf
+
+    runs = _runs(study)
+    workflow = init_fcflow_participant_wf(runs=runs, recipe=RECIPE, atlas_dir=tmp_path, output_dir=tmp_path / "out",
+                                          work_dir=tmp_path / "work", command=["fcflow"])
+    graph = workflow._create_flat_graph()
+    names = {node.fullname for node in graph.nodes()}
+    assert len([n for n in names if n.endswith(".run_maps")]) == len(runs) == 18
+    assert len([n for n in names if n.endswith(".qc_table")]) == 3
+    run_maps = next(node for node in graph.nodes() if node.fullname.endswith("run_maps"))
+    assert 0.4 < run_maps.mem_gb < 2
+
+
+def _fcflow(*args: str, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "fcflow", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, **kwargs)
+
+
+def _run_ok(*args: str) -> str:
+    proc = _fcflow(*args)
+    out, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out[-3000:]
+    return out
+
+
+def _nilearn_recipe_z(bold_file, mask_file, seed_file, confounds, sample_mask, t_r, high_pass, low_pass):
+    """nilearn's documented seed-to-voxel recipe (NiftiLabelsMasker seed, NiftiMasker brain)."""
+    from nilearn.maskers import NiftiLabelsMasker, NiftiMasker
+
+    options = dict(detrend=True, standardize="zscore_sample", standardize_confounds=True, t_r=t_r,
+                   high_pass=high_pass, low_pass=low_pass)
+    seed_masker = NiftiLabelsMasker(labels_img=seed_file, **options)
+    brain_masker = NiftiMasker(mask_img=mask_file, **options)
+    seed = seed_masker.fit_transform(bold_file, confounds=confounds, sample_mask=sample_mask)
+    brain = brain_masker.fit_transform(bold_file, confounds=confounds, sample_mask=sample_mask)
+    # The example divides by n; with zscore_sample (ddof=1) the Pearson r needs n - 1.
+    r = (brain.T @ seed)[:, 0] / (seed.shape[0] - 1)
+    return brain_masker.inverse_transform(np.arctanh(np.clip(r, -1 + 1e-7, 1 - 1e-7))).get_fdata()
+
+
+@pytest.mark.slow
+def test_rest_maps_equal_nilearn_recipe(study, tmp_path, julich_dir):
+    from nilearn.interfaces.fmriprep import load_confounds
+
+    from fcflow.resources import recipe_file
+
+    # Censoring off: nilearn 0.14.1 interpolates the wrong volumes when it censors inside a filtered
+    # run (fcflow.denoise documents it), so only head volumes (non-steady-state) are dropped here.
+    text = recipe_file("weigner2025_pgacc").read_text()
+    text = text.replace("fd_threshold_mm = 0.5", "fd_threshold_mm = 0")
+    text = text.replace("std_dvars_threshold = 1.5", "std_dvars_threshold = 0")
+    recipe = tmp_path / "no_censoring.toml"
+    recipe.write_text(text)
+    out = tmp_path / "out"
+    _run_ok(str(study), str(out), "participant", "--participant-label", "02", "--task", "rest",
+            "--session-label", "infusion", "--julich-dir", str(julich_dir), "--work-dir", str(tmp_path / "work"),
+            "--recipe", str(recipe))
+    (run,) = _runs(study, participant_labels=["02"], session_labels=["infusion"], task_labels=["rest"])
+    func = out / "sub-02" / "ses-infusion" / "func"
+    (z_file,) = func.glob("*task-rest*_seed-pgACC_desc-correlation_stat-z_statmap.nii.gz")
+    (seed_file,) = func.glob("*task-rest*_seed-pgACC_mask.nii.gz")
+    confounds, sample_mask = load_confounds(
+        str(run.bold_file), strategy=("motion", "high_pass", "compcor"), motion="full",
+        compcor="anat_combined", n_compcor=5,
+    )
+    assert sample_mask is not None and sample_mask[0] > 0, "the simulation has non-steady-state volumes"
+    task = RECIPE.task("rest")
+    reference = _nilearn_recipe_z(run.bold_file, run.mask_file, seed_file, confounds, sample_mask, run.t_r,
+                                  task.high_pass, task.low_pass)
+    ours = nib.load(z_file).get_fdata()
+    brain = nib.load(run.mask_file).get_fdata() > 0
+    a, b = ours[brain], reference[brain]
+    assert np.corrcoef(a, b)[0, 1] >= 0.999
+    assert np.max(np.abs(a - b)) <= 0.01
+
+
+@pytest.mark.slow
+def test_killed_participant_run_resumes_without_recomputing(study, tmp_path, julich_dir):
+    out, work = tmp_path / "out", tmp_path / "work"
+    args = [str(study), str(out), "participant", "--participant-label", "01", "--julich-dir", str(julich_dir),
+            "--work-dir", str(work), "--nprocs", "1"]
+    _run_ok(*args)
+    reference = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert len(reference) > 20
+    for path in (out, work):
+        subprocess.run(["rm", "-rf", str(path)], check=True)
+
+    proc = _fcflow(*args, start_new_session=True)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and len(list(work.rglob("run_maps/result_run_maps.pklz"))) < 2:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished = {p: p.stat().st_mtime_ns for p in work.rglob("run_maps/result_run_maps.pklz")}
+    assert 2 <= len(finished) < 6, "the kill should land halfway"
+    _run_ok(*args)
+    for path, mtime in finished.items():
+        assert path.stat().st_mtime_ns == mtime, f"{path.parent.name} was recomputed"
+    resumed = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert resumed.keys() == reference.keys()
+    assert all(resumed[k] == reference[k] for k in reference)
