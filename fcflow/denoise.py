@@ -69,7 +69,6 @@ the spectrum outside the pass band, e.g. about 72 % for 0.01-0.08 Hz at a TR of 
 from __future__ import annotations
 
 import os
-import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path

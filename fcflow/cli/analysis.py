@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import re
 from pathlib import Path
 
 from fcflow.config import load_recipe
+from fcflow.workflows.execution import add_execution_arguments, plugin_settings
 from fcflow.errors import FcflowError, InputDataError
 
 _LABEL = re.compile(r"^[A-Za-z0-9]+$")
@@ -48,8 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", nargs="+", default=None, type=_label("task", "task-"), metavar="LABEL")
     parser.add_argument("--julich-dir", type=Path, default=None,
                         help="a local copy of the Julich-Brain v3.1 files (else FCFLOW_JULICH_DIR, the cache, a download)")
-    parser.add_argument("--work-dir", type=Path, default=None, help="nipype working directory (resumable)")
-    parser.add_argument("--nprocs", type=int, default=None, help="processes for MultiProc (default: all cores)")
+    add_execution_arguments(parser)
 
 
 def _derivatives_dir(args: argparse.Namespace) -> Path:
@@ -118,8 +117,7 @@ def _run_participant(args: argparse.Namespace, recipe) -> int:
     n_subjects = len({r.subject for r in study.runs})
     LOGGER.info("Participant level: %d runs of %d participants; work directory %s", len(study.runs),
                 n_subjects, work_dir)
-    run_workflow(workflow, plugin="MultiProc" if (args.nprocs or 2) > 1 else "Linear",
-                 plugin_args={"n_procs": args.nprocs or os.cpu_count() or 1, "raise_insufficient": False},
-                 work_dir=work_dir)
+    plugin, plugin_args = plugin_settings(args)
+    run_workflow(workflow, plugin=plugin, plugin_args=plugin_args, work_dir=work_dir)
     print(f"Participant level done: {len(study.runs)} runs; outputs in {output_dir}")
     return 0

@@ -10,6 +10,7 @@ from nipype import config as nipype_config
 from nipype.pipeline import engine as pe
 
 from fcflow.errors import FcflowError
+from fcflow.workflows.execution import run_with_plugin
 
 LOGGER = logging.getLogger("fcflow.workflow")
 
@@ -28,12 +29,11 @@ def run_workflow(workflow: pe.Workflow, *, plugin: str, plugin_args: dict[str, A
         "crashfile_format": "txt",
         "remove_unnecessary_outputs": False,
         "stop_on_first_crash": False,
-        "poll_sleep_duration": 0.5,
     })
     nipype_config.set("execution", "check_version", "false")
     before = set(crash_dir.glob("crash-*.txt"))
     try:
-        return workflow.run(plugin=plugin, plugin_args=plugin_args)
+        return run_with_plugin(workflow, plugin, plugin_args)
     except RuntimeError as exc:
         crashes = sorted(set(crash_dir.glob("crash-*.txt")) - before)
         messages = [_crash_message(path) for path in crashes]
