@@ -1,0 +1,469 @@
+"""Group-level general linear model: design matrices, contrasts, OLS t and F maps.
+
+Plain numpy/scipy on ``(n_subjects, n_voxels)`` arrays; no images, no file names. The
+permutation engine (:mod:`fcflow.permutation`) reuses the design and contrast helpers here.
+
+The group design is a cell-means model: one indicator column per group and no intercept, so
+that ``"ketamine - placebo"`` reads as a difference of group means and ``"ketamine"`` as the
+mean change of one group. Covariates are demeaned over all subjects, so group columns estimate
+group means at the sample's mean covariate. nilearn's ``make_second_level_design_matrix`` always
+adds an ``intercept`` column and neither demeans nor dummy-codes covariates, so it does not fit
+this model; the columns are built here directly.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from numpy.typing import ArrayLike, NDArray
+from scipy import special, stats
+
+__all__ = [
+    "OLSFit",
+    "compute_f",
+    "compute_t",
+    "compute_t_threshold",
+    "compute_f_threshold",
+    "f_contrast_over_groups",
+    "f_to_z",
+    "fit_ols",
+    "make_group_design",
+    "parse_contrast",
+    "t_to_z",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Design
+# --------------------------------------------------------------------------------------------
+def make_group_design(
+    groups: Sequence[str],
+    group_levels: Sequence[str] | None = None,
+    covariates: pd.DataFrame | None = None,
+) -> pd.DataFrame:
+    """Build a cell-means group design with demeaned covariates.
+
+    Parameters
+    ----------
+    groups : sequence of str, length n_subjects
+        Group of each subject, in the row order of the data.
+    group_levels : sequence of str or None, default=None
+        Group columns, in this order. None uses the sorted unique values of ``groups``.
+        A level without subjects is an error (its column would be all zeros).
+    covariates : DataFrame or None, default=None
+        One row per subject, in the same order as ``groups``. Numeric columns are demeaned.
+        Non-numeric columns (str, category, bool) are dummy coded against their first sorted
+        level and demeaned: a two-level column such as ``sex`` becomes one column ``sex[M]``
+        holding the demeaned 0/1 indicator of its second level.
+
+    Returns
+    -------
+    design : DataFrame of shape (n_subjects, n_groups + n_covariate_columns)
+        Group indicator columns first, then covariate columns; the index is the covariates'
+        index when given, else ``range(n_subjects)``.
+    """
+    groups = [str(g) for g in groups]
+    n_subjects = len(groups)
+    if n_subjects == 0:
+        raise ValueError("'groups' must name the group of at least one subject. Got [].")
+    if group_levels is None:
+        group_levels = sorted(set(groups))
+    group_levels = [str(level) for level in group_levels]
+    if len(set(group_levels)) != len(group_levels):
+        raise ValueError(f"'group_levels' must not repeat a level. Got {group_levels!r}.")
+    unknown = sorted(set(groups) - set(group_levels))
+    if unknown:
+        raise ValueError(
+            f"'groups' must only hold levels of 'group_levels' {group_levels!r}. Got {unknown!r}."
+        )
+    empty = [level for level in group_levels if level not in groups]
+    if empty:
+        raise ValueError(
+            f"Every group level must have at least one subject. Got no subject in {empty!r}: "
+            "drop the level from 'group_levels'."
+        )
+
+    index = pd.RangeIndex(n_subjects)
+    if covariates is not None:
+        if len(covariates) != n_subjects:
+            raise ValueError(
+                f"'covariates' must have one row per subject ({n_subjects}). "
+                f"Got {len(covariates)} rows."
+            )
+        index = covariates.index
+
+    group_array = np.asarray(groups)
+    design = pd.DataFrame(
+        {level: (group_array == level).astype(float) for level in group_levels}, index=index
+    )
+    if covariates is None:
+        return design
+
+    for name in covariates.columns:
+        column = covariates[name]
+        if column.isna().any():
+            missing = list(covariates.index[column.isna().to_numpy()])
+            raise ValueError(
+                f"Covariate {name!r} must have a value for every subject. Got missing values "
+                f"for rows {missing!r}."
+            )
+        if name in design.columns:
+            raise ValueError(
+                f"Covariate {name!r} must not have the name of a group column {group_levels!r}."
+            )
+        if pd.api.types.is_bool_dtype(column) or not pd.api.types.is_numeric_dtype(column):
+            levels = sorted(column.astype(str).unique())
+            if len(levels) < 2:
+                raise ValueError(
+                    f"Covariate {name!r} must have at least two levels to be modelled. "
+                    f"Got only {levels!r}: drop the column."
+                )
+            values = column.astype(str).to_numpy()
+            for level in levels[1:]:
+                indicator = (values == level).astype(float)
+                design[f"{name}[{level}]"] = indicator - indicator.mean()
+        else:
+            values = column.to_numpy(dtype=float)
+            design[str(name)] = values - values.mean()
+    _check_full_rank(design)
+    return design
+
+
+def _check_full_rank(design: pd.DataFrame) -> None:
+    matrix = design.to_numpy(dtype=float)
+    rank = np.linalg.matrix_rank(matrix)
+    if rank < matrix.shape[1]:
+        raise ValueError(
+            f"The design must have full column rank. Got rank {rank} for columns "
+            f"{list(design.columns)!r}: a covariate is constant within groups or duplicates "
+            "another column."
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Contrasts
+# --------------------------------------------------------------------------------------------
+_TERM = re.compile(
+    r"""\s*(?P<sign>[+-])?\s*
+        (?:(?P<coef>(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)\s*\*\s*)?
+        (?P<name>[A-Za-z_][\w.:\[\]]*)\s*""",
+    re.VERBOSE,
+)
+
+
+def parse_contrast(expression: str | ArrayLike, columns: Sequence[str]) -> NDArray[np.float64]:
+    """Turn a contrast expression over design columns into a weight vector.
+
+    Parameters
+    ----------
+    expression : str or array-like
+        A sum of weighted column names: ``"ketamine - placebo"``, ``"ketamine"``,
+        ``"-placebo"``, ``"0.5*ketamine + 0.5*lamotrigine_ketamine - placebo"``. A column
+        named twice adds up. A numeric vector of length ``len(columns)`` is returned as is.
+    columns : sequence of str
+        Design matrix columns.
+
+    Returns
+    -------
+    weights : ndarray of shape (n_columns,)
+    """
+    columns = [str(c) for c in columns]
+    if not isinstance(expression, str):
+        weights = np.asarray(expression, dtype=float)
+        if weights.shape != (len(columns),):
+            raise ValueError(
+                f"A numeric contrast must have one weight per design column ({len(columns)}: "
+                f"{columns!r}). Got shape {weights.shape!r}."
+            )
+        if not np.any(weights):
+            raise ValueError(f"A contrast must have a non-zero weight. Got {expression!r}.")
+        return weights
+
+    weights = np.zeros(len(columns))
+    position = 0
+    text = expression.strip()
+    if not text:
+        raise ValueError(f"A contrast must name at least one design column. Got {expression!r}.")
+    first = True
+    while position < len(text):
+        match = _TERM.match(text, position)
+        if match is None or match.end() == position or (not first and not match["sign"]):
+            raise ValueError(
+                f"Contrast {expression!r} must be a sum of terms like 'name', '-name' or "
+                f"'0.5*name'. Could not read it from character {position}: "
+                f"{text[position:]!r}."
+            )
+        name = match["name"]
+        if name not in columns:
+            raise ValueError(
+                f"Contrast {expression!r} names {name!r}, which is not a design column. "
+                f"Columns are {columns!r}."
+            )
+        coef = float(match["coef"]) if match["coef"] else 1.0
+        weights[columns.index(name)] += -coef if match["sign"] == "-" else coef
+        position = match.end()
+        first = False
+    if not np.any(weights):
+        raise ValueError(f"Contrast {expression!r} must have a non-zero weight. Got all zeros.")
+    return weights
+
+
+def f_contrast_over_groups(
+    levels: Sequence[str], columns: Sequence[str] | None = None
+) -> NDArray[np.float64]:
+    """F contrast for "any difference between groups": successive differences of group columns.
+
+    Parameters
+    ----------
+    levels : sequence of str
+        The group columns to compare (at least two).
+    columns : sequence of str or None, default=None
+        Design columns; None means the design is exactly ``levels``.
+
+    Returns
+    -------
+    contrast_matrix : ndarray of shape (n_levels - 1, n_columns)
+        Row i is ``levels[i] - levels[i + 1]``.
+    """
+    levels = [str(level) for level in levels]
+    if len(levels) < 2:
+        raise ValueError(f"'levels' must hold at least two groups. Got {levels!r}.")
+    columns = levels if columns is None else [str(c) for c in columns]
+    missing = [level for level in levels if level not in columns]
+    if missing:
+        raise ValueError(f"'levels' must be design columns {columns!r}. Got unknown {missing!r}.")
+    matrix = np.zeros((len(levels) - 1, len(columns)))
+    for row, (a, b) in enumerate(zip(levels[:-1], levels[1:], strict=True)):
+        matrix[row, columns.index(a)] = 1.0
+        matrix[row, columns.index(b)] = -1.0
+    return matrix
+
+
+# --------------------------------------------------------------------------------------------
+# OLS
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class OLSFit:
+    """Voxel-wise ordinary least squares fit of one design.
+
+    Attributes
+    ----------
+    beta : ndarray of shape (n_regressors, n_voxels), float64
+    residual_variance : ndarray of shape (n_voxels,), float64
+        Residual sum of squares divided by ``dof``.
+    dof : int
+        Residual degrees of freedom, ``n_subjects - rank(design)``.
+    xtx_inv : ndarray of shape (n_regressors, n_regressors)
+        Pseudo-inverse of ``design.T @ design``.
+    """
+
+    beta: NDArray[np.float64]
+    residual_variance: NDArray[np.float64]
+    dof: int
+    xtx_inv: NDArray[np.float64]
+
+
+def _as_design_array(design: pd.DataFrame | ArrayLike, n_subjects: int) -> NDArray[np.float64]:
+    matrix = np.asarray(design, dtype=float)
+    if matrix.ndim == 1:
+        matrix = matrix[:, None]
+    if matrix.ndim != 2 or matrix.shape[0] != n_subjects:
+        raise ValueError(
+            f"The design must have shape (n_subjects={n_subjects}, n_regressors). "
+            f"Got {matrix.shape!r}."
+        )
+    if not np.all(np.isfinite(matrix)):
+        raise ValueError("The design must be finite. Got NaN or inf values.")
+    return matrix
+
+
+def _as_data_array(data: ArrayLike) -> NDArray:
+    data = np.asarray(data)
+    if data.ndim != 2:
+        raise ValueError(
+            f"The data must have shape (n_subjects, n_voxels). Got shape {data.shape!r}."
+        )
+    if not np.issubdtype(data.dtype, np.floating):
+        data = data.astype(np.float64)
+    return data
+
+
+def fit_ols(
+    data: ArrayLike, design: pd.DataFrame | ArrayLike, *, chunk_size: int = 32768
+) -> OLSFit:
+    """Fit ``data = design @ beta + error`` at every voxel.
+
+    Parameters
+    ----------
+    data : ndarray of shape (n_subjects, n_voxels)
+        float32 is fine: blocks of ``chunk_size`` voxels are computed in float64.
+    design : DataFrame or ndarray of shape (n_subjects, n_regressors)
+    chunk_size : int, default=32768
+        Voxels per float64 block (bounds the float64 temporary memory).
+
+    Returns
+    -------
+    fit : OLSFit
+    """
+    data = _as_data_array(data)
+    n_subjects, n_voxels = data.shape
+    matrix = _as_design_array(design, n_subjects)
+    pinv = np.linalg.pinv(matrix)
+    rank = np.linalg.matrix_rank(matrix)
+    dof = n_subjects - rank
+    if dof < 1:
+        raise ValueError(
+            f"The design must leave at least one residual degree of freedom. Got {n_subjects} "
+            f"subjects and rank {rank}."
+        )
+    beta = np.empty((matrix.shape[1], n_voxels))
+    rss = np.empty(n_voxels)
+    for start in range(0, n_voxels, chunk_size):
+        block = np.asarray(data[:, start : start + chunk_size], dtype=np.float64)
+        b = pinv @ block
+        resid = block - matrix @ b
+        beta[:, start : start + chunk_size] = b
+        block_rss = np.einsum("ij,ij->j", resid, resid)
+        # a perfect fit leaves rounding noise, not variance: call it 0 so that t is 0, not 1e15
+        block_rss[block_rss <= 1e-24 * np.einsum("ij,ij->j", block, block)] = 0.0
+        rss[start : start + chunk_size] = block_rss
+    return OLSFit(beta=beta, residual_variance=rss / dof, dof=dof, xtx_inv=pinv @ pinv.T)
+
+
+def compute_t(fit: OLSFit, contrast: ArrayLike) -> NDArray[np.float64]:
+    """t statistic of a contrast vector at every voxel.
+
+    Parameters
+    ----------
+    fit : OLSFit
+    contrast : array-like of shape (n_regressors,)
+
+    Returns
+    -------
+    t : ndarray of shape (n_voxels,)
+        0 where the residual variance is 0 (a voxel the design fits exactly).
+    """
+    c = np.asarray(contrast, dtype=float)
+    if c.shape != (fit.beta.shape[0],):
+        raise ValueError(
+            f"'contrast' must have one weight per regressor ({fit.beta.shape[0]}). "
+            f"Got shape {c.shape!r}."
+        )
+    effect = c @ fit.beta
+    variance = fit.residual_variance * float(c @ fit.xtx_inv @ c)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = np.where(variance > 0, effect / np.sqrt(variance), 0.0)
+    return t
+
+
+def compute_f(fit: OLSFit, contrast_matrix: ArrayLike) -> NDArray[np.float64]:
+    """F statistic of a contrast matrix at every voxel.
+
+    Parameters
+    ----------
+    fit : OLSFit
+    contrast_matrix : array-like of shape (n_contrasts, n_regressors)
+        Rows must be linearly independent.
+
+    Returns
+    -------
+    f : ndarray of shape (n_voxels,)
+        0 where the residual variance is 0.
+    """
+    c = np.atleast_2d(np.asarray(contrast_matrix, dtype=float))
+    if c.shape[1] != fit.beta.shape[0]:
+        raise ValueError(
+            f"'contrast_matrix' must have one column per regressor ({fit.beta.shape[0]}). "
+            f"Got shape {c.shape!r}."
+        )
+    q = np.linalg.matrix_rank(c)
+    if q < c.shape[0]:
+        raise ValueError(
+            f"The rows of 'contrast_matrix' must be linearly independent. Got rank {q} for "
+            f"{c.shape[0]} rows."
+        )
+    effect = c @ fit.beta
+    middle = np.linalg.inv(c @ fit.xtx_inv @ c.T)
+    numerator = np.einsum("iv,ij,jv->v", effect, middle, effect) / q
+    with np.errstate(divide="ignore", invalid="ignore"):
+        f = np.where(fit.residual_variance > 0, numerator / fit.residual_variance, 0.0)
+    return f
+
+
+# --------------------------------------------------------------------------------------------
+# Conversions and parametric thresholds
+# --------------------------------------------------------------------------------------------
+def _log_betainc_lower(a: float, b: float, x: NDArray[np.float64]) -> NDArray[np.float64]:
+    """log of the regularised incomplete beta I_x(a, b), finite where I_x underflows.
+
+    For the far tail (x close to 0) uses the first two terms of the series
+    ``I_x(a, b) = x^a (1 - x)^b / (a B(a, b)) * (1 + (a + b) / (a + 1) x + ...)``.
+    """
+    with np.errstate(divide="ignore"):
+        direct = np.log(special.betainc(a, b, x))
+    tail = ~np.isfinite(direct) | (direct < -700)
+    if np.any(tail):
+        xt = x[tail]
+        direct[tail] = (
+            a * np.log(xt)
+            + b * np.log1p(-xt)
+            - np.log(a)
+            - special.betaln(a, b)
+            + np.log1p((a + b) / (a + 1) * xt)
+        )
+    return direct
+
+
+def _t_logsf(t: NDArray[np.float64], dof: float) -> NDArray[np.float64]:
+    """log P(T > t) for t >= 0."""
+    x = dof / (dof + t**2)
+    return np.log(0.5) + _log_betainc_lower(dof / 2, 0.5, x)
+
+
+def t_to_z(t: ArrayLike, dof: float) -> NDArray[np.float64]:
+    """Convert t to z with the same tail probability, accurate far in the tails.
+
+    Works on log tail probabilities (``scipy.special.ndtri_exp`` and a series for the
+    incomplete beta function where it underflows), so t = 1e20 with 20 dof gives a finite z
+    instead of inf.
+    """
+    t = np.asarray(t, dtype=float)
+    magnitude = np.abs(t)
+    log_tail = np.asarray(stats.t.logsf(magnitude, dof), dtype=float)
+    far = ~np.isfinite(log_tail) | (log_tail < -700)
+    if np.any(far):
+        log_tail[far] = _t_logsf(magnitude[far], dof)
+    return np.sign(t) * -special.ndtri_exp(log_tail)
+
+
+def f_to_z(f: ArrayLike, dfn: float, dfd: float) -> NDArray[np.float64]:
+    """Convert F to a one-sided z with the same upper-tail probability (log scale)."""
+    f = np.asarray(f, dtype=float)
+    log_tail = np.asarray(stats.f.logsf(f, dfn, dfd), dtype=float)
+    far = ~np.isfinite(log_tail) | (log_tail < -700)
+    if np.any(far):
+        x = dfd / (dfd + dfn * f[far])
+        log_tail[far] = _log_betainc_lower(dfd / 2, dfn / 2, x)
+    return -special.ndtri_exp(log_tail)
+
+
+def compute_t_threshold(p: float, dof: float, *, two_sided: bool = True) -> float:
+    """t value whose (two-sided if asked) uncorrected p equals ``p``.
+
+    Matches nilearn's cluster-forming threshold in ``permuted_ols``:
+    ``t.isf(p / 2, dof)`` for two-sided tests and ``t.isf(p, dof)`` otherwise.
+    """
+    if not 0 < p < 1:
+        raise ValueError(f"'p' must be in (0, 1). Got {p!r}.")
+    return float(stats.t.isf(p / 2 if two_sided else p, dof))
+
+
+def compute_f_threshold(p: float, dfn: float, dfd: float) -> float:
+    """F value whose uncorrected p equals ``p``."""
+    if not 0 < p < 1:
+        raise ValueError(f"'p' must be in (0, 1). Got {p!r}.")
+    return float(stats.f.isf(p, dfn, dfd))
