@@ -32,6 +32,10 @@ def run_workflow(workflow: pe.Workflow, *, plugin: str, plugin_args: dict[str, A
     })
     nipype_config.set("execution", "check_version", "false")
     before = set(crash_dir.glob("crash-*.txt"))
+    if plugin != "SLURMGraph":  # graph plugins submit everything at once and take no callback
+        plugin_args = {**plugin_args, "status_callback": ProgressReporter(workflow)}
+    if not LOGGER.isEnabledFor(logging.DEBUG):
+        logging.getLogger("nipype.workflow").setLevel(logging.WARNING)
     try:
         return run_with_plugin(workflow, plugin, plugin_args)
     except RuntimeError as exc:
@@ -45,6 +49,35 @@ def run_workflow(workflow: pe.Workflow, *, plugin: str, plugin_args: dict[str, A
             f"{len(messages)} step(s) failed; fix the input and rerun the same command to resume "
             f"(crash reports in {crash_dir}):\n{lines}{more}"
         ) from exc
+
+
+class ProgressReporter:
+    """A nipype ``status_callback`` that logs which node ran and how many are left.
+
+    Cached nodes (a resumed run) count as done without being announced one by one.
+    """
+
+    def __init__(self, workflow: pe.Workflow) -> None:
+        from nipype.interfaces.utility import IdentityInterface
+
+        # nipype drops identity nodes before it runs the graph; they are never reported.
+        nodes = workflow._create_flat_graph().nodes()
+        self.total = sum(not isinstance(node.interface, IdentityInterface) for node in nodes)
+        self.done = 0
+        self.failed = 0
+
+    def __call__(self, node: pe.Node, status: str) -> None:
+        if status == "start":
+            LOGGER.debug("started %s", node.fullname)
+            return
+        self.done += 1
+        if status == "exception":
+            self.failed += 1
+        # Name the run and step (e.g. sub_01_ses_infusion_task_rest_wf.run_maps) rather than the full path.
+        short = ".".join(node.fullname.split(".")[-2:])
+        state = "FAILED" if status == "exception" else "done"
+        LOGGER.info("[%d/%d] %s %s%s", self.done, self.total, short, state,
+                    f" ({self.failed} failed so far)" if self.failed else "")
 
 
 def _crash_message(path: Path) -> str:
