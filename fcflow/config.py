@@ -96,7 +96,10 @@ class TaskConfig:
 
 @dataclass(frozen=True)
 class SeedConfig:
-    """A seed region defined on an atlas by area names (never label numbers)."""
+    """A seed region: atlas areas by name (never label numbers), or a mask file of the user's.
+
+    ``mask`` is an absolute path (resolved against the recipe's folder); it replaces ``areas``.
+    """
 
     name: str
     atlas: str
@@ -106,6 +109,7 @@ class SeedConfig:
     pmap_threshold: float = 0.5
     min_coverage: float = 0.8
     signal: str = "mean"
+    mask: str | None = None
 
 
 @dataclass(frozen=True)
@@ -377,10 +381,21 @@ def _read_seeds(table: _Table) -> tuple[SeedConfig, ...]:
         if not _LABEL.match(name):
             raise table.error(name, "a seed name of letters and digits (used as a BIDS label)", name)
         sub = table.table(name)
+        mask = sub.get("mask", "str", None)
+        if mask is not None:
+            base = Path(table.source).parent if table.source != "<dict>" else Path.cwd()
+            mask_path = (base / mask).resolve()
+            if not mask_path.is_file():
+                raise sub.error("mask", "a NIfTI mask file (relative to the recipe's folder)", mask,
+                                f"{mask_path} does not exist.")
+            mask = str(mask_path)
+            if "areas" in sub.data:
+                raise sub.error("areas", "absent when 'mask' gives the seed", sub.data["areas"])
         seed = SeedConfig(
             name=name,
-            atlas=sub.get("atlas", "str", "julich-brain-3.1"),
-            areas=sub.get("areas", "str_list", check=bool, expectation="a non-empty list of area names"),
+            atlas=sub.get("atlas", "str", "julich-brain-3.1" if mask is None else "mask file"),
+            areas=() if mask is not None else sub.get(
+                "areas", "str_list", check=bool, expectation="a non-empty list of area names (or a 'mask' file)"),
             hemispheres=sub.get("hemispheres", "str_list", ("left", "right"), choices=HEMISPHERES,
                                 check=lambda v: 0 < len(v) == len(set(v))),
             source=sub.get("source", "str", "mpm", choices=SEED_SOURCES),
@@ -389,6 +404,7 @@ def _read_seeds(table: _Table) -> tuple[SeedConfig, ...]:
             min_coverage=sub.get("min_coverage", "float", 0.8, check=lambda v: 0 <= v <= 1,
                                  expectation="a fraction between 0 and 1"),
             signal=sub.get("signal", "str", "mean", choices=SEED_SIGNALS),
+            mask=mask,
         )
         sub.finish()
         seeds.append(seed)

@@ -180,3 +180,29 @@ def test_zero_switches_censoring_off(tmp_path):
     assert recipe.denoising.std_dvars_threshold == 1.5
     with pytest.raises(RecipeError, match=r"'max_mean_fd_mm' must be a positive number in mm, or 0 to switch it off\. Got -1"):
         load_recipe(_edited(tmp_path, "max_mean_fd_mm = 0.5", "max_mean_fd_mm = -1"))
+
+
+def test_seed_from_a_mask_file(tmp_path):
+    import nibabel as nib
+    import numpy as np
+
+    from fcflow.atlas import seed_from_mask_file
+
+    text = SHIPPED.read_text()
+    block = text[text.index("[seeds.pgACC]"):text.index("[denoising]")]
+    mask = np.zeros((7, 8, 9), dtype=np.uint8)
+    mask[2:4, 3:5, 4:6] = 1
+    nib.Nifti1Image(mask, np.diag([2.0, 2.0, 2.0, 1.0])).to_filename(tmp_path / "myseed.nii.gz")
+    path = _write(tmp_path, text.replace(block, '[seeds.mine]\nmask = "myseed.nii.gz"\n\n'))
+    (seed,) = load_recipe(path).seeds
+    assert seed.mask == str(tmp_path / "myseed.nii.gz") and seed.areas == ()
+    # Onto a grid of half the resolution, by nearest neighbour.
+    reference = nib.Nifti1Image(np.zeros((14, 16, 18), dtype=np.uint8), np.diag([1.0, 1.0, 1.0, 1.0]))
+    img, sidecar = seed_from_mask_file(seed.mask, reference, name="mine")
+    assert img.shape == (14, 16, 18) and sidecar["NumberOfVoxels"] == 8 * 8
+    missing = _write(tmp_path, text.replace(block, '[seeds.mine]\nmask = "nope.nii.gz"\n\n'))
+    with pytest.raises(RecipeError, match=r"\[seeds\.mine\] 'mask' must be a NIfTI mask file .*nope\.nii\.gz does not exist"):
+        load_recipe(missing)
+    both = _write(tmp_path, text.replace(block, '[seeds.mine]\nmask = "myseed.nii.gz"\nareas = ["x"]\n\n'))
+    with pytest.raises(RecipeError, match=r"'areas' must be absent when 'mask' gives the seed"):
+        load_recipe(both)

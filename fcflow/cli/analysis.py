@@ -103,7 +103,8 @@ def _run_participant(args: argparse.Namespace, recipe) -> int:
         participant_labels=args.participant_label, session_labels=args.session_label, task_labels=args.task,
     )
     pmap_areas = sorted({a for s in recipe.seeds if s.source == "pmap" for a in s.areas})
-    atlas_dir = resolve_atlas_dir(args.julich_dir, with_pmaps_for=pmap_areas)
+    needs_atlas = any(seed.mask is None for seed in recipe.seeds)
+    atlas_dir = resolve_atlas_dir(args.julich_dir, with_pmaps_for=pmap_areas) if needs_atlas else None
     output_dir = args.output_dir.resolve()
     work_dir = (args.work_dir or output_dir.parent / f"{output_dir.name}_work").resolve()
     output_dir.mkdir(parents=True, exist_ok=True)

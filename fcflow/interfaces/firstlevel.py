@@ -22,7 +22,8 @@ from nipype.interfaces.base import (
 
 
 class _BuildSeedMasksInputSpec(BaseInterfaceInputSpec):
-    atlas_dir = Directory(exists=True, mandatory=True, desc="Julich-Brain files")
+    atlas_dir = traits.Either(None, Directory(exists=True), default=None, usedefault=True,
+                              desc="Julich-Brain files (None when every seed is a mask file)")
     reference_file = File(exists=True, mandatory=True, desc="the run's brain mask (grid)")
     seeds = traits.List(traits.Dict(), mandatory=True, desc="recipe seeds as plain dicts")
 
@@ -39,17 +40,20 @@ class BuildSeedMasks(SimpleInterface):
     output_spec = _BuildSeedMasksOutputSpec
 
     def _run_interface(self, runtime):
-        from fcflow.atlas import build_seed
+        from fcflow.atlas import build_seed, seed_from_mask_file
         from fcflow.io import save_img, write_json
 
         seed_files, sidecars = [], []
         for seed in self.inputs.seeds:
-            mask = build_seed(self.inputs.atlas_dir, seed["areas"], seed["hemispheres"],
-                              self.inputs.reference_file, seed["source"], seed["pmap_threshold"],
-                              name=seed["name"])
-            seed_files.append(str(save_img(mask.img, os.path.join(runtime.cwd, f"seed-{seed['name']}_mask.nii.gz"))))
-            sidecars.append(str(write_json(os.path.join(runtime.cwd, f"seed-{seed['name']}_mask.json"),
-                                           mask.to_sidecar())))
+            if seed.get("mask"):
+                img, sidecar = seed_from_mask_file(seed["mask"], self.inputs.reference_file, name=seed["name"])
+            else:
+                mask = build_seed(self.inputs.atlas_dir, seed["areas"], seed["hemispheres"],
+                                  self.inputs.reference_file, seed["source"], seed["pmap_threshold"],
+                                  name=seed["name"])
+                img, sidecar = mask.img, mask.to_sidecar()
+            seed_files.append(str(save_img(img, os.path.join(runtime.cwd, f"seed-{seed['name']}_mask.nii.gz"))))
+            sidecars.append(str(write_json(os.path.join(runtime.cwd, f"seed-{seed['name']}_mask.json"), sidecar)))
         self._results["seed_files"] = seed_files
         self._results["sidecar_files"] = sidecars
         return runtime

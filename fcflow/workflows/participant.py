@@ -69,7 +69,7 @@ def init_run_wf(
     *,
     run: RunInputs,
     recipe: Recipe,
-    atlas_dir: Path,
+    atlas_dir: Path | None,
     output_dir: Path,
     command: Sequence[str],
     name: str,
@@ -81,8 +81,9 @@ def init_run_wf(
     run : RunInputs
         The run's files, TR and group (:func:`fcflow.bids.collect_runs`).
     recipe : Recipe
-    atlas_dir : Path
-        Julich-Brain files (:func:`fcflow.atlas.resolve_atlas_dir`).
+    atlas_dir : Path or None
+        Julich-Brain files (:func:`fcflow.atlas.resolve_atlas_dir`); None when every seed of the
+        recipe is a mask file.
     output_dir : Path
         The derivatives dataset.
     command : sequence of str
@@ -110,7 +111,7 @@ def init_run_wf(
     inputnode.inputs.t_r = run.t_r
     outputnode = pe.Node(IdentityInterface(fields=["qc_row"]), name="outputnode")
 
-    seed_masks = pe.Node(BuildSeedMasks(atlas_dir=str(atlas_dir), seeds=seeds), name="seed_masks", mem_gb=0.3)
+    seed_masks = pe.Node(BuildSeedMasks(atlas_dir=str(atlas_dir) if atlas_dir else None, seeds=seeds), name="seed_masks", mem_gb=0.3)
     confounds = pe.Node(SelectConfounds(denoising=denoising, run_name=run.name), name="confounds", mem_gb=0.2)
     run_maps = pe.Node(
         ComputeRunMaps(seeds=seeds, task=_plain(task), denoising=denoising, run_name=run.name),
@@ -151,7 +152,7 @@ def init_participant_wf(
     subject: str,
     runs: Sequence[RunInputs],
     recipe: Recipe,
-    atlas_dir: Path,
+    atlas_dir: Path | None,
     output_dir: Path,
     command: Sequence[str],
     name: str | None = None,
@@ -179,7 +180,7 @@ def init_fcflow_participant_wf(
     *,
     runs: Sequence[RunInputs],
     recipe: Recipe,
-    atlas_dir: Path,
+    atlas_dir: Path | None,
     output_dir: Path,
     work_dir: Path,
     command: Sequence[str],
