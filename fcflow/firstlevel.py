@@ -332,7 +332,11 @@ def run_maps_from_files(
     confounds = None if confounds.shape[1] == 0 else confounds
     sample_mask = None if censoring["sample_mask"] is None else np.asarray(censoring["sample_mask"], dtype=np.int64)
     out = Path(out_dir)
-    qc: dict[str, object] = {"run_name": run_name, "censoring": censoring}
+    # The job that computed the run (None outside SLURM): the node's record, not an output.
+    import os
+
+    qc: dict[str, object] = {"run_name": run_name, "censoring": censoring,
+                             "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
     map_files: list[str] = []
     timeseries_files: list[str] = []
     if censoring["excluded"]:

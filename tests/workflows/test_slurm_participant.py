@@ -1,0 +1,59 @@
+"""The real participant level on a real SLURM cluster: SLURM and SLURMGraph give MultiProc's maps.
+
+Skipped without a cluster (FCFLOW_TEST_SLURM=1, set by .ci/run, turns the skip into a failure).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .test_slurm import slurm_cluster  # noqa: F401  (the module-scoped cluster check)
+
+pytestmark = [pytest.mark.slow, pytest.mark.slurm]
+
+
+@pytest.fixture(scope="module")
+def small_study(tmp_path_factory) -> Path:
+    from fcflow.simulate import simulate_study
+
+    root = tmp_path_factory.mktemp("slurm_study") / "bids"
+    simulate_study(root, n_per_group=1, resolution_mm=4, n_volumes=60, seed=5)
+    return root
+
+
+def _participant(study: Path, out: Path, julich_dir: Path, *extra: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "fcflow", str(study), str(out), "participant", "--participant-label", "01",
+         "--session-label", "baseline", "infusion", "--julich-dir", str(julich_dir),
+         "--work-dir", str(out.parent / f"{out.name}_work"), *extra],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+
+
+def _maps(out: Path) -> dict[Path, bytes]:
+    return {p.relative_to(out): p.read_bytes() for p in out.rglob("*.nii.gz")}
+
+
+def _job_ids(out: Path) -> list[str | None]:
+    work = out.parent / f"{out.name}_work"
+    return [json.loads(p.read_text()).get("slurm_job_id") for p in work.rglob("run_maps/run_qc.json")]
+
+
+@pytest.mark.parametrize("plugin", ["SLURM", "SLURMGraph"])
+def test_participant_level_through_sbatch_equals_multiproc(small_study, tmp_path, julich_dir, plugin):
+    reference = tmp_path / "multiproc"
+    _participant(small_study, reference, julich_dir, "--plugin", "MultiProc", "--nprocs", "2")
+    assert _job_ids(reference) == [None] * 4
+    on_slurm = tmp_path / plugin.lower()
+    _participant(small_study, on_slurm, julich_dir, "--plugin", plugin, "--sbatch-args=--time=10")
+    ids = _job_ids(on_slurm)
+    assert len(ids) == 4 and all(ids) and len(set(ids)) == 4, f"run_maps jobs did not go through sbatch: {ids}"
+    expected, got = _maps(reference), _maps(on_slurm)
+    assert len(expected) > 10 and got.keys() == expected.keys()
+    assert all(got[k] == expected[k] for k in expected), "maps differ from MultiProc's"
