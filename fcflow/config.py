@@ -41,7 +41,6 @@ INFERENCES = ("tfce", "maxt", "cluster_mass", "cluster_size", "fdr", "bonferroni
 PERMUTATION_INFERENCES = ("tfce", "maxt", "cluster_mass", "cluster_size")
 _LABEL = re.compile(r"^[A-Za-z0-9]+$")
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
-_TERM = re.compile(r"\s*([+-]?)\s*(?:(\d+(?:\.\d*)?|\.\d+)\s*\*\s*)?([A-Za-z0-9_]+)\s*")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -289,31 +288,19 @@ def _did_you_mean(word: str, choices: Sequence[str]) -> str:
 def parse_contrast(expression: str, levels: Sequence[str]) -> tuple[tuple[str, float], ...]:
     """Parse ``"ketamine - placebo"`` or ``"0.5*a + 0.5*b - c"`` into (level, weight) pairs.
 
+    The grammar is :func:`fcflow.stats.parse_contrast`'s; the pairs follow the order of ``levels``
+    and leave out levels with weight 0.
+
     Raises
     ------
     ValueError
         If the text is not a sum of (optionally weighted) level names, names a level not in
-        ``levels``, or names one twice.
+        ``levels``, or has no non-zero weight.
     """
-    text = expression.strip()
-    pos, weights = 0, {}
-    while pos < len(text):
-        match = _TERM.match(text, pos)
-        if match is None or match.end() == pos or (pos > 0 and not match.group(1)):
-            raise ValueError(f"cannot read {expression!r} as a contrast like 'a - b'")
-        sign, number, name = match.groups()
-        if name not in levels:
-            raise ValueError(
-                f"{expression!r} names {name!r}, which is not one of {list(levels)}"
-                + (f"; {_did_you_mean(name, levels).lower()}" if _did_you_mean(name, levels) else "")
-            )
-        if name in weights:
-            raise ValueError(f"{expression!r} names {name!r} twice")
-        weights[name] = (-1.0 if sign == "-" else 1.0) * (float(number) if number else 1.0)
-        pos = match.end()
-    if not weights:
-        raise ValueError(f"{expression!r} is empty")
-    return tuple(weights.items())
+    from fcflow.stats import parse_contrast as contrast_weights
+
+    weights = contrast_weights(expression, list(levels))
+    return tuple((level, float(w)) for level, w in zip(levels, weights, strict=True) if w != 0)
 
 
 def contrast_label(expression: str) -> str:

@@ -29,17 +29,16 @@ regions that merely respond to the same task blocks do not appear connected.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 from numpy.typing import NDArray
-from scipy import stats
 
 from fcflow.connectivity import _correlate_cleaned_seeds, fisher_z
 from fcflow.errors import InputDataError
+from fcflow.stats import parse_contrast, t_to_z
 
 __all__ = [
     "build_task_regressors",
@@ -239,33 +238,13 @@ def build_gppi_design(
 
 def parse_condition_contrast(expression: str, conditions: Sequence[str]) -> NDArray[np.float64]:
     """Weights over ``conditions`` of an expression like ``"2back - 0back"`` or ``"0.5*2back"``."""
-    text = expression.replace(" ", "")
-    pattern = re.compile(r"([+-]?)(?:(\d+(?:\.\d*)?|\.\d+)\*)?([A-Za-z0-9_]+)")
-    weights = np.zeros(len(conditions))
-    position = 0
-    while position < len(text):
-        match = pattern.match(text, position)
-        if not match or match.end() == position or match.group(3) not in conditions:
-            raise InputDataError(
-                f"'contrasts' must be sums of conditions {list(conditions)!r} with optional "
-                f"'<number>*' weights, e.g. '2back - 0back'. Got {expression!r}."
-            )
-        sign = -1.0 if match.group(1) == "-" else 1.0
-        coefficient = float(match.group(2)) if match.group(2) else 1.0
-        weights[list(conditions).index(match.group(3))] += sign * coefficient
-        position = match.end()
-        if position < len(text) and text[position] not in "+-":
-            raise InputDataError(
-                f"'contrasts' must be sums of conditions {list(conditions)!r}. Got {expression!r}."
-            )
-    return weights
-
-
-def t_to_z(t: NDArray, dof: float) -> NDArray[np.float64]:
-    """Convert t statistics to z with the same tail probability (symmetric, no underflow)."""
-    t = np.asarray(t, dtype=np.float64)
-    z = stats.norm.isf(stats.t.sf(np.abs(t), dof))
-    return np.sign(t) * z
+    try:
+        return parse_contrast(expression, conditions)
+    except ValueError as exc:
+        raise InputDataError(
+            f"'contrasts' must be sums of conditions {list(conditions)!r} with optional "
+            f"'<number>*' weights, e.g. '2back - 0back'. Got {expression!r} ({exc})."
+        ) from None
 
 
 @dataclass(frozen=True)

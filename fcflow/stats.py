@@ -150,7 +150,7 @@ def _check_full_rank(design: pd.DataFrame) -> None:
 _TERM = re.compile(
     r"""\s*(?P<sign>[+-])?\s*
         (?:(?P<coef>(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)\s*\*\s*)?
-        (?P<name>[A-Za-z_][\w.:\[\]]*)\s*""",
+        (?P<name>[A-Za-z0-9_][\w.:\[\]]*)\s*""",  # names may start with a digit: "2back"
     re.VERBOSE,
 )
 

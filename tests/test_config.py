@@ -151,7 +151,7 @@ def test_task_measure_without_conditions(tmp_path):
         ("a - b", (("a", 1.0), ("b", -1.0))),
         ("-a", (("a", -1.0),)),
         ("0.5*a + 0.5 * b - c", (("a", 0.5), ("b", 0.5), ("c", -1.0))),
-        ("2back - 0back", (("2back", 1.0), ("0back", -1.0))),
+        ("2back - 0back", (("0back", -1.0), ("2back", 1.0))),
     ],
 )
 def test_parse_contrast(text, expected):
@@ -160,7 +160,8 @@ def test_parse_contrast(text, expected):
 
 @pytest.mark.parametrize(
     ("text", "message"),
-    [("a b", "cannot read"), ("a - a", "twice"), ("a - d", "not one of"), ("", "empty"), ("a -", "cannot read")],
+    [("a b", "must be a sum of terms"), ("a - a", "non-zero weight"), ("a - d", "names 'd', which is not"),
+     ("", "at least one"), ("a -", "must be a sum of terms")],
 )
 def test_parse_contrast_rejects(text, message):
     with pytest.raises(ValueError, match=message):
