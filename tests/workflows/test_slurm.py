@@ -10,7 +10,6 @@ and with FCFLOW_TEST_SLURM=1 but no answering cluster they fail.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.slow, pytest.mark.slurm]
+pytestmark = [pytest.mark.slow, pytest.mark.slurm, pytest.mark.usefixtures("slurm_cluster")]
 
 nipype = pytest.importorskip("nipype")
 from nipype import Function, JoinNode, Node, Workflow  # noqa: E402
@@ -36,32 +35,6 @@ ARRAY_SCRIPT = REPO / "docs" / "slurm" / "fcflow_array.sbatch"
 SEEDS = (1, 2)
 N_NODES = 2 * len(SEEDS) + 1  # simulate and correlate per run, then one mean
 FAIL_ENV = "FCFLOW_TEST_FAIL_SEED"  # read inside the jobs; not an input, so not in nipype's hash
-
-
-def _slurm_problem(required: bool) -> str | None:
-    if shutil.which("sbatch") is None or shutil.which("scontrol") is None:
-        return "SLURM's sbatch/scontrol are not on PATH"
-    conf = Path(os.environ.get("SLURM_CONF", "/etc/slurm/slurm.conf"))
-    if not required and not conf.is_file():  # scontrol would retry for 60 s
-        return f"no {conf}"
-    try:
-        ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=20)
-    except subprocess.TimeoutExpired:
-        return "'scontrol ping' timed out"
-    if "is UP" not in ping.stdout:
-        return f"'scontrol ping' does not report a controller UP: {(ping.stdout + ping.stderr).strip()!r}"
-    return None
-
-
-@pytest.fixture(scope="module", autouse=True)
-def slurm_cluster():
-    required = os.environ.get("FCFLOW_TEST_SLURM") == "1"
-    problem = _slurm_problem(required)
-    if problem is None:
-        return
-    if required:
-        pytest.fail(f"FCFLOW_TEST_SLURM=1 but no SLURM cluster answers: {problem}. Run .ci/slurm/up.sh.")
-    pytest.skip(f"no SLURM cluster ({problem}); CI starts one with .ci/slurm/up.sh")
 
 
 # ---- the stand-in workflow: Function nodes carry their source, so jobs need no test module ----
