@@ -223,7 +223,8 @@ def collect_runs(
     -------
     StudyInputs
     """
-    bids_dir, derivatives_dir = Path(bids_dir), Path(derivatives_dir)
+    # Absolute paths: nipype runs each node in its own working folder.
+    bids_dir, derivatives_dir = Path(bids_dir).resolve(), Path(derivatives_dir).resolve()
     if not derivatives_dir.is_dir():
         raise InputDataError(
             f"fMRIPrep derivatives folder {derivatives_dir} does not exist: pass --derivatives "

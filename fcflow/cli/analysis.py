@@ -16,7 +16,7 @@ from pathlib import Path
 
 from fcflow.config import load_recipe
 from fcflow.workflows.execution import add_execution_arguments, plugin_settings
-from fcflow.errors import FcflowError, InputDataError
+from fcflow.errors import InputDataError
 
 _LABEL = re.compile(r"^[A-Za-z0-9]+$")
 LOGGER = logging.getLogger("fcflow.participant")
@@ -49,6 +49,46 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--julich-dir", type=Path, default=None,
                         help="a local copy of the Julich-Brain v3.1 files (else FCFLOW_JULICH_DIR, the cache, a download)")
     add_execution_arguments(parser)
+    _add_group_arguments(parser)
+
+
+def _add_group_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("group level")
+    group.add_argument("--n-permutations", type=_positive_int, default=None, metavar="N",
+                       help="permutations per test, overriding the recipe's inference.n_permutations "
+                            "(for demos and tests)")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"'--n-permutations' must be a positive integer. Got {text!r}.")
+    return value
+
+
+def _run_group(args: argparse.Namespace, recipe) -> int:
+    import sys
+
+    from fcflow.atlas import resolve_atlas_dir
+    from fcflow.errors import AtlasError
+    from fcflow.grouplevel import run_group_level
+
+    try:
+        atlas_dir = resolve_atlas_dir(args.julich_dir)
+    except AtlasError as exc:
+        atlas_dir = None
+        logging.getLogger("fcflow.group").warning(
+            "The Julich-Brain atlas is unavailable, so the cluster tables list coordinates only (no area "
+            "names): %s", exc)
+    results = run_group_level(
+        args.output_dir.resolve(), recipe, bids_dir=args.bids_dir.resolve(), atlas_dir=atlas_dir,
+        n_permutations=args.n_permutations, command=["fcflow", *sys.argv[1:]],
+    )
+    print(f"Group level done: {results}")
+    return 0
 
 
 def _derivatives_dir(args: argparse.Namespace) -> Path:
@@ -81,10 +121,7 @@ def run(args: argparse.Namespace) -> int:
     _check_output_dir(args)
     if args.analysis_level == "participant":
         return _run_participant(args, recipe)
-    raise FcflowError(
-        f"the {args.analysis_level} level is not implemented yet in this version of fcflow "
-        f"(recipe {recipe.name!r} is valid). Use 'fcflow simulate' and 'fcflow seeds' meanwhile."
-    )
+    return _run_group(args, recipe)
 
 
 def _run_participant(args: argparse.Namespace, recipe) -> int:

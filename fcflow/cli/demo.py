@@ -1,17 +1,30 @@
 """Simulate the embedded sample study and analyse it end to end.
 
-The sample study's definition ships in sample_data/ (sample_study.toml). The demo writes the
-simulated BIDS dataset with its fMRIPrep-style derivatives and its ground truth under OUTPUT_DIR,
-then runs every analysis level that this version of fcflow has.
+The sample study's definition ships in sample_data/ (sample_study.toml): three groups (placebo,
+ketamine, lamotrigine_ketamine) scanned at baseline, during the infusion and 24 h later, at rest and
+during an n-back task, with the effects of Weigner et al. 2025 planted in the ketamine group during
+the infusion. The demo writes, under OUTPUT_DIR:
+
+  bids/                              the simulated BIDS dataset, with
+  bids/derivatives/fmriprep/         fMRIPrep-style derivatives and
+  bids/derivatives/ground_truth/     the planted truth, then
+  fcflow/                            fcflow's participant-level maps and QC (and the group level)
+
+The seed is the Julich-Brain pgACC when the atlas can be had (--julich-dir, FCFLOW_JULICH_DIR,
+fcflow's cache or a download); offline, the demo says so and uses the simulator's stand-in pgACC
+mask instead. Running the demo again resumes where it stopped.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import re
 from pathlib import Path
 
-from fcflow.resources import data_dir
+from fcflow.errors import AtlasError
+from fcflow.io import write_text
+from fcflow.resources import data_dir, recipe_file
 
 LOGGER = logging.getLogger("fcflow.demo")
 
@@ -21,19 +34,59 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where to write the sample study and its results (default: %(default)s)")
     parser.add_argument("--julich-dir", type=Path, default=None,
                         help="a local copy of the Julich-Brain v3.1 files, for the real pgACC seed")
+    parser.add_argument("--nprocs", type=int, default=None, help="processes to use (default: all cores)")
+
+
+def _atlas_or_none(julich_dir: Path | None) -> Path | None:
+    from fcflow.atlas import resolve_atlas_dir
+
+    try:
+        return resolve_atlas_dir(julich_dir)
+    except AtlasError as exc:
+        LOGGER.warning("The Julich-Brain atlas is not available (%s). The demo uses the simulator's "
+                       "stand-in pgACC mask as the seed; pass --julich-dir for the real one.", exc)
+        return None
+
+
+def _stand_in_recipe(output_dir: Path, bids_dir: Path) -> Path:
+    """The shipped recipe with its seed replaced by the simulator's stand-in pgACC mask."""
+    (mask,) = sorted((bids_dir / "derivatives" / "ground_truth").glob("*_desc-pgACC_mask.nii.gz"))
+    text = recipe_file("weigner2025_pgacc").read_text()
+    block = re.search(r"\[seeds\.pgACC\].*?(?=\n\[denoising\])", text, flags=re.S)
+    assert block is not None, "the shipped recipe has a [seeds.pgACC] table"
+    seed = (f'[seeds.pgACC]\n# The simulator\'s stand-in pgACC (no Julich-Brain atlas was available).\n'
+            f'mask = "{mask}"\nmin_coverage = 0.8\nsignal = "mean"\n')
+    return write_text(output_dir / "demo_recipe_standin_seed.toml", text[: block.start()] + seed + text[block.end():])
 
 
 def run(args: argparse.Namespace) -> int:
+    from fcflow.cli import main as fcflow_main
     from fcflow.simulate import load_simulation_definition, simulate_study
 
+    output_dir = args.output_dir.resolve()
     definition = load_simulation_definition(data_dir("sample_data") / "sample_study.toml")
-    bids_dir = args.output_dir / "bids"
-    LOGGER.info("Simulating the sample study into %s", bids_dir)
-    result = simulate_study(bids_dir, **definition, julich_dir=args.julich_dir)
-    print(f"Sample study: {bids_dir}")
-    print(f"  fMRIPrep-style derivatives: {bids_dir / 'derivatives' / 'fmriprep'}")
-    print(f"  ground truth:               {bids_dir / 'derivatives' / 'ground_truth'}")
-    print(f"  runs written:               {result.n_runs}")
-    print("The participant and group levels are not in this version of fcflow yet; "
-          "the demo will run them as they land.")
+    atlas_dir = _atlas_or_none(args.julich_dir)
+    bids_dir = output_dir / "bids"
+    LOGGER.info("1/3 Simulating the sample study into %s", bids_dir)
+    result = simulate_study(bids_dir, **{**definition.as_kwargs(), "julich_dir": atlas_dir})
+    recipe = str(recipe_file("weigner2025_pgacc")) if atlas_dir else str(_stand_in_recipe(output_dir, bids_dir))
+    fcflow_dir = output_dir / "fcflow"
+    common = ["--recipe", recipe, "--work-dir", str(output_dir / "work")]
+    if atlas_dir:
+        common += ["--julich-dir", str(atlas_dir)]
+    LOGGER.info("2/3 Participant level: %d runs", result.n_runs)
+    participant = [str(bids_dir), str(fcflow_dir), "participant", *common]
+    if args.nprocs:
+        participant += ["--nprocs", str(args.nprocs)]
+    status = fcflow_main(participant)
+    if status:
+        return status
+    LOGGER.info("3/3 Group level (200 permutations for the demo; publication needs the recipe's 5000)")
+    status = fcflow_main([str(bids_dir), str(fcflow_dir), "group", *common, "--n-permutations", "200"])
+    if status:
+        return status
+    print(f"Sample study:       {bids_dir}")
+    print(f"  ground truth:     {bids_dir / 'derivatives' / 'ground_truth'}")
+    print(f"fcflow derivatives: {fcflow_dir}")
+    print(f"  group results:    {fcflow_dir / 'group' / 'results.tsv'}")
     return 0

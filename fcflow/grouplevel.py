@@ -1,0 +1,932 @@
+"""Group level: from first-level seed-to-voxel maps to group x session inference and reports.
+
+``fcflow BIDS_DIR OUTPUT_DIR group --recipe RECIPE`` calls :func:`run_group_level`, which, for
+every task x measure x seed of the recipe:
+
+1. finds the first-level maps and the runs' QC tables in OUTPUT_DIR
+   (:func:`collect_first_level`). The map that enters is the Fisher z map (``stat-z``) for
+   ``correlation`` (rest) and ``background`` (task), and the gPPI ``beta`` of each of the task's
+   condition contrasts (``desc-gppi2backMinus0back``; of each condition when the task has no
+   condition contrast). Excluded runs have no map and are skipped;
+2. reads every map once (:func:`load_session_maps`) into one float32 array of shape
+   (n_sessions, n_subjects, n_voxels) over the analysis mask: the voxels where every map read is
+   non-zero and finite (the intersection of the runs' brain masks, since first-level maps are 0
+   outside them). A session with several usable runs contributes their mean;
+3. for each session contrast (``infusion - baseline``) builds each subject's within-subject change
+   map, the weighted sum of its session maps (:func:`compute_change_maps`); a subject without a
+   usable run in a session the contrast needs drops out of that contrast (logged, counted in the
+   sidecars and in ``n_per_group``). The same group tests run on the reference-session maps
+   themselves (baseline equivalence, ``ses-<reference>``);
+4. fits the cell-means design (:func:`fcflow.stats.make_group_design`: one column per group and
+   the recipe's covariates from ``participants.tsv``, demeaned; ``mean_fd`` is the mean of the
+   QC ``mean_fd_mm`` over the runs behind the subject's map) and tests every group contrast
+   (t, two-sided unless ``inference.two_sided = false``) and F test (:func:`run_inference`);
+5. writes statistic maps, -log10 corrected p maps per inference, the primary inference's
+   thresholded map and cluster table, per-cluster subject means and plots, and finally
+   ``group/results.tsv`` (:func:`write_results`).
+
+Outputs, in ``OUTPUT_DIR/group/`` (BIDS-derivative names; non-standard entities ``seed``,
+``contrast``, ``inference``, ``alpha``, ``cluster`` declared in ``group/dataset_description.json``;
+every image and table has a JSON sidecar with the design matrix, contrast weights, subjects and
+their group, dropped subjects and why, inference settings, permutations, seed and software)::
+
+    ses-<sessioncontrast>_task-<t>_space-<s>_res-<r>_seed-<seed>_contrast-<c>_desc-<measure>_
+        stat-{t,F}_statmap.nii.gz                          statistic
+        stat-z_statmap.nii.gz                              z of the same tail probability
+        stat-logpFWE_inference-<m>_statmap.nii.gz          -log10 corrected p, per inference
+        stat-{t,F}_alpha-0p05_inference-<primary>_statmap.nii.gz   statistic where significant
+        alpha-0p05_inference-<primary>_clusters.tsv        cluster table (Julich-Brain areas)
+        alpha-0p05_cluster-<k>_inference-<primary>_clustermeans.{tsv,png}
+                                                           subject means in the cluster per session
+    results.tsv             one row per task x measure x seed x session contrast x test
+    baseline_results.tsv    the same tests on the reference session (baseline equivalence)
+
+Inference methods: ``tfce``, ``maxt``, ``cluster_mass`` and ``cluster_size`` by permutation
+(:func:`fcflow.permutation.permutation_test`, one call per test for all of them); ``fdr``
+(Benjamini-Hochberg q of the parametric p) and ``bonferroni`` as nilearn's
+``threshold_stats_img`` computes them on the z map within the mask (two-sided p = 2 sf(|z|));
+``cluster_extent`` keeps voxels with parametric p < ``cluster_forming_p`` in clusters of at least
+``min_cluster_voxels`` voxels, as ``threshold_stats_img(height_control="fpr",
+cluster_threshold=...)`` does. That last one is an extent rule of thumb, not a family-wise error
+control: use a permutation method as ``primary``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+from numpy.typing import NDArray
+from scipy import special
+
+from fcflow.clusters import label_clusters, make_cluster_table
+from fcflow.config import PERMUTATION_INFERENCES, Recipe
+from fcflow.errors import InputDataError
+from fcflow.io import save_img, write_json, write_tsv
+
+LOGGER = logging.getLogger("fcflow.group")
+
+GROUP_DIR = "group"
+#: Entities of the group outputs that BIDS does not define (declared in group/dataset_description.json).
+CUSTOM_ENTITIES = {
+    "seed": "Seed region the first-level maps were computed from.",
+    "contrast": "Group contrast (t) or F test of the map, named as in the recipe.",
+    "inference": "Inference the p map, thresholded map or cluster table belongs to (tfce, maxt, ...).",
+    "alpha": "Significance level of a thresholded map or cluster table ('0p05' is 0.05).",
+    "cluster": "Cluster number in the cluster table of the same contrast.",
+}
+_MAP_RE = re.compile(r"^sub-(?P<sub>[A-Za-z0-9]+)_(?P<rest>.+)_statmap\.nii\.gz$")
+# -log10 p of each inference's map; stat label in the file name
+_LOGP_STAT = {"tfce": "logpFWE", "maxt": "logpFWE", "cluster_mass": "logpFWE", "cluster_size": "logpFWE",
+              "bonferroni": "logpFWE", "fdr": "logpFDR", "cluster_extent": "logp"}
+_MAX_CLUSTER_PLOTS = 20
+
+
+# ----------------------------------------------------------------------------------------------
+# What enters the group level
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MeasureMap:
+    """The first-level map of one task x measure x seed that the group level analyses.
+
+    ``desc`` and ``stat`` are the entities of the first-level file name.
+    """
+
+    task: str
+    measure: str
+    seed: str
+    desc: str
+    stat: str
+
+    @property
+    def label(self) -> str:
+        return f"task-{self.task} seed-{self.seed} desc-{self.desc} (stat-{self.stat})"
+
+
+def select_measure_maps(recipe: Recipe) -> list[MeasureMap]:
+    """The maps the group level analyses, in recipe order.
+
+    Correlation (rest) and background (task) enter as Fisher z (``stat-z``); gPPI as the
+    ``beta`` of each condition contrast of the task (``desc-gppi<contrast name>``), or of each
+    condition when the task declares no condition contrast.
+    """
+    out = []
+    for task in recipe.tasks:
+        for measure in task.measures:
+            for seed in recipe.seeds:
+                if measure == "gppi":
+                    labels = [c.name for c in task.condition_contrasts] or list(task.conditions)
+                    out += [MeasureMap(task.name, measure, seed.name, f"gppi{lab}", "beta") for lab in labels]
+                else:
+                    out.append(MeasureMap(task.name, measure, seed.name, measure, "z"))
+    return out
+
+
+def _entities(text: str) -> dict[str, str]:
+    return dict(part.split("-", 1) for part in text.split("_") if "-" in part)
+
+
+def read_run_qc(output_dir: str | Path) -> pd.DataFrame:
+    """Concatenate every ``sub-*/sub-*_desc-runs_qc.tsv`` of the participant level.
+
+    Returns
+    -------
+    DataFrame
+        Columns ``participant`` (label without ``sub-``), ``session``, ``task``, ``run`` (str,
+        "" when absent), ``excluded`` (bool), ``exclusion_reason``, ``mean_fd_mm``.
+    """
+    frames = []
+    for path in sorted(Path(output_dir).glob("sub-*/sub-*_desc-runs_qc.tsv")):
+        table = pd.read_csv(path, sep="\t", dtype=str, na_values=["n/a"], keep_default_na=False)
+        missing = [c for c in ("participant_id", "session", "task", "excluded", "mean_fd_mm") if c not in table]
+        if missing:
+            raise InputDataError(
+                f"The QC table {path} must have the columns {missing}: rerun the participant level "
+                "with this version of fcflow."
+            )
+        frames.append(table)
+    columns = ["participant", "session", "task", "run", "excluded", "exclusion_reason", "mean_fd_mm"]
+    if not frames:
+        return pd.DataFrame(columns=columns)
+    table = pd.concat(frames, ignore_index=True)
+    return pd.DataFrame({
+        "participant": table["participant_id"].str.removeprefix("sub-"),
+        "session": table["session"].fillna(""),
+        "task": table["task"],
+        "run": table["run"].fillna("") if "run" in table else "",
+        "excluded": table["excluded"].str.lower().isin(["true", "1"]),
+        "exclusion_reason": table["exclusion_reason"].fillna("") if "exclusion_reason" in table else "",
+        "mean_fd_mm": pd.to_numeric(table["mean_fd_mm"], errors="coerce"),
+    })[columns]
+
+
+def collect_first_level(output_dir: str | Path, measure: MeasureMap, *, space: str) -> pd.DataFrame:
+    """The runs of one task x measure x seed: their map (if any), exclusion and mean FD.
+
+    Parameters
+    ----------
+    output_dir : path
+        The participant level's OUTPUT_DIR.
+    measure : MeasureMap
+    space : str
+        Template space of the maps (``space-`` entity), e.g. ``MNI152NLin2009cAsym``.
+
+    Returns
+    -------
+    runs : DataFrame
+        One row per run of the task listed in the QC tables or found as a map, sorted by
+        participant, session and run, with columns participant, session, run, file (relative to
+        ``output_dir``, "" without a map), excluded, exclusion_reason, mean_fd_mm.
+    """
+    output_dir = Path(output_dir)
+    found = []
+    pattern = (f"sub-*/ses-*/func/sub-*_task-{measure.task}_*seed-{measure.seed}_desc-{measure.desc}_"
+               f"stat-{measure.stat}_statmap.nii.gz")
+    for path in sorted(output_dir.glob(pattern)):
+        match = _MAP_RE.match(path.name)
+        if match is None:
+            continue
+        ents = _entities(path.name.removesuffix("_statmap.nii.gz"))
+        if ents.get("space") != space or ents.get("task") != measure.task or ents.get("desc") != measure.desc:
+            continue
+        found.append({"participant": ents["sub"], "session": ents.get("ses", ""), "run": ents.get("run", ""),
+                      "file": str(path.relative_to(output_dir))})
+    maps = pd.DataFrame(found, columns=["participant", "session", "run", "file"])
+    qc = read_run_qc(output_dir)
+    qc = qc[qc["task"] == measure.task].drop(columns="task")
+    runs = qc.merge(maps, on=["participant", "session", "run"], how="outer")
+    runs["file"] = runs["file"].fillna("")
+    runs["excluded"] = runs["excluded"].fillna(False).astype(bool)
+    runs["exclusion_reason"] = runs["exclusion_reason"].fillna("")
+    no_qc = runs["mean_fd_mm"].isna() & (runs["file"] != "")
+    if no_qc.any():
+        LOGGER.warning("%d map(s) of %s have no row in a participant QC table (e.g. %s): their mean FD "
+                       "is unknown.", int(no_qc.sum()), measure.label, runs.loc[no_qc, "file"].iloc[0])
+    lost = ~runs["excluded"] & (runs["file"] == "")
+    if lost.any():
+        first = runs[lost].iloc[0]
+        LOGGER.warning("%d run(s) of %s are included in the QC tables but have no map (e.g. sub-%s "
+                       "ses-%s): rerun the participant level for them.", int(lost.sum()), measure.label,
+                       first["participant"], first["session"])
+    return runs.sort_values(["participant", "session", "run"]).reset_index(drop=True)[
+        ["participant", "session", "run", "file", "excluded", "exclusion_reason", "mean_fd_mm"]]
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading maps once
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class SessionMaps:
+    """Every subject's map at every session of one task x measure x seed, on the analysis mask.
+
+    Attributes
+    ----------
+    subjects : list of str
+        Participant labels (without ``sub-``), sorted.
+    sessions : tuple of str
+    data : ndarray of shape (n_sessions, n_subjects, n_voxels), float32
+        0 where ``present`` is False.
+    present : ndarray of shape (n_sessions, n_subjects), bool
+        The subject has at least one usable run in the session.
+    mean_fd_mm : ndarray of shape (n_sessions, n_subjects)
+        Mean of the runs' QC mean FD (NaN where absent or unknown).
+    n_runs : ndarray of shape (n_sessions, n_subjects), int
+    missing_reason : dict of (subject, session) to str
+        Why a session is absent (no run, excluded run and its reason).
+    files : dict of (subject, session) to list of str
+        Maps read (relative to OUTPUT_DIR).
+    mask : ndarray of bool, 3D
+    affine : ndarray of shape (4, 4)
+    """
+
+    subjects: list[str]
+    sessions: tuple[str, ...]
+    data: NDArray[np.float32]
+    present: NDArray[np.bool_]
+    mean_fd_mm: NDArray[np.float64]
+    n_runs: NDArray[np.int64]
+    missing_reason: dict[tuple[str, str], str]
+    files: dict[tuple[str, str], list[str]]
+    mask: NDArray[np.bool_]
+    affine: NDArray[np.float64]
+
+
+def load_session_maps(output_dir: str | Path, runs: pd.DataFrame, sessions: Sequence[str]) -> SessionMaps:
+    """Read every usable run's map once into (n_sessions, n_subjects, n_voxels) float32.
+
+    Storage is limited to the voxels where the first map read is non-zero (its brain mask);
+    the analysis mask, the voxels non-zero and finite in every map read, is a subset of it.
+
+    Raises
+    ------
+    InputDataError
+        No usable map, or maps on different grids (the file is named).
+    """
+    output_dir = Path(output_dir)
+    sessions = tuple(sessions)
+    runs = runs[runs["session"].isin(sessions)]
+    usable = runs[~runs["excluded"] & (runs["file"] != "")]
+    if usable.empty:
+        raise InputDataError(
+            f"No usable first-level map in {output_dir}: run the participant level first "
+            f"({len(runs)} runs listed, {int(runs['excluded'].sum())} excluded)."
+        )
+    subjects = sorted(usable["participant"].unique())
+    index = {s: i for i, s in enumerate(subjects)}
+    n_ses, n_sub = len(sessions), len(subjects)
+    present = np.zeros((n_ses, n_sub), dtype=bool)
+    mean_fd = np.full((n_ses, n_sub), np.nan)
+    n_runs = np.zeros((n_ses, n_sub), dtype=np.int64)
+    files: dict[tuple[str, str], list[str]] = {}
+    missing: dict[tuple[str, str], str] = {}
+    shape = affine = candidate = support = data = None
+    for subject in subjects:
+        for s, session in enumerate(sessions):
+            rows = runs[(runs["participant"] == subject) & (runs["session"] == session)]
+            good = rows[~rows["excluded"] & (rows["file"] != "")]
+            if good.empty:
+                if rows.empty:
+                    missing[(subject, session)] = "no run"
+                else:
+                    reasons = "; ".join(r or "excluded" for r in rows["exclusion_reason"])
+                    missing[(subject, session)] = f"run excluded ({reasons})"
+                continue
+            total = None
+            for rel in good["file"]:
+                img = nib.load(output_dir / rel)
+                if shape is None:
+                    shape, affine = img.shape[:3], img.affine
+                elif img.shape[:3] != shape or not np.allclose(img.affine, affine, atol=1e-3):
+                    raise InputDataError(
+                        f"The first-level map {rel} is on grid {img.shape[:3]} but earlier maps are on "
+                        f"{shape}: all maps of a group analysis must share one grid (same space and "
+                        f"res). Remove or recompute the odd one."
+                    )
+                values = np.asarray(img.dataobj, dtype=np.float32).reshape(shape)
+                if candidate is None:
+                    candidate = (values != 0) & np.isfinite(values)
+                    support = np.ones(int(candidate.sum()), dtype=bool)
+                    data = np.zeros((n_ses, n_sub, support.size), dtype=np.float32)
+                vector = values[candidate]
+                support &= (vector != 0) & np.isfinite(vector)
+                total = vector if total is None else total + vector
+            data[s, index[subject]] = np.nan_to_num(total / len(good))
+            present[s, index[subject]] = True
+            n_runs[s, index[subject]] = len(good)
+            mean_fd[s, index[subject]] = float(good["mean_fd_mm"].mean())
+            files[(subject, session)] = list(good["file"])
+    mask = np.zeros(shape, dtype=bool)
+    mask[candidate] = support
+    data = np.ascontiguousarray(data[:, :, support])
+    return SessionMaps(subjects=subjects, sessions=sessions, data=data, present=present, mean_fd_mm=mean_fd,
+                       n_runs=n_runs, missing_reason=missing, files=files, mask=mask,
+                       affine=np.asarray(affine, dtype=float))
+
+
+def compute_change_maps(
+    maps: SessionMaps, weights: Mapping[str, float]
+) -> tuple[NDArray[np.float32], list[str], dict[str, str]]:
+    """Within-subject weighted sums of session maps, e.g. ``infusion - baseline``.
+
+    Parameters
+    ----------
+    maps : SessionMaps
+    weights : mapping of session to float
+        Sessions with weight 0 are not needed.
+
+    Returns
+    -------
+    data : ndarray of shape (n_kept, n_voxels), float32
+    subjects : list of str
+        The subjects kept (with every needed session), in ``maps.subjects`` order.
+    dropped : dict of str to str
+        Subjects dropped and why.
+    """
+    needed = [(maps.sessions.index(s), float(w)) for s, w in weights.items() if w != 0]
+    keep = np.all([maps.present[s] for s, _ in needed], axis=0)
+    data = np.zeros((int(keep.sum()), maps.data.shape[2]), dtype=np.float32)
+    for s, w in needed:
+        data += np.float32(w) * maps.data[s, keep]
+    dropped = {}
+    for i, subject in enumerate(maps.subjects):
+        if not keep[i]:
+            reasons = [f"{maps.sessions[s]}: {maps.missing_reason.get((subject, maps.sessions[s]), 'absent')}"
+                       for s, _ in needed if not maps.present[s, i]]
+            dropped[subject] = "; ".join(reasons)
+    return data, [s for s, k in zip(maps.subjects, keep) if k], dropped
+
+
+# ----------------------------------------------------------------------------------------------
+# Design
+# ----------------------------------------------------------------------------------------------
+def build_covariates(
+    participants: pd.DataFrame, subjects: Sequence[str], names: Sequence[str],
+    mean_fd_mm: Mapping[str, float] | None = None,
+) -> pd.DataFrame | None:
+    """Covariate table of the subjects (rows in ``subjects`` order, index ``sub-<label>``).
+
+    Columns of ``participants.tsv`` that parse as numbers are numeric, others categorical
+    (dummy coded by :func:`fcflow.stats.make_group_design`); ``mean_fd`` comes from ``mean_fd_mm``.
+
+    Raises
+    ------
+    InputDataError
+        A covariate is neither ``mean_fd`` nor a column of participants.tsv, or lacks a value.
+    """
+    if not names:
+        return None
+    table = {}
+    for name in names:
+        if name == "mean_fd":
+            values = pd.Series([(mean_fd_mm or {}).get(s, np.nan) for s in subjects], dtype=float)
+        elif name in participants.columns:
+            raw = participants.loc[list(subjects), name].reset_index(drop=True)
+            numeric = pd.to_numeric(raw, errors="coerce")
+            values = numeric if numeric.notna().sum() == raw.notna().sum() else raw
+        else:
+            raise InputDataError(
+                f"Covariate {name!r} of the recipe's [inference] covariates must be 'mean_fd' or a column "
+                f"of participants.tsv. Got columns {list(participants.columns)}."
+            )
+        if values.isna().any():
+            absent = [f"sub-{s}" for s, bad in zip(subjects, values.isna()) if bad]
+            raise InputDataError(
+                f"Covariate {name!r} must have a value for every subject analysed. Got none for {absent[:10]} "
+                f"({'no QC mean FD' if name == 'mean_fd' else 'n/a in participants.tsv'}): fill it in or "
+                "drop the covariate from the recipe."
+            )
+        table[name] = values.to_numpy()
+    return pd.DataFrame(table, index=pd.Index([f"sub-{s}" for s in subjects], name="participant_id"))
+
+
+@dataclass(frozen=True)
+class GroupTest:
+    """One group contrast (t) or F test, as weights over design columns."""
+
+    name: str
+    expression: str
+    kind: str  # "t" or "F"
+    matrix: NDArray[np.float64]  # (1, p) for t, (q, p) for F
+
+
+def build_tests(recipe: Recipe, columns: Sequence[str]) -> list[GroupTest]:
+    """The recipe's group contrasts and F tests over the design ``columns``."""
+    from fcflow.stats import f_contrast_over_groups
+
+    tests = [GroupTest(c.name, c.expression, "t", np.asarray([c.vector(list(columns))], dtype=float))
+             for c in recipe.group_contrasts]
+    tests += [GroupTest(f.name, "F: " + ", ".join(f.groups), "F", f_contrast_over_groups(f.groups, columns))
+              for f in recipe.f_tests]
+    return tests
+
+
+# ----------------------------------------------------------------------------------------------
+# Inference
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class InferenceResult:
+    """Statistic, z and -log10 p maps (in-mask vectors) of one test."""
+
+    stat: NDArray[np.float64]
+    stat_type: str
+    dof: int
+    z: NDArray[np.float64]
+    logp: dict[str, NDArray[np.float64]]
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+def _parametric_logp(z: NDArray[np.float64], two_sided: bool) -> NDArray[np.float64]:
+    """-log10 of the uncorrected p of z (two-sided: 2 sf(|z|)), accurate far in the tail."""
+    log_sf = special.log_ndtr(-np.abs(z) if two_sided else -z)
+    if two_sided:
+        log_sf = log_sf + math.log(2.0)
+    return np.clip(-log_sf / math.log(10.0), 0.0, None)
+
+
+def fdr_logq(logp: NDArray[np.float64]) -> NDArray[np.float64]:
+    """-log10 Benjamini-Hochberg q values from -log10 p values (q <= alpha iff BH rejects)."""
+    n = logp.size
+    order = np.argsort(-logp, kind="stable")  # smallest p first
+    ranks = np.arange(1, n + 1)
+    logq_sorted = logp[order] - np.log10(n / ranks)
+    # q_i = min over j >= i of p_j n / j: a running maximum of -log10 from the largest p down
+    logq_sorted = np.maximum.accumulate(logq_sorted[::-1])[::-1]
+    out = np.empty(n)
+    out[order] = np.clip(logq_sorted, 0.0, None)
+    return out
+
+
+def run_inference(
+    data: NDArray[np.floating], design: pd.DataFrame, test: GroupTest, mask: NDArray[np.bool_], *,
+    methods: Sequence[str], n_permutations: int, two_sided: bool, random_seed: int,
+    cluster_forming_p: float, min_cluster_voxels: int = 1,
+) -> InferenceResult:
+    """Fit and test one contrast with every requested inference.
+
+    Returns -log10 p maps: family-wise corrected for the permutation methods and
+    ``bonferroni``, FDR q for ``fdr``, and for ``cluster_extent`` the uncorrected p inside the
+    clusters that pass the extent (0 elsewhere).
+    """
+    from fcflow.permutation import permutation_test
+    from fcflow.stats import compute_f, compute_t, f_to_z, fit_ols, t_to_z
+
+    two_sided = bool(two_sided) and test.kind == "t"
+    contrast = test.matrix[0] if test.kind == "t" else test.matrix
+    logp: dict[str, NDArray[np.float64]] = {}
+    settings: dict[str, Any] = {}
+    perm_methods = [m for m in methods if m in PERMUTATION_INFERENCES]
+    if perm_methods:
+        result = permutation_test(
+            data, design, contrast, n_permutations=n_permutations, two_sided=two_sided,
+            random_state=random_seed, inference=perm_methods, mask=mask, cluster_forming_p=cluster_forming_p,
+        )
+        stat, dof = result.stat, result.dof
+        for method in perm_methods:
+            logp[method] = result.logp_fwe[method]
+        settings = {"n_permutations": int(result.n_permutations), "scheme": result.scheme,
+                    "cluster_forming_threshold": result.cluster_forming_threshold, **result.settings}
+    else:
+        fit = fit_ols(data, design)
+        stat = compute_t(fit, contrast) if test.kind == "t" else compute_f(fit, contrast)
+        dof = fit.dof
+    q = test.matrix.shape[0]
+    z = t_to_z(stat, dof) if test.kind == "t" else f_to_z(stat, q, dof)
+    if any(m in methods for m in ("fdr", "bonferroni", "cluster_extent")):
+        logp_unc = _parametric_logp(z, two_sided)
+        if "fdr" in methods:
+            logp["fdr"] = fdr_logq(logp_unc)
+        if "bonferroni" in methods:
+            logp["bonferroni"] = np.clip(logp_unc - math.log10(logp_unc.size), 0.0, None)
+        if "cluster_extent" in methods:
+            keep = logp_unc > -math.log10(cluster_forming_p)
+            volume = np.zeros(mask.shape, dtype=np.float64)
+            volume[mask] = np.where(keep, np.sign(z) if two_sided else 1.0, 0.0)
+            labels, n = label_clusters(volume, 0.0, two_sided=two_sided)
+            sizes = np.bincount(labels.ravel(), minlength=n + 1)
+            big = (sizes >= min_cluster_voxels)[labels]
+            big[labels == 0] = False
+            logp["cluster_extent"] = np.where(big[mask], logp_unc, 0.0)
+            settings["cluster_extent_min_voxels"] = int(min_cluster_voxels)
+    return InferenceResult(stat=np.asarray(stat, dtype=float), stat_type=test.kind, dof=int(dof), z=z,
+                           logp=logp, settings=settings)
+
+
+# ----------------------------------------------------------------------------------------------
+# Atlas lookup
+# ----------------------------------------------------------------------------------------------
+def julich_area_lookup(atlas_dir: str | Path) -> Callable[[NDArray[np.float64]], str]:
+    """``lookup(xyz_mm) -> area`` from the Julich-Brain v3.1 maximum probability maps.
+
+    The left and right MPMs and their XML label tables are read once; a coordinate gets the
+    area of the nearest MPM voxel, prefixed by its hemisphere ("left Area Id8 (Insula)"), or
+    "unlabelled" outside both maps.
+    """
+    from fcflow.atlas import find_atlas_file, load_atlas_release, read_label_table
+
+    release = load_atlas_release()
+    layers = []
+    for hemi in ("left", "right"):
+        mpm = find_atlas_file(atlas_dir, release.mpm_file(hemi))
+        xml = find_atlas_file(atlas_dir, release.labels_file(hemi))
+        if mpm is None or xml is None:
+            from fcflow.errors import AtlasError
+
+            raise AtlasError(f"The Julich-Brain folder {atlas_dir} lacks the {hemi} MPM or its label table.")
+        img = nib.load(mpm)
+        names = {value: name for name, value in read_label_table(xml).items()}
+        layers.append((hemi, np.asarray(img.dataobj), np.linalg.inv(img.affine), names))
+
+    def lookup(xyz_mm: NDArray[np.float64]) -> str:
+        point = np.append(np.asarray(xyz_mm, dtype=float)[:3], 1.0)
+        for hemi, labels, inverse, names in layers:
+            ijk = np.rint(inverse @ point)[:3].astype(int)
+            if np.all(ijk >= 0) and np.all(ijk < labels.shape):
+                value = int(labels[tuple(ijk)])
+                if value:
+                    return f"{hemi} {names.get(value, f'label {value}')}"
+        return "unlabelled"
+
+    return lookup
+
+
+# ----------------------------------------------------------------------------------------------
+# The whole group level
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SessionAnalysis:
+    """A within-subject session contrast, or the reference session itself (baseline equivalence)."""
+
+    label: str  # ses- entity: infusionMinusBaseline, or baseline
+    expression: str
+    weights: tuple[tuple[str, float], ...]
+    is_reference: bool = False
+
+
+def session_analyses(recipe: Recipe) -> list[SessionAnalysis]:
+    """The recipe's session contrasts, then the reference session (baseline equivalence)."""
+    out = [SessionAnalysis(c.name, c.expression, c.weights) for c in recipe.session_contrasts]
+    ref = recipe.reference_session
+    out.append(SessionAnalysis(ref, ref, ((ref, 1.0),), is_reference=True))
+    return out
+
+
+def _alpha_label(alpha: float) -> str:
+    return f"{alpha:g}".replace(".", "p").replace("-", "m")
+
+
+def _n_per_group_text(counts: Mapping[str, int]) -> str:
+    return ";".join(f"{g}={n}" for g, n in counts.items())
+
+
+RESULT_COLUMNS = [
+    "task", "measure", "seed", "desc", "session_contrast", "group_contrast", "stat_type", "n_per_group",
+    "dof", "primary_inference", "stat_map", "z_map", "logp_fwe_map", "thresholded_map", "cluster_table",
+    "n_significant_clusters", "min_p", "peak_stat",
+]
+
+
+def run_group_level(
+    output_dir: str | Path,
+    recipe: Recipe,
+    *,
+    bids_dir: str | Path,
+    atlas_dir: str | Path | None = None,
+    n_permutations: int | None = None,
+    command: Sequence[str] | None = None,
+) -> Path:
+    """Group-level inference for every task x measure x seed x session contrast of the recipe.
+
+    Parameters
+    ----------
+    output_dir : path
+        The participant level's OUTPUT_DIR; results go to ``output_dir/group``.
+    recipe : Recipe
+    bids_dir : path
+        Raw BIDS dataset (its ``participants.tsv`` gives groups and covariates).
+    atlas_dir : path or None, default=None
+        Julich-Brain v3.1 folder for area names in the cluster tables; None gives coordinates
+        only.
+    n_permutations : int or None, default=None
+        Overrides the recipe's ``inference.n_permutations`` (demos, tests).
+    command : sequence of str or None, default=None
+        Command line for the provenance (default ``sys.argv``).
+
+    Returns
+    -------
+    results_file : Path
+        ``output_dir/group/results.tsv``.
+    """
+    from fcflow.bids import read_participants
+    from fcflow.derivatives import software_provenance
+    from fcflow.stats import make_group_design
+
+    output_dir = Path(output_dir)
+    group_dir = output_dir / GROUP_DIR
+    inference = recipe.inference
+    n_perm = int(n_permutations if n_permutations is not None else inference.n_permutations)
+    if n_perm < 1:
+        raise InputDataError(f"'n_permutations' must be a positive integer. Got {n_perm!r}.")
+    participants = read_participants(Path(bids_dir), recipe.group_column, recipe.groups)
+    lookup = None
+    if atlas_dir is not None:
+        lookup = julich_area_lookup(atlas_dir)
+    provenance = software_provenance(command)
+    recipe_sha = recipe.fingerprint()
+    _write_group_description(group_dir, output_dir, recipe)
+
+    measures = select_measure_maps(recipe)
+    analyses = session_analyses(recipe)
+    n_tests = len(recipe.group_contrasts) + len(recipe.f_tests)
+    n_total = len(measures) * len(analyses) * n_tests
+    LOGGER.info("Group level: %d map types x %d session analyses x %d tests = %d tests; %s; primary %s",
+                len(measures), len(analyses), n_tests, n_total,
+                f"{n_perm} permutations" if set(inference.methods) & set(PERMUTATION_INFERENCES)
+                else "parametric only", inference.primary)
+    rows: list[dict[str, Any]] = []
+    done = 0
+    for measure in measures:
+        runs = collect_first_level(output_dir, measure, space=recipe.space)
+        if not (runs["file"] != "").any():
+            LOGGER.warning("No first-level map for %s: skipped (%d tests).", measure.label,
+                           len(analyses) * n_tests)
+            done += len(analyses) * n_tests
+            continue
+        maps = load_session_maps(output_dir, runs, recipe.sessions)
+        LOGGER.info("%s: %d subjects, %d maps read, analysis mask %d voxels", measure.label, len(maps.subjects),
+                    int(maps.n_runs.sum()), int(maps.mask.sum()))
+        unknown = [s for s in maps.subjects if s not in participants.index]
+        if unknown:
+            raise InputDataError(
+                f"sub-{unknown[0]} has first-level maps but no row in {Path(bids_dir) / 'participants.tsv'}: "
+                "add it with its group."
+            )
+        for analysis in analyses:
+            data, subjects, dropped = compute_change_maps(maps, dict(analysis.weights))
+            group_of = participants.loc[subjects, recipe.group_column]
+            no_group = [s for s, g in zip(subjects, group_of) if pd.isna(g)]
+            if no_group:
+                for s in no_group:
+                    dropped[s] = f"no '{recipe.group_column}' in participants.tsv"
+                keep = np.array([s not in no_group for s in subjects])
+                data, subjects = data[keep], [s for s, k in zip(subjects, keep) if k]
+                group_of = participants.loc[subjects, recipe.group_column]
+            counts = {g: int((group_of == g).sum()) for g in recipe.groups}
+            where = f"{measure.label} ses {analysis.expression}"
+            LOGGER.info("%s: n = %s%s", where, _n_per_group_text(counts),
+                        f"; dropped {', '.join(f'sub-{s} ({r})' for s, r in dropped.items())}" if dropped else "")
+            base_row = {"task": measure.task, "measure": measure.measure, "seed": measure.seed, "desc": measure.desc,
+                        "session_contrast": analysis.expression, "n_per_group": _n_per_group_text(counts),
+                        "primary_inference": inference.primary, "is_reference": analysis.is_reference}
+            empty = [g for g, n in counts.items() if n == 0]
+            skip_reason = f"no subject in {empty}" if empty else ""
+            fd = {s: float(np.nanmean(maps.mean_fd_mm[[maps.sessions.index(ss) for ss, w in analysis.weights if w],
+                                                       maps.subjects.index(s)]))
+                  if np.isfinite(maps.mean_fd_mm[:, maps.subjects.index(s)]).any() else np.nan
+                  for s in subjects}
+            design = None
+            if not skip_reason:
+                covariates = build_covariates(participants, subjects, inference.covariates, fd)
+                try:
+                    design = make_group_design(list(group_of), recipe.groups, covariates)
+                except ValueError as exc:
+                    raise InputDataError(f"{where}: cannot build the group design: {exc}") from None
+                design.index = pd.Index([f"sub-{s}" for s in subjects], name="participant_id")
+                rank = int(np.linalg.matrix_rank(design.to_numpy()))
+                if len(subjects) - rank < 1:
+                    skip_reason = (f"{len(subjects)} subjects leave no residual degree of freedom for the "
+                                   f"{rank} design columns {list(design.columns)}")
+            tests = build_tests(recipe, design.columns if design is not None else list(recipe.groups))
+            for test in tests:
+                done += 1
+                row = {**base_row, "group_contrast": test.expression if test.kind == "t" else test.name,
+                       "stat_type": test.kind}
+                if skip_reason:
+                    LOGGER.warning("[%d/%d] %s: %s skipped: %s.", done, n_total, where, test.expression,
+                                   skip_reason)
+                    rows.append(row)
+                    continue
+                LOGGER.info("[%d/%d] %s: %s (%s)", done, n_total, where, test.expression,
+                            f"{n_perm} permutations" if set(inference.methods) & set(PERMUTATION_INFERENCES)
+                            else "parametric")
+                result = run_inference(
+                    data, design, test, maps.mask, methods=inference.methods, n_permutations=n_perm,
+                    two_sided=inference.two_sided, random_seed=inference.random_seed,
+                    cluster_forming_p=inference.cluster_forming_p, min_cluster_voxels=inference.min_cluster_voxels,
+                )
+                row.update(_write_test_outputs(
+                    group_dir, output_dir, recipe, measure, analysis, test, result, maps, subjects, group_of,
+                    design, dropped, counts, lookup, provenance, recipe_sha, n_perm,
+                ))
+                rows.append(row)
+    results = pd.DataFrame(rows)
+    for column in RESULT_COLUMNS + ["is_reference"]:
+        if column not in results:
+            results[column] = np.nan
+    baseline = results[results["is_reference"].astype(bool)][RESULT_COLUMNS]
+    main = results[~results["is_reference"].astype(bool)][RESULT_COLUMNS]
+    write_tsv(group_dir / "baseline_results.tsv", baseline)
+    results_file = write_tsv(group_dir / "results.tsv", main)
+    LOGGER.info("Group level done: %d rows in %s (and %d baseline-equivalence rows)", len(main), results_file,
+                len(baseline))
+    return results_file
+
+
+def _write_group_description(group_dir: Path, output_dir: Path, recipe: Recipe) -> None:
+    from fcflow import __version__
+
+    write_json(group_dir / "dataset_description.json", {
+        "Name": f"fcflow group level: {recipe.name}",
+        "BIDSVersion": "1.9.0",
+        "DatasetType": "derivative",
+        "GeneratedBy": [{"Name": "fcflow", "Version": __version__,
+                         "Description": "Group x session inference on seed-to-voxel maps"}],
+        "SourceDatasets": [{"URL": "../"}],
+        "CustomEntities": CUSTOM_ENTITIES,
+    })
+    write_json(group_dir / "desc-recipe_config.json",
+               {"Recipe": recipe.to_dict(), "RecipeSHA256": recipe.fingerprint()})
+
+
+def _volume(values: NDArray, mask: NDArray[np.bool_], affine: NDArray[np.float64]) -> nib.Nifti1Image:
+    volume = np.zeros(mask.shape, dtype=np.float32)
+    volume[mask] = values
+    img = nib.Nifti1Image(volume, affine)
+    img.header.set_xyzt_units("mm")
+    return img
+
+
+def _write_test_outputs(
+    group_dir: Path, output_dir: Path, recipe: Recipe, measure: MeasureMap, analysis: SessionAnalysis,
+    test: GroupTest, result: InferenceResult, maps: SessionMaps, subjects: list[str], group_of: pd.Series,
+    design: pd.DataFrame, dropped: Mapping[str, str], counts: Mapping[str, int],
+    lookup: Callable | None, provenance: Mapping[str, Any], recipe_sha: str, n_perm: int,
+) -> dict[str, Any]:
+    inference = recipe.inference
+    space_res = _space_res(maps, output_dir)
+    ents = {"ses": analysis.label, "task": measure.task, "space": recipe.space, "res": space_res,
+            "seed": measure.seed, "contrast": test.name, "desc": measure.desc}
+    from fcflow.derivatives import bids_name
+
+    def path(suffix: str, ext: str, **extra: str) -> Path:
+        return group_dir / bids_name({**ents, **extra}, suffix, ext)
+
+    def rel(p: Path) -> str:
+        return str(p.relative_to(output_dir))
+
+    two_sided = inference.two_sided and test.kind == "t"
+    columns = list(design.columns)
+    meta = {
+        "Task": measure.task, "Measure": measure.measure, "Seed": measure.seed,
+        "FirstLevelMaps": {"desc": measure.desc, "stat": measure.stat,
+                           "Note": "Fisher z for correlation/background; gPPI beta of the condition contrast."},
+        "SessionContrast": {"expression": analysis.expression, "weights": dict(analysis.weights),
+                            "baseline_equivalence": analysis.is_reference},
+        "GroupTest": {"name": test.name, "expression": test.expression, "type": test.kind,
+                      "weights": {"columns": columns, "matrix": test.matrix.tolist()}},
+        "DesignMatrix": {"columns": columns, "participant_id": list(design.index),
+                         "rows": np.round(design.to_numpy(dtype=float), 12).tolist()},
+        "Covariates": list(inference.covariates),
+        "Subjects": [{"participant_id": f"sub-{s}", "group": str(g)} for s, g in zip(subjects, group_of)],
+        "NPerGroup": dict(counts),
+        "Dropped": [{"participant_id": f"sub-{s}", "reason": r} for s, r in dropped.items()],
+        "DegreesOfFreedom": result.dof,
+        "AnalysisMaskVoxels": int(maps.mask.sum()),
+        "Inference": {"methods": list(inference.methods), "primary": inference.primary, "alpha": inference.alpha,
+                      "n_permutations": n_perm, "random_seed": inference.random_seed,
+                      "cluster_forming_p": inference.cluster_forming_p, "two_sided": two_sided,
+                      "min_cluster_voxels": inference.min_cluster_voxels, **result.settings},
+        "RecipeSHA256": recipe_sha,
+        **provenance,
+    }
+    out: dict[str, Any] = {"dof": result.dof}
+    stat_file = path("statmap", ".nii.gz", stat=test.kind)
+    save_img(_volume(result.stat, maps.mask, maps.affine), stat_file)
+    sources = sorted(f for s in subjects for ses in maps.sessions
+                     if dict(analysis.weights).get(ses, 0) != 0 for f in maps.files.get((s, ses), []))
+    write_json(stat_file.with_name(stat_file.name.replace(".nii.gz", ".json")),
+               {**meta, "Statistic": test.kind, "Sources": sources})
+    z_file = path("statmap", ".nii.gz", stat="z")
+    save_img(_volume(result.z, maps.mask, maps.affine), z_file)
+    write_json(z_file.with_name(z_file.name.replace(".nii.gz", ".json")),
+               {**meta, "Statistic": "z", "Description": f"z with the same tail probability as {test.kind} "
+                                                         f"({result.dof} dof)."})
+    logp_files = {}
+    for method, values in result.logp.items():
+        f = path("statmap", ".nii.gz", stat=_LOGP_STAT[method], inference=method)
+        save_img(_volume(values, maps.mask, maps.affine), f)
+        write_json(f.with_name(f.name.replace(".nii.gz", ".json")),
+                   {**meta, "Statistic": _LOGP_STAT[method], "InferenceMethod": method,
+                    "Description": _LOGP_DESCRIPTION[method]})
+        logp_files[method] = f
+    out.update(stat_map=rel(stat_file), z_map=rel(z_file))
+    primary = inference.primary
+    if primary not in result.logp:
+        return out
+    out["logp_fwe_map"] = rel(logp_files[primary])
+    significant = result.logp[primary] > -math.log10(inference.alpha)
+    thresholded = np.where(significant, result.stat, 0.0)
+    alpha = _alpha_label(inference.alpha)
+    thr_file = path("statmap", ".nii.gz", stat=test.kind, inference=primary, alpha=alpha)
+    save_img(_volume(thresholded, maps.mask, maps.affine), thr_file)
+    write_json(thr_file.with_name(thr_file.name.replace(".nii.gz", ".json")),
+               {**meta, "Statistic": test.kind, "InferenceMethod": primary,
+                "Description": f"{test.kind} where the {primary} p < {inference.alpha}; 0 elsewhere."})
+    out["thresholded_map"] = rel(thr_file)
+    volume = np.zeros(maps.mask.shape)
+    volume[maps.mask] = thresholded
+    logp_volume = np.zeros(maps.mask.shape)
+    logp_volume[maps.mask] = result.logp[primary]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        table = make_cluster_table((volume, maps.affine), 0.0, logp_fwe=logp_volume, two_sided=two_sided,
+                                   min_size_voxels=inference.min_cluster_voxels, atlas_lookup=lookup)
+    table_file = path("clusters", ".tsv", inference=primary, alpha=alpha)
+    write_tsv(table_file, table.round(6))
+    write_json(table_file.with_name(table_file.name.replace(".tsv", ".json")), {
+        **meta, "InferenceMethod": primary,
+        "Description": f"Clusters (6-connectivity) of the voxels significant by {primary} at p < {inference.alpha}; "
+                       "p_fwe is the smallest corrected p in the cluster; peak_x/y/z and com_x/y/z in mm (MNI).",
+        "AtlasLookup": "Julich-Brain v3.1 MPM" if lookup is not None else None,
+    })
+    out.update(cluster_table=rel(table_file), n_significant_clusters=int(len(table)))
+    # -log10 round trip: 0.219 would print as 0.21900000000000003
+    out["min_p"] = float(f"{10.0 ** -np.max(result.logp[primary]):.10g}") if result.logp[primary].size else np.nan
+    out["peak_stat"] = float(result.stat[np.argmax(np.abs(result.stat))]) if result.stat.size else np.nan
+    if len(table):
+        _write_cluster_values(path, table, volume, two_sided, maps, subjects, group_of, meta, measure, test,
+                              primary, alpha)
+    return out
+
+
+_LOGP_DESCRIPTION = {
+    "tfce": "-log10 family-wise corrected p of TFCE (permutation; max-TFCE null).",
+    "maxt": "-log10 family-wise corrected p of the voxel statistic (permutation; max-statistic null).",
+    "cluster_mass": "-log10 family-wise corrected p of the cluster mass of the voxel's cluster (permutation); "
+                    "0 outside clusters.",
+    "cluster_size": "-log10 family-wise corrected p of the cluster size of the voxel's cluster (permutation); "
+                    "0 outside clusters.",
+    "bonferroni": "-log10 Bonferroni-corrected parametric p (over the analysis mask).",
+    "fdr": "-log10 Benjamini-Hochberg q of the parametric p (over the analysis mask).",
+    "cluster_extent": "-log10 uncorrected parametric p inside clusters of p < cluster_forming_p with at least "
+                      "min_cluster_voxels voxels; 0 elsewhere. Not a family-wise error control.",
+}
+
+
+def _space_res(maps: SessionMaps, output_dir: Path) -> str | None:
+    first = next(iter(maps.files.values()))[0]
+    return _entities(Path(first).name.removesuffix("_statmap.nii.gz")).get("res")
+
+
+def _write_cluster_values(
+    path: Callable[..., Path], table: pd.DataFrame, volume: NDArray[np.float64], two_sided: bool,
+    maps: SessionMaps, subjects: list[str], group_of: pd.Series, meta: Mapping[str, Any],
+    measure: MeasureMap, test: GroupTest, primary: str, alpha: str,
+) -> None:
+    """Per significant cluster: each subject's mean map value at every session, TSV and plot."""
+    from fcflow.plotting import plot_group_session_means
+
+    labels, _ = label_clusters(volume, 0.0, two_sided=two_sided)
+    in_mask_labels = labels[maps.mask]
+    inverse = np.linalg.inv(maps.affine)
+    columns = [maps.subjects.index(s) for s in subjects]
+    for _, cluster in table.head(_MAX_CLUSTER_PLOTS).iterrows():
+        ijk = np.rint(inverse @ np.array([cluster["peak_x"], cluster["peak_y"], cluster["peak_z"], 1.0]))[:3]
+        label = labels[tuple(ijk.astype(int))]
+        voxels = in_mask_labels == label
+        records = []
+        for s, session in enumerate(maps.sessions):
+            means = maps.data[s][np.ix_(columns, np.flatnonzero(voxels))].mean(axis=1, dtype=np.float64)
+            for k, subject in enumerate(subjects):
+                if maps.present[s, columns[k]]:
+                    records.append({"participant_id": f"sub-{subject}", "group": str(group_of.iloc[k]),
+                                    "session": session, "value": round(float(means[k]), 8)})
+        values = pd.DataFrame(records, columns=["participant_id", "group", "session", "value"])
+        number = str(int(cluster["cluster_id"]))
+        tsv = path("clustermeans", ".tsv", inference=primary, alpha=alpha, cluster=number)
+        write_tsv(tsv, values)
+        where = f"peak ({cluster['peak_x']:.0f}, {cluster['peak_y']:.0f}, {cluster['peak_z']:.0f}) mm"
+        if "peak_area" in cluster:
+            where += f", {cluster['peak_area']}"
+        write_json(tsv.with_name(tsv.name.replace(".tsv", ".json")), {
+            **{k: meta[k] for k in ("Task", "Measure", "Seed", "FirstLevelMaps", "SessionContrast", "GroupTest",
+                                    "RecipeSHA256")},
+            "Cluster": {k: (v.item() if hasattr(v, "item") else v) for k, v in cluster.items()},
+            "Description": f"Mean first-level {measure.desc} ({measure.stat}) over the {int(cluster['size_voxels'])} "
+                           f"voxels of cluster {number} ({where}) per subject and session.",
+        })
+        png = tsv.with_name(tsv.name.replace(".tsv", ".png"))
+        ylabel = {"z": "Fisher z", "beta": "gPPI beta"}.get(measure.stat, measure.stat)
+        plot_group_session_means(
+            values, png, sessions=maps.sessions, groups=list(dict.fromkeys(meta["NPerGroup"])),
+            title=f"task-{measure.task} {measure.desc}, {test.expression}\ncluster {number}: {where}",
+            ylabel=f"mean {ylabel} in cluster",
+        )

@@ -1,0 +1,391 @@
+"""Group level: change maps, designs, inference and outputs on synthetic first-level maps.
+
+The fast tests write first-level outputs themselves (real BIDS names and QC tables) on a small
+grid (9 x 10 x 11, 4 mm) with a planted ketamine x infusion effect in a blob; one slow test runs
+simulate -> participant -> group end to end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+
+from fcflow.config import load_recipe, recipe_from_dict
+from fcflow.errors import InputDataError
+from fcflow.grouplevel import (
+    MeasureMap,
+    build_covariates,
+    collect_first_level,
+    compute_change_maps,
+    fdr_logq,
+    julich_area_lookup,
+    load_session_maps,
+    run_group_level,
+    select_measure_maps,
+)
+
+SHAPE = (9, 10, 11)
+AFFINE = np.array([[4.0, 0, 0, -16], [0, 4.0, 0, -18], [0, 0, 4.0, -20], [0, 0, 0, 1]])
+BLOB_CENTER = np.array([2, 3, 6])
+BLOB_RADIUS = 1.6  # voxels
+SESSIONS = ("baseline", "infusion", "24h")
+GROUPS = ("placebo", "ketamine", "lamotrigine_ketamine")
+N_PER_GROUP = 6
+EXCLUDED = ("09", "infusion")  # a ketamine subject whose infusion run was excluded
+MISSING = ("01", "24h")  # a placebo subject without a 24h session
+EFFECT = 1.2
+
+
+def _recipe(**inference):
+    # cluster mass as primary keeps these tests fast (TFCE costs ~30 ms per permutation); the slow
+    # end-to-end test runs the shipped recipe, whose primary is TFCE
+    settings = {"primary": "cluster_mass", "methods": ["cluster_mass", "maxt", "fdr"], "n_permutations": 200,
+                "cluster_forming_p": 0.01, "covariates": ["age", "sex", "mean_fd"], "random_seed": 3,
+                **inference}
+    return recipe_from_dict({
+        "study": {"name": "toy"},
+        "groups": {"levels": list(GROUPS)},
+        "sessions": {"levels": list(SESSIONS), "reference": "baseline"},
+        "tasks": {"rest": {"measures": ["correlation"], "high_pass": 0.01, "low_pass": 0.08}},
+        "seeds": {"pgACC": {"areas": ["Area p24ab (pACC)"]}},
+        "contrasts": {"sessions": ["infusion - baseline", "24h - baseline"],
+                      "groups": ["ketamine - placebo", "lamotrigine_ketamine - placebo"],
+                      "f_tests": [{"name": "groups", "groups": list(GROUPS)}]},
+        "inference": settings,
+    }, source="toy.toml")
+
+
+def _brain() -> np.ndarray:
+    ijk = np.indices(SHAPE).transpose(1, 2, 3, 0)
+    centre = (np.array(SHAPE) - 1) / 2
+    return (((ijk - centre) / (np.array(SHAPE) / 2)) ** 2).sum(-1) <= 1.0
+
+
+def _blob() -> np.ndarray:
+    ijk = np.indices(SHAPE).transpose(1, 2, 3, 0)
+    return np.linalg.norm(ijk - BLOB_CENTER, axis=-1) <= BLOB_RADIUS
+
+
+def write_first_level(root: Path, seed: int = 0) -> dict:
+    """Write BIDS first-level maps and QC tables; return the truth (maps, masks)."""
+    rng = np.random.default_rng(seed)
+    bids = root / "bids"
+    out = root / "out"
+    bids.mkdir(parents=True)
+    (bids / "dataset_description.json").write_text(json.dumps({"Name": "toy", "BIDSVersion": "1.9.0"}))
+    brain, blob = _brain(), _blob()
+    participants, truth = [], {"maps": {}, "brain": {}}
+    subject = 0
+    for group in GROUPS:
+        for _ in range(N_PER_GROUP):
+            subject += 1
+            sub = f"{subject:02d}"
+            participants.append({"participant_id": f"sub-{sub}", "group": group,
+                                 "age": int(rng.integers(20, 50)), "sex": "MF"[subject % 2]})
+            trait = rng.normal(0, 0.3, SHAPE)
+            qc_rows = []
+            for session in SESSIONS:
+                if (sub, session) == MISSING:
+                    continue
+                excluded = (sub, session) == EXCLUDED
+                fd = float(rng.uniform(0.05, 0.3))
+                qc_rows.append({"participant_id": f"sub-{sub}", "session": session, "task": "rest", "run": "n/a",
+                                "n_timepoints": 100, "n_kept": 20 if excluded else 95, "mean_fd_mm": fd,
+                                "percent_censored": 80.0 if excluded else 5.0, "excluded": excluded,
+                                "exclusion_reason": "too few volumes" if excluded else "",
+                                "pgACC_coverage": 1.0})
+                if excluded:
+                    continue
+                mask = brain.copy()
+                if subject == 7 and session == "baseline":
+                    mask[np.nonzero(brain)[0].max(), :, :] = False  # one run with a smaller brain mask
+                values = trait + rng.normal(0, 0.3, SHAPE)
+                if group == "ketamine" and session == "infusion":
+                    values = values + EFFECT * blob
+                values = np.where(mask, values, 0).astype(np.float32)
+                truth["maps"][(sub, session)] = values
+                truth["brain"][(sub, session)] = mask
+                func = out / f"sub-{sub}" / f"ses-{session}" / "func"
+                func.mkdir(parents=True, exist_ok=True)
+                for stat, data in (("z", values), ("r", np.tanh(values))):
+                    name = (f"sub-{sub}_ses-{session}_task-rest_space-MNI152NLin2009cAsym_res-4_seed-pgACC_"
+                            f"desc-correlation_stat-{stat}_statmap")
+                    nib.Nifti1Image(data.astype(np.float32), AFFINE).to_filename(func / f"{name}.nii.gz")
+                    (func / f"{name}.json").write_text("{}")
+            pd.DataFrame(qc_rows).to_csv(out / f"sub-{sub}" / f"sub-{sub}_desc-runs_qc.tsv", sep="\t",
+                                         index=False, na_rep="n/a")
+    pd.DataFrame(participants).to_csv(bids / "participants.tsv", sep="\t", index=False)
+    truth["participants"] = pd.DataFrame(participants)
+    truth["bids"], truth["out"] = bids, out
+    return truth
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """Synthetic first level plus one group-level run (the expensive part, shared)."""
+    root = tmp_path_factory.mktemp("group")
+    truth = write_first_level(root)
+    results = run_group_level(truth["out"], _recipe(), bids_dir=truth["bids"], command=["fcflow", "test"])
+    truth["results"] = pd.read_csv(results, sep="\t", keep_default_na=False)
+    return truth
+
+
+def _hashes(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# ----------------------------------------------------------------------------------------------
+def test_select_measure_maps_uses_z_and_gppi_contrast_beta():
+    maps = select_measure_maps(load_recipe("weigner2025_pgacc"))
+    assert [(m.task, m.measure, m.desc, m.stat) for m in maps] == [
+        ("rest", "correlation", "correlation", "z"),
+        ("nback", "gppi", "gppi2backMinus0back", "beta"),
+        ("nback", "background", "background", "z"),
+    ]
+
+
+def test_change_maps_are_session_differences_and_drop_incomplete_subjects(study):
+    measure = MeasureMap("rest", "correlation", "pgACC", "correlation", "z")
+    runs = collect_first_level(study["out"], measure, space="MNI152NLin2009cAsym")
+    maps = load_session_maps(study["out"], runs, SESSIONS)
+    # the analysis mask is the intersection of every run's brain mask
+    expected_mask = np.logical_and.reduce(list(study["brain"].values()))
+    assert np.array_equal(maps.mask, expected_mask)
+    assert maps.mask.sum() < _brain().sum()
+
+    data, subjects, dropped = compute_change_maps(maps, {"infusion": 1.0, "baseline": -1.0})
+    assert "09" not in subjects and set(dropped) == {"09"}
+    assert "infusion: run excluded (too few volumes)" in dropped["09"]
+    assert len(subjects) == 3 * N_PER_GROUP - 1
+    for row, sub in enumerate(subjects):
+        want = study["maps"][(sub, "infusion")] - study["maps"][(sub, "baseline")]
+        np.testing.assert_allclose(data[row], want[maps.mask], atol=1e-6)
+
+    data, subjects, dropped = compute_change_maps(maps, {"24h": 1.0, "baseline": -1.0})
+    assert set(dropped) == {"01"} and dropped["01"] == "24h: no run"
+    np.testing.assert_allclose(
+        data[subjects.index("02")],
+        (study["maps"][("02", "24h")] - study["maps"][("02", "baseline")])[maps.mask], atol=1e-6)
+
+
+def test_counts_per_group_are_reported(study):
+    results = study["results"]
+    infusion = results[results["session_contrast"] == "infusion - baseline"]
+    later = results[results["session_contrast"] == "24h - baseline"]
+    assert set(infusion["n_per_group"]) == {"placebo=6;ketamine=5;lamotrigine_ketamine=6"}
+    assert set(later["n_per_group"]) == {"placebo=5;ketamine=6;lamotrigine_ketamine=6"}
+    stat_map = study["out"] / infusion.iloc[0]["stat_map"]
+    sidecar = json.loads(stat_map.with_name(stat_map.name.replace(".nii.gz", ".json")).read_text())
+    assert sidecar["NPerGroup"] == {"placebo": 6, "ketamine": 5, "lamotrigine_ketamine": 6}
+    assert sidecar["Dropped"][0]["participant_id"] == "sub-09"
+    assert len(sidecar["Subjects"]) == 17 and len(sidecar["DesignMatrix"]["rows"]) == 17
+    assert sidecar["Inference"]["n_permutations"] == 200 and sidecar["Inference"]["random_seed"] == 3
+
+
+def test_t_map_matches_statsmodels_ols(study):
+    import statsmodels.api as sm
+
+    row = study["results"].query("session_contrast == 'infusion - baseline' and "
+                                 "group_contrast == 'ketamine - placebo'").iloc[0]
+    t_img = nib.load(study["out"] / row["stat_map"])
+    t_map = np.asarray(t_img.dataobj)
+    mask = np.logical_and.reduce(list(study["brain"].values()))
+    people = study["participants"].set_index("participant_id")
+    subjects = [f"{i:02d}" for i in range(1, 19) if f"{i:02d}" != "09"]
+    qc = pd.concat(pd.read_csv(p, sep="\t") for p in sorted(study["out"].glob("sub-*/*_qc.tsv")))
+    qc = qc[qc["session"].isin(["baseline", "infusion"])].groupby("participant_id")["mean_fd_mm"].mean()
+    frame = pd.DataFrame({
+        "group": [people.loc[f"sub-{s}", "group"] for s in subjects],
+        "age": [float(people.loc[f"sub-{s}", "age"]) for s in subjects],
+        "male": [float(people.loc[f"sub-{s}", "sex"] == "M") for s in subjects],
+        "fd": [qc[f"sub-{s}"] for s in subjects],
+    })
+    exog = np.column_stack([(frame["group"] == g).to_numpy(float) for g in GROUPS]
+                           + [frame[c] - frame[c].mean() for c in ("age", "male", "fd")])
+    rng = np.random.default_rng(5)
+    voxels = np.argwhere(mask)[rng.choice(int(mask.sum()), 25, replace=False)]
+    voxels = np.vstack([voxels, BLOB_CENTER])
+    for ijk in map(tuple, voxels):
+        y = np.array([study["maps"][(s, "infusion")][ijk] - study["maps"][(s, "baseline")][ijk] for s in subjects])
+        fit = sm.OLS(y.astype(float), exog).fit()
+        expected = float(fit.t_test([-1, 1, 0, 0, 0, 0]).tvalue.squeeze())
+        assert abs(t_map[ijk] - expected) < 1e-4, (ijk, t_map[ijk], expected)
+
+
+def test_planted_blob_is_found_and_nothing_far_from_it(study):
+    row = study["results"].query("session_contrast == 'infusion - baseline' and "
+                                 "group_contrast == 'ketamine - placebo'").iloc[0]
+    assert row["n_significant_clusters"] >= 1
+    thresholded = np.asarray(nib.load(study["out"] / row["thresholded_map"]).dataobj)
+    hits = np.argwhere(thresholded != 0)
+    assert len(hits) > 0
+    assert np.all(thresholded[tuple(hits.T)] > 0)  # ketamine > placebo
+    assert np.linalg.norm(hits - BLOB_CENTER, axis=1).max() <= BLOB_RADIUS + 2.5
+    table = pd.read_csv(study["out"] / row["cluster_table"], sep="\t")
+    peak = np.linalg.solve(AFFINE, [table.loc[0, "peak_x"], table.loc[0, "peak_y"], table.loc[0, "peak_z"], 1])
+    assert np.linalg.norm(peak[:3] - BLOB_CENTER) <= BLOB_RADIUS + 1
+    assert table.loc[0, "p_fwe"] < 0.05
+    # the F test sees it too; lamotrigine_ketamine - placebo has no planted effect
+    f_row = study["results"].query("session_contrast == 'infusion - baseline' and stat_type == 'F'").iloc[0]
+    assert f_row["n_significant_clusters"] >= 1
+    lamo = study["results"].query("session_contrast == 'infusion - baseline' and "
+                                  "group_contrast == 'lamotrigine_ketamine - placebo'").iloc[0]
+    lamo_map = np.asarray(nib.load(study["out"] / lamo["thresholded_map"]).dataobj)
+    assert not np.any(lamo_map[_blob()])
+
+
+def test_cluster_means_table_and_plot(study):
+    row = study["results"].query("session_contrast == 'infusion - baseline' and "
+                                 "group_contrast == 'ketamine - placebo'").iloc[0]
+    table_file = study["out"] / row["cluster_table"]
+    means_file = next(table_file.parent.glob(table_file.name.split("_desc-")[0] + "*cluster-1*_clustermeans.tsv"))
+    values = pd.read_csv(means_file, sep="\t")
+    assert list(values.columns) == ["participant_id", "group", "session", "value"]
+    # every analysed subject at every session it has: 17 subjects x 3 sessions, minus sub-01 at 24h
+    assert len(values) == 17 * 3 - 1
+    thresholded = np.asarray(nib.load(study["out"] / row["thresholded_map"]).dataobj) > 0
+    from scipy import ndimage
+
+    labels, _ = ndimage.label(thresholded)
+    biggest = labels == np.bincount(labels.ravel())[1:].argmax() + 1
+    got = values.set_index(["participant_id", "session"])["value"]
+    expected = float(study["maps"][("08", "infusion")][biggest].mean())
+    assert abs(got[("sub-08", "infusion")] - expected) < 1e-5
+    means = values.groupby(["group", "session"])["value"].mean()
+    assert means[("ketamine", "infusion")] - means[("ketamine", "baseline")] > 0.5
+    png = means_file.with_suffix(".png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_results_paths_exist_and_baseline_equivalence_is_written(study):
+    results = study["results"]
+    assert len(results) == 2 * (2 + 1)  # session contrasts x (group contrasts + F tests)
+    for column in ("stat_map", "z_map", "logp_fwe_map", "thresholded_map", "cluster_table"):
+        for rel in results[column]:
+            assert (study["out"] / rel).is_file(), rel
+            stem = (study["out"] / rel).name.split(".")[0]
+            assert (study["out"] / rel).with_name(stem + ".json").is_file()
+    baseline = pd.read_csv(study["out"] / "group" / "baseline_results.tsv", sep="\t", keep_default_na=False)
+    assert len(baseline) == 3 and set(baseline["session_contrast"]) == {"baseline"}
+    assert set(baseline["n_per_group"]) == {"placebo=6;ketamine=6;lamotrigine_ketamine=6"}
+    assert all("ses-baseline_" in Path(p).name for p in baseline["stat_map"])
+    description = json.loads((study["out"] / "group" / "dataset_description.json").read_text())
+    assert {"contrast", "seed", "inference"} <= set(description["CustomEntities"])
+
+
+def test_second_run_gives_identical_bytes(study):
+    before = _hashes(study["out"] / "group")
+    run_group_level(study["out"], _recipe(), bids_dir=study["bids"], command=["fcflow", "test"])
+    assert _hashes(study["out"] / "group") == before
+
+
+def test_parametric_only_and_cluster_extent(tmp_path):
+    truth = write_first_level(tmp_path, seed=1)
+    recipe = _recipe(primary="bonferroni", methods=["bonferroni", "fdr", "cluster_extent"], covariates=[],
+                     min_cluster_voxels=3)
+    results = pd.read_csv(run_group_level(truth["out"], recipe, bids_dir=truth["bids"]), sep="\t")
+    row = results.query("session_contrast == 'infusion - baseline' and "
+                        "group_contrast == 'ketamine - placebo'").iloc[0]
+    assert "inference-bonferroni" in row["logp_fwe_map"]
+    z = np.asarray(nib.load(truth["out"] / row["z_map"]).dataobj)
+    logp = np.asarray(nib.load(truth["out"] / row["logp_fwe_map"]).dataobj)
+    mask = np.logical_and.reduce(list(truth["brain"].values()))
+    # nilearn's bonferroni: |z| > isf(alpha / 2 / n_voxels)
+    from scipy.stats import norm
+
+    expected = np.abs(z[mask]) > norm.isf(0.05 / 2 / mask.sum())
+    assert np.array_equal(logp[mask] > -math.log10(0.05), expected)
+    assert expected.any()
+
+
+def test_fdr_logq_matches_benjamini_hochberg():
+    from statsmodels.stats.multitest import multipletests
+
+    p = np.random.default_rng(0).uniform(size=500) ** 3
+    q = multipletests(p, method="fdr_bh")[1]
+    np.testing.assert_allclose(10 ** -fdr_logq(-np.log10(p)), q, rtol=1e-10)
+
+
+def test_missing_covariate_column_is_an_error(study):
+    people = study["participants"].assign(participant=lambda t: t["participant_id"].str[4:]).set_index("participant")
+    with pytest.raises(InputDataError, match="Covariate 'weight' of the recipe's .* must be 'mean_fd' or a column"):
+        build_covariates(people, ["01", "02"], ["weight"])
+    with pytest.raises(InputDataError, match=r"Covariate 'mean_fd' must have a value for every subject.*sub-02"):
+        build_covariates(people, ["01", "02"], ["mean_fd"], {"01": 0.1})
+
+
+def test_maps_on_different_grids_are_an_error(tmp_path):
+    truth = write_first_level(tmp_path)
+    odd = next(truth["out"].glob("sub-18/ses-24h/func/*stat-z_statmap.nii.gz"))
+    nib.Nifti1Image(np.ones((5, 5, 5), np.float32), AFFINE).to_filename(odd)
+    measure = MeasureMap("rest", "correlation", "pgACC", "correlation", "z")
+    runs = collect_first_level(truth["out"], measure, space="MNI152NLin2009cAsym")
+    with pytest.raises(InputDataError, match=r"sub-18_ses-24h.* is on grid \(5, 5, 5\).*must share one grid"):
+        load_session_maps(truth["out"], runs, SESSIONS)
+
+
+def test_julich_lookup_names_areas(julich_dir):
+    lookup = julich_area_lookup(julich_dir)
+    assert lookup(np.array([-38.0, 8.0, 0.0])).startswith("left Area Id")
+    assert lookup(np.array([4.0, 40.0, 10.0])) == "right Area p24ab (pACC)"
+    assert lookup(np.array([0.0, 0.0, 120.0])) == "unlabelled"
+
+
+def test_cli_refuses_bad_permutation_count(tmp_path, capsys):
+    from fcflow.cli import main
+
+    with pytest.raises(SystemExit):
+        main([str(tmp_path), str(tmp_path / "out"), "group", "--n-permutations", "0"])
+    assert "'--n-permutations' must be a positive integer. Got '0'." in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_end_to_end_simulated_study(tmp_path, julich_dir):
+    from fcflow.cli import main
+    from fcflow.simulate import simulate_study
+
+    bids = tmp_path / "study"
+    simulate_study(bids, n_per_group=3, resolution_mm=4, n_volumes=80, seed=4, preset="weigner2025")
+    out = bids / "derivatives" / "fcflow"
+    assert main([str(bids), str(out), "participant", "--julich-dir", str(julich_dir), "-q"]) == 0
+    assert main([str(bids), str(out), "group", "--julich-dir", str(julich_dir), "--n-permutations", "20",
+                 "-q"]) == 0
+    recipe = load_recipe("weigner2025_pgacc")
+    results = pd.read_csv(out / "group" / "results.tsv", sep="\t", keep_default_na=False)
+    n_measures = sum(len(t.measures) for t in recipe.tasks)
+    n_tests = len(recipe.group_contrasts) + len(recipe.f_tests)
+    assert len(results) == n_measures * len(recipe.session_contrasts) * n_tests
+    expected = {(t.name, m, s.expression) for t in recipe.tasks for m in t.measures for s in recipe.session_contrasts}
+    assert set(zip(results["task"], results["measure"], results["session_contrast"])) == expected
+    assert set(results["group_contrast"]) == {c.expression for c in recipe.group_contrasts} | {"groups"}
+    for rel in results["stat_map"].tolist() + results["logp_fwe_map"].tolist() + results["cluster_table"].tolist():
+        assert (out / rel).is_file()
+    assert (results["n_significant_clusters"].astype(int) >= 0).all()
+    sidecar = json.loads((out / results.loc[0, "stat_map"]).with_suffix("").with_suffix(".json").read_text())
+    assert sidecar["Inference"]["n_permutations"] == 20
+
+
+def test_group_without_subjects_is_skipped_with_a_warning(tmp_path, caplog):
+    truth = write_first_level(tmp_path)
+    for sub in range(N_PER_GROUP + 1, 2 * N_PER_GROUP + 1):  # the ketamine subjects
+        for f in truth["out"].glob(f"sub-{sub:02d}/ses-infusion/func/*statmap.nii.gz"):
+            f.unlink()
+    with caplog.at_level("WARNING", logger="fcflow.group"):
+        results = pd.read_csv(run_group_level(truth["out"], _recipe(covariates=[]), bids_dir=truth["bids"]),
+                              sep="\t", keep_default_na=False)
+    assert "are included in the QC tables but have no map" in caplog.text
+    assert "skipped: no subject in ['ketamine']" in caplog.text
+    skipped = results[results["session_contrast"] == "infusion - baseline"]
+    assert set(skipped["n_per_group"]) == {"placebo=6;ketamine=0;lamotrigine_ketamine=6"}
+    assert set(skipped["stat_map"]) == {"n/a"}
+    later = results[results["session_contrast"] == "24h - baseline"]
+    assert all((truth["out"] / p).is_file() for p in later["stat_map"])
