@@ -69,3 +69,21 @@ def test_participant_labels_with_path_characters_are_refused(tmp_path, label, ca
         main([str(tmp_path), str(tmp_path / "out"), "participant", "--participant-label", label])
     assert info.value.code == 2
     assert "participant labels must be letters and digits" in capsys.readouterr().err
+
+
+def test_demo_uses_the_stand_in_seed_when_the_atlas_is_unavailable(tmp_path):
+    import nibabel as nib
+    import numpy as np
+
+    from fcflow.cli.demo import _stand_in_recipe
+    from fcflow.config import load_recipe
+
+    truth = tmp_path / "bids" / "derivatives" / "ground_truth"
+    truth.mkdir(parents=True)
+    mask = truth / "space-MNI152NLin2009cAsym_res-4_desc-pgACC_mask.nii.gz"
+    nib.Nifti1Image(np.ones((3, 4, 5), dtype=np.uint8), np.eye(4)).to_filename(mask)
+    recipe = load_recipe(_stand_in_recipe(tmp_path, tmp_path / "bids"))
+    (seed,) = recipe.seeds
+    assert seed.name == "pgACC" and seed.mask == str(mask) and seed.areas == ()
+    shipped = load_recipe("weigner2025_pgacc")
+    assert recipe.replace(seeds=shipped.seeds).fingerprint() == shipped.fingerprint()
