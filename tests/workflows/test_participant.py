@@ -139,3 +139,21 @@ def test_killed_participant_run_resumes_without_recomputing(study, tmp_path, jul
     resumed = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert resumed.keys() == reference.keys()
     assert all(resumed[k] == reference[k] for k in reference)
+
+
+@pytest.mark.slow
+def test_excluded_runs_have_a_reason_and_no_maps(study, tmp_path, julich_dir):
+    import pandas as pd
+
+    from fcflow.resources import recipe_file
+
+    recipe = tmp_path / "strict.toml"
+    recipe.write_text(recipe_file("weigner2025_pgacc").read_text().replace("min_volumes = 50 ", "min_volumes = 1000 "))
+    out = tmp_path / "out"
+    _run_ok(str(study), str(out), "participant", "--participant-label", "01", "--session-label", "baseline",
+            "--task", "rest", "--julich-dir", str(julich_dir), "--recipe", str(recipe),
+            "--work-dir", str(tmp_path / "work"))
+    qc = pd.read_csv(out / "sub-01" / "sub-01_desc-runs_qc.tsv", sep="\t")
+    assert qc["excluded"].tolist() == [True]
+    assert qc["exclusion_reason"].item().endswith("below the minimum of 1000 (min_volumes). Run excluded.")
+    assert not list(out.rglob("*_statmap.nii.gz"))
