@@ -65,3 +65,45 @@ def test_participant_level_through_sbatch_equals_multiproc(small_study, multipro
     expected, got = multiproc_maps, _maps(on_slurm)
     assert len(expected) >= 6 and got.keys() == expected.keys()
     assert all(got[k] == expected[k] for k in expected), "maps differ from MultiProc's"
+
+
+def test_array_route_with_the_real_levels(small_study, tmp_path, julich_dir):
+    """docs/slurm/fcflow_array.sbatch: two participants as array tasks, then the group level."""
+    import time
+
+    import pandas as pd
+
+    repo = Path(__file__).resolve().parents[2]
+    participants = tmp_path / "participants.txt"
+    participants.write_text("01\n02\n")
+    output_dir = tmp_path / "out"
+    env = {
+        **os.environ,
+        "BIDS_DIR": str(small_study), "OUTPUT_DIR": str(output_dir), "WORK_DIR": str(tmp_path / "work"),
+        "PARTICIPANTS": str(participants), "FCFLOW_PYTHON": sys.executable,
+        "FCFLOW_ARGS": f"--julich-dir {julich_dir} --task rest --session-label baseline infusion "
+                       "--n-permutations 100",
+    }
+    resources = ["--cpus-per-task=1", "--mem=1500M", "--time=10", f"--chdir={tmp_path}"]
+    script = str(repo / "docs" / "slurm" / "fcflow_array.sbatch")
+    array = subprocess.run(["sbatch", "--parsable", "--array=0-1", *resources, script],
+                           capture_output=True, text=True, env=env, check=True).stdout.strip().split(";")[0]
+    group = subprocess.run(["sbatch", "--parsable", f"--dependency=afterok:{array}", *resources, script],
+                           capture_output=True, text=True, env=env, check=True).stdout.strip().split(";")[0]
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        queued = subprocess.run(["squeue", "-h", "-j", f"{array},{group}", "-o", "%i"],
+                                capture_output=True, text=True).stdout
+        if not queued.strip():
+            break
+        time.sleep(1)
+    logs = "\n".join(p.read_text() for p in sorted(tmp_path.glob("slurm-*.out")))
+    state = subprocess.run(["scontrol", "show", "job", group], capture_output=True, text=True).stdout
+    assert "JobState=COMPLETED" in state, logs[-4000:]
+    for label in ("01", "02"):
+        qc = pd.read_csv(output_dir / f"sub-{label}" / f"sub-{label}_desc-runs_qc.tsv", sep="\t")
+        assert len(qc) == 2
+        assert list((output_dir / f"sub-{label}").rglob("*desc-correlation_stat-z_statmap.nii.gz"))
+    assert not (output_dir / "sub-03").exists()
+    results = pd.read_csv(output_dir / "group" / "results.tsv", sep="\t")
+    assert set(results["task"]) == {"rest"} and len(results) > 0
