@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 
 from fcflow.config import load_recipe
-from fcflow.workflows.execution import add_execution_arguments, plugin_settings
+from fcflow.workflows.execution import add_execution_arguments, plugin_settings, positive_type
 from fcflow.errors import InputDataError
 
 _LABEL = re.compile(r"^[A-Za-z0-9]+$")
@@ -54,19 +54,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _add_group_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("group level")
-    group.add_argument("--n-permutations", type=_positive_int, default=None, metavar="N",
+    group.add_argument("--n-permutations", type=positive_type(int, "--n-permutations", "integer"), default=None,
+                       metavar="N",
                        help="permutations per test, overriding the recipe's inference.n_permutations "
                             "(for demos and tests)")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"'--n-permutations' must be a positive integer. Got {text!r}.")
-    return value
 
 
 def _run_group(args: argparse.Namespace, recipe) -> int:

@@ -101,14 +101,20 @@ _JSON_KINDS = {list: "array", str: "string", int: "number", float: "number", boo
 # ---------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------
-def _positive(kind: type, flag: str):
+def positive_type(kind: type, flag: str, noun: str | None = None):
+    """An argparse type: a positive ``int`` or finite ``float``, with fcflow's error message.
+
+    ``noun`` names the expected value in the message (default: the type's name).
+    """
+    noun = noun or kind.__name__
+
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
             value = None
         if value is None or not value > 0 or (kind is float and not math.isfinite(value)):
-            raise argparse.ArgumentTypeError(f"'{flag}' must be a positive {kind.__name__}. Got {text!r}.")
+            raise argparse.ArgumentTypeError(f"'{flag}' must be a positive {noun}. Got {text!r}.")
         return value
 
     return parse
@@ -152,10 +158,10 @@ def add_execution_arguments(parser: argparse.ArgumentParser) -> None:
         help="nipype plugin: Linear (one node at a time), MultiProc (this machine), SLURM (one "
              "sbatch job per node, this process waits), SLURMGraph (whole graph submitted with "
              "dependencies; fcflow waits for it) (default: %(default)s)")
-    add("--nprocs", type=_positive(int, "--nprocs"), default=None, metavar="N",
+    add("--nprocs", type=positive_type(int, "--nprocs"), default=None, metavar="N",
         help="MultiProc: processes at once (default: SLURM_CPUS_PER_TASK inside a SLURM job, "
              "else the CPUs this process may use)")
-    add("--mem-gb", type=_positive(float, "--mem-gb"), default=None, metavar="GB",
+    add("--mem-gb", type=positive_type(float, "--mem-gb"), default=None, metavar="GB",
         help="MultiProc: memory budget in GB shared by the running nodes (default: the job's "
              "memory inside a SLURM job, else 90%% of this machine's)")
     add("--sbatch-args", type=_sbatch_args_type, default=None, metavar="ARGS",
