@@ -156,21 +156,30 @@ def _label_voxels(
     return _connected_components(k, rows.astype(np.int32), neighbor_position[rows, cols])
 
 
-def _cluster_maxima(
-    values: NDArray, threshold: float, graph: VoxelGraph, two_sided: bool
-) -> tuple[float, float]:
-    """Largest cluster size and mass of an in-mask statistic vector (nilearn definitions)."""
-    max_size, max_mass = 0.0, 0.0
+def _signed_clusters(values: NDArray, threshold: float, graph: VoxelGraph, two_sided: bool):
+    """Yield ``(voxels, labels, sizes, masses)`` of the clusters above ``threshold`` of each sign.
+
+    Mass is the sum of ``|stat| - threshold`` over the cluster (nilearn's definition).
+    """
     for sign in (1, -1) if two_sided else (1,):
         signed = values if sign == 1 else -values
         voxels = np.flatnonzero(signed > threshold)
         n_clusters, labels = _label_voxels(voxels, graph)
         if n_clusters == 0:
             continue
-        sizes = np.bincount(labels, minlength=n_clusters)
+        sizes = np.bincount(labels, minlength=n_clusters).astype(float)
         masses = np.bincount(
             labels, weights=signed[voxels].astype(np.float64) - threshold, minlength=n_clusters
         )
+        yield voxels, labels, sizes, masses
+
+
+def _cluster_maxima(
+    values: NDArray, threshold: float, graph: VoxelGraph, two_sided: bool
+) -> tuple[float, float]:
+    """Largest cluster size and mass of an in-mask statistic vector (nilearn definitions)."""
+    max_size, max_mass = 0.0, 0.0
+    for _, _, sizes, masses in _signed_clusters(values, threshold, graph, two_sided):
         max_size = max(max_size, float(sizes.max()))
         max_mass = max(max_mass, float(masses.max()))
     return max_size, max_mass
@@ -182,16 +191,7 @@ def _cluster_values(
     """Per-voxel size and mass of the cluster each voxel belongs to (0 outside clusters)."""
     size = np.zeros(values.shape[0])
     mass = np.zeros(values.shape[0])
-    for sign in (1, -1) if two_sided else (1,):
-        signed = values if sign == 1 else -values
-        voxels = np.flatnonzero(signed > threshold)
-        n_clusters, labels = _label_voxels(voxels, graph)
-        if n_clusters == 0:
-            continue
-        sizes = np.bincount(labels, minlength=n_clusters).astype(float)
-        masses = np.bincount(
-            labels, weights=signed[voxels].astype(np.float64) - threshold, minlength=n_clusters
-        )
+    for voxels, labels, sizes, masses in _signed_clusters(values, threshold, graph, two_sided):
         size[voxels] = sizes[labels]
         mass[voxels] = masses[labels]
     return size, mass
