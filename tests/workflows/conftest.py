@@ -36,3 +36,31 @@ def slurm_cluster():
     pytest.skip(f"no SLURM cluster ({problem}); CI starts one with .ci/slurm/up.sh")
 
 
+
+
+@pytest.fixture
+def submit_array_then_group():
+    """Submit a job script as a 2-task array, then once more after it; wait until both left the queue.
+
+    Returns a function ``(script, env, resources, timeout_s) -> (array_id, group_id)``.
+    """
+    import time
+
+    def submit(script: str, env: dict, resources: list[str], timeout_s: float) -> tuple[str, str]:
+        def sbatch(*args: str) -> str:
+            done = subprocess.run(["sbatch", "--parsable", *args, *resources, script],
+                                  capture_output=True, text=True, env=env, check=True)
+            return done.stdout.strip().split(";")[0]
+
+        array_id = sbatch("--array=0-1")
+        group_id = sbatch(f"--dependency=afterok:{array_id}")
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            queued = subprocess.run(["squeue", "-h", "-j", f"{array_id},{group_id}", "-o", "%i"],
+                                    capture_output=True, text=True).stdout
+            if not queued.strip():
+                break
+            time.sleep(0.5)
+        return array_id, group_id
+
+    return submit

@@ -294,7 +294,7 @@ record = {"argv": sys.argv[1:], "job": os.environ["SLURM_JOB_ID"],
 """
 
 
-def test_array_route_runs_one_participant_per_task_then_the_group(tmp_path):
+def test_array_route_runs_one_participant_per_task_then_the_group(tmp_path, submit_array_then_group):
     import json
 
     bids_dir = tmp_path / "bids"
@@ -313,20 +313,7 @@ def test_array_route_runs_one_participant_per_task_then_the_group(tmp_path):
     }
     # the template's own requests (4 CPUs, 16G) exceed the CI node: override them, as users may
     resources = ["--cpus-per-task=1", "--mem=200M", "--time=5", f"--chdir={tmp_path}"]
-    submit = subprocess.run(["sbatch", "--parsable", "--array=0-1", *resources, str(ARRAY_SCRIPT)],
-                            capture_output=True, text=True, env=env, check=True)
-    array_id = submit.stdout.strip().split(";")[0]
-    group = subprocess.run(["sbatch", "--parsable", f"--dependency=afterok:{array_id}", *resources,
-                            str(ARRAY_SCRIPT)], capture_output=True, text=True, env=env, check=True)
-    group_id = group.stdout.strip().split(";")[0]
-
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        out = subprocess.run(["squeue", "-h", "-j", f"{array_id},{group_id}", "-o", "%i"],
-                             capture_output=True, text=True).stdout
-        if not out.strip():
-            break
-        time.sleep(0.5)
+    _, group_id = submit_array_then_group(str(ARRAY_SCRIPT), env, resources, timeout_s=120)
     logs = "\n".join(p.read_text() for p in sorted(tmp_path.glob("slurm-*.out")))
     assert "JobState=COMPLETED" in _scontrol(group_id), logs
 

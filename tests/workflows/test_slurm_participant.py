@@ -67,10 +67,8 @@ def test_participant_level_through_sbatch_equals_multiproc(small_study, multipro
     assert all(got[k] == expected[k] for k in expected), "maps differ from MultiProc's"
 
 
-def test_array_route_with_the_real_levels(small_study, tmp_path, julich_dir):
+def test_array_route_with_the_real_levels(small_study, tmp_path, julich_dir, submit_array_then_group):
     """docs/slurm/fcflow_array.sbatch: two participants as array tasks, then the group level."""
-    import time
-
     import pandas as pd
 
     repo = Path(__file__).resolve().parents[2]
@@ -86,17 +84,7 @@ def test_array_route_with_the_real_levels(small_study, tmp_path, julich_dir):
     }
     resources = ["--cpus-per-task=1", "--mem=1500M", "--time=10", f"--chdir={tmp_path}"]
     script = str(repo / "docs" / "slurm" / "fcflow_array.sbatch")
-    array = subprocess.run(["sbatch", "--parsable", "--array=0-1", *resources, script],
-                           capture_output=True, text=True, env=env, check=True).stdout.strip().split(";")[0]
-    group = subprocess.run(["sbatch", "--parsable", f"--dependency=afterok:{array}", *resources, script],
-                           capture_output=True, text=True, env=env, check=True).stdout.strip().split(";")[0]
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        queued = subprocess.run(["squeue", "-h", "-j", f"{array},{group}", "-o", "%i"],
-                                capture_output=True, text=True).stdout
-        if not queued.strip():
-            break
-        time.sleep(1)
+    _, group = submit_array_then_group(script, env, resources, timeout_s=600)
     logs = "\n".join(p.read_text() for p in sorted(tmp_path.glob("slurm-*.out")))
     state = subprocess.run(["scontrol", "show", "job", group], capture_output=True, text=True).stdout
     assert "JobState=COMPLETED" in state, logs[-4000:]
