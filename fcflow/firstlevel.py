@@ -21,6 +21,7 @@ puts them back on the grid.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -178,8 +179,7 @@ def compute_run_maps(
                    seed_signal=seed_signal, detrend=detrend, standardize_confounds=standardize_confounds,
                    run_name=run_name)
 
-    operator_rows = np.arange(n_time) if sample_mask is None else np.asarray(sample_mask)
-    result.kept_volumes = operator_rows
+    result.kept_volumes = np.arange(n_time) if sample_mask is None else np.asarray(sample_mask)
     return result
 
 
@@ -333,8 +333,6 @@ def run_maps_from_files(
     sample_mask = None if censoring["sample_mask"] is None else np.asarray(censoring["sample_mask"], dtype=np.int64)
     out = Path(out_dir)
     # The job that computed the run (None outside SLURM): the node's record, not an output.
-    import os
-
     qc: dict[str, object] = {"run_name": run_name, "censoring": censoring,
                              "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
     map_files: list[str] = []
