@@ -24,12 +24,9 @@ compared one to one:
   extent is the voxel count of its cluster at ``stat >= h``. Like fslmaths and nilearn, no
   ``dh`` factor. Two-sided maps carry the negative part with a negative sign.
 
-TFCE here costs O(V log V) per map instead of ``n_steps`` full-grid labellings: thresholds
-are processed from high to low and components only merge as the threshold falls, so each
-step only links the voxels that enter at that step to their already-entered neighbours
-(connected components of a small graph of "components so far + new voxels", by vectorised
-hooking and pointer jumping). The per-voxel
-sum is then read off the merge tree in one pass from the lowest threshold up.
+TFCE here costs O(V) per map instead of ``n_steps`` full-grid labellings: the component tree
+of the map quantised to the steps is built in one flooding pass, compiled with numba
+(:mod:`fcflow._tfce_kernel`), and each voxel's sum is read off the tree.
 """
 
 from __future__ import annotations
@@ -220,85 +217,6 @@ def tfce_thresholds(max_score: float, dh: float | str = "auto") -> NDArray[np.fl
     return np.linspace(0, max_score, n_steps + 1)[1:]
 
 
-def _tfce_one_sign(
-    values: NDArray[np.float64],
-    graph: VoxelGraph,
-    thresholds: NDArray[np.float64],
-    extent_exponent: float,
-    height_exponent: float,
-) -> NDArray[np.float64]:
-    """Positive-part TFCE of an in-mask vector by merging components from high to low."""
-    n_voxels = values.shape[0]
-    out = np.zeros(n_voxels)
-    n_steps = thresholds.size
-    # level = number of thresholds a voxel reaches (values >= h); 0 means never counted
-    level = np.searchsorted(thresholds, values, side="right")
-    entered = np.flatnonzero(level > 0)
-    if entered.size == 0:
-        return out
-    # small ints sort by radix: descending level, ties in voxel order
-    order = entered[np.argsort((n_steps - level[entered]).astype(np.int16), kind="stable")]
-    n_entered = order.size
-    counts = np.bincount(level[order], minlength=n_steps + 1)
-    # stop[j] = number of voxels with level >= j, for j = 1..n_steps
-    stop = np.cumsum(counts[::-1])[::-1]
-    rank = np.full(n_voxels + 1, n_entered, dtype=np.int32)
-    rank[order] = np.arange(n_entered, dtype=np.int32)
-    neighbor_rank = rank[graph.neighbors[order]]
-
-    component = np.empty(n_entered, dtype=np.int32)  # current component of each entered voxel
-    n_components = 0
-    sizes = np.zeros(0)
-    parents: list[NDArray[np.int32] | None] = [None] * (n_steps + 1)
-    contributions: list[NDArray[np.float64]] = [np.zeros(0)] * (n_steps + 1)
-    entry_component: list[NDArray[np.int32] | None] = [None] * (n_steps + 1)
-    heights = thresholds**height_exponent
-    for j in range(n_steps, 0, -1):
-        begin = int(stop[j + 1]) if j < n_steps else 0
-        end = int(stop[j])
-        n_new = end - begin
-        if n_new:
-            component[begin:end] = n_components + np.arange(n_new, dtype=np.int32)
-            block = neighbor_rank[begin:end]
-            rows, cols = np.nonzero(block < end)
-            n_nodes = n_components + n_new
-            if rows.size:
-                n_next, labels = _connected_components(
-                    n_nodes,
-                    component[begin + rows],
-                    component[block[rows, cols]],
-                )
-                labels = labels.astype(np.int32, copy=False)
-                if np.array_equal(labels[:n_components], np.arange(n_components)):
-                    # no two earlier components merged: only the new voxels need labels
-                    component[begin:end] = labels[component[begin:end]]
-                else:
-                    component[:end] = labels[component[:end]]
-            else:
-                n_next, labels = n_nodes, np.arange(n_nodes, dtype=np.int32)
-            sizes = np.bincount(
-                labels, weights=np.concatenate([sizes, np.ones(n_new)]), minlength=n_next
-            )
-            parents[j] = labels[:n_components]
-            entry_component[j] = component[begin:end].copy()
-            n_components = n_next
-        contributions[j] = sizes**extent_exponent * heights[j - 1]
-
-    # cumulative TFCE per component, from the lowest threshold up (nilearn's summation order)
-    cumulative = contributions[1]
-    entry = np.empty(n_entered)
-    for j in range(1, n_steps + 1):
-        if j > 1:
-            parent = parents[j - 1]
-            # parents[j - 1] maps components of level j to those of level j - 1
-            cumulative = contributions[j] + (cumulative if parent is None else cumulative[parent])
-        if entry_component[j] is not None:
-            begin = int(stop[j + 1]) if j < n_steps else 0
-            entry[begin : int(stop[j])] = cumulative[entry_component[j]]
-    out[order] = entry
-    return out
-
-
 def _tfce_vector(
     values: NDArray,
     graph: VoxelGraph,
@@ -308,22 +226,33 @@ def _tfce_vector(
     height_exponent: float = 2.0,
     dh: float | str = "auto",
     max_score: float | None = None,
-) -> NDArray[np.float64]:
-    """Signed TFCE of an in-mask statistic vector (nilearn's definition, see module doc)."""
-    values = np.asarray(values, dtype=np.float64)
+    per_voxel: bool = True,
+) -> NDArray[np.float64] | float:
+    """Signed TFCE of an in-mask statistic vector (nilearn's definition, see module doc).
+
+    With ``per_voxel=False`` only the largest |TFCE| is computed and returned (a float), as
+    the permutation null needs.
+    """
+    from fcflow._tfce_kernel import tfce_one_sign
+
+    values = np.asarray(values)
+    if values.dtype not in (np.float32, np.float64):
+        values = values.astype(np.float64)
+    values = np.ascontiguousarray(values)
     if max_score is None:
         max_score = float(np.max(np.abs(values))) if two_sided else float(np.max(values))
         # nilearn takes the max over the whole grid, where out-of-mask voxels are 0
         if graph.mask.size > graph.n_voxels:
             max_score = max(max_score, 0.0)
-    out = np.zeros(values.shape[0])
+    out = np.zeros(values.shape[0] if per_voxel else 0)
     if not max_score > 0:
-        return out
+        return out if per_voxel else 0.0
     thresholds = tfce_thresholds(max_score, dh)
-    out += _tfce_one_sign(values, graph, thresholds, extent_exponent, height_exponent)
+    args = (graph.neighbors, thresholds, float(extent_exponent), float(height_exponent), out)
+    largest = tfce_one_sign(values, 1.0, *args)
     if two_sided:
-        out -= _tfce_one_sign(-values, graph, thresholds, extent_exponent, height_exponent)
-    return out
+        largest = max(largest, tfce_one_sign(values, -1.0, *args))
+    return out if per_voxel else largest
 
 
 def compute_tfce(

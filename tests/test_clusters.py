@@ -61,6 +61,42 @@ def test_tfce_equals_nilearn_with_dh_and_default_mask(smooth_map):
     np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6 * np.abs(expected).max())
 
 
+@pytest.mark.parametrize("case", range(12))
+def test_tfce_equals_nilearn_on_random_maps(case):
+    """Irregular masks with isolated voxels, rounded values (ties across and on steps), both
+    signs, every connectivity and both step rules, against nilearn's per-step labelling."""
+    rng = np.random.default_rng(100 + case)
+    shape = tuple(int(n) for n in rng.integers(4, 12, 3))
+    mask = rng.random(shape) > (0.0 if case % 4 == 0 else 0.35)
+    stat = ndimage.gaussian_filter(rng.standard_normal(shape), rng.uniform(0.4, 1.5))
+    stat /= stat.std()
+    if case % 2:
+        stat = np.round(stat * 4) / 4  # many voxels exactly on a step when max is a multiple
+    if case % 3 == 2:
+        stat = -stat
+    stat[~mask] = 0
+    connectivity = (6, 18, 26)[case % 3]
+    dh = "auto" if case < 6 else 0.05
+    two_sided = case % 5 != 1
+    expected = _nilearn_tfce(stat, connectivity, two_sided, dh=dh)
+    got = compute_tfce(stat, mask=mask, two_sided=two_sided, connectivity=connectivity, dh=dh)
+    np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-12 * np.abs(expected).max())
+
+
+def test_tfce_of_nested_clusters_by_hand():
+    # a 3-voxel line at 1 with a 2 on its middle voxel, 2 steps (dh=1, clipped to 10 steps
+    # of 0.2): steps 0.2..1.0 see the 3 voxels, steps 1.2..2.0 the middle one alone
+    stat = np.zeros((3, 5, 3))
+    stat[1, 1:4, 1] = 1.0
+    stat[1, 2, 1] = 2.0
+    heights = np.linspace(0, 2, 11)[1:]
+    low, high = heights[heights <= 1.0 + 1e-12], heights[heights > 1.0 + 1e-12]
+    side = np.sum(3**0.5 * low**2)
+    got = compute_tfce(stat, two_sided=False, dh=1.0)
+    np.testing.assert_allclose(got[1, 1, 1], side)
+    np.testing.assert_allclose(got[1, 2, 1], side + np.sum(high**2))
+
+
 def test_tfce_of_a_single_block_by_hand():
     # one 2x2x2 block of value 2: thresholds 0.02..2 (100 steps), extent 8 at every step
     stat = np.zeros((5, 6, 7))

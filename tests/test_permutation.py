@@ -219,6 +219,30 @@ def test_f_contrast_equals_brute_force(study):
     np.testing.assert_allclose(result.null_max["maxt"], maps.max(axis=1), rtol=1e-10)
 
 
+def test_forced_permutation_without_a_constant_nuisance_matches_brute_force(study):
+    # "ketamine" alone leaves no constant in the nuisance space: nothing is left out of the GEMM
+    design, data, _ = study
+    result = permutation_test(
+        data, design, "ketamine", n_permutations=20, random_state=5, scheme="permute",
+        inference=("maxt",), precision="float64",
+    )  # fmt: skip
+    contrast = parse_contrast("ketamine", design.columns)
+    maps = _freedman_lane_loop(data.astype(float), design, contrast, result.permutations, "permute")
+    np.testing.assert_allclose(result.null_max["maxt"], np.abs(maps).max(axis=1), rtol=1e-10)
+
+
+def test_threads_do_not_change_the_result(study):
+    design, data, mask = study
+    kwargs = dict(
+        n_permutations=30, random_state=6, mask=mask, batch_size=7,
+        inference=("maxt", "cluster_mass", "cluster_size", "tfce"),
+    )  # fmt: skip
+    one = permutation_test(data, design, "ketamine - placebo", n_jobs=1, **kwargs)
+    two = permutation_test(data, design, "ketamine - placebo", n_jobs=2, **kwargs)
+    for key in one.null_max:
+        np.testing.assert_array_equal(one.null_max[key], two.null_max[key])
+
+
 def test_sign_flip_one_sample_matches_brute_force():
     rng = np.random.default_rng(9)
     mask = _mask()
@@ -314,6 +338,7 @@ def test_make_permutations():
         (dict(permutations=np.zeros((2, 21), int)), "must be a permutation of range"),
         (dict(cluster_forming_p=2.0), "'cluster_forming_p' must be in \\(0, 1\\)"),
         (dict(batch_size=0), "'batch_size' must be a positive integer"),
+        (dict(n_jobs=0), "'n_jobs' must be a positive integer or None"),
     ],
 )
 def test_permutation_test_errors(study, kwargs, match):
