@@ -1211,14 +1211,15 @@ def _seed_series(
         lo, hi = ijk.min(0), ijk.max(0) + 1
         box = np.asarray(img.dataobj[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2], :], dtype=np.float64)
         return box[inside[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]].T
-    data = np.asarray(bold, dtype=np.float64)
+    # select the seed's voxels before any conversion: a float64 copy of a whole run is 0.6 GB
+    data = np.asarray(bold)
     if data.ndim == 4 and data.shape[:3] == inside.shape:
-        return data[inside].T
+        return data[inside].T.astype(np.float64)
     if data.ndim == 2:
         if data.shape[1] == inside.sum():
-            return data
+            return data.astype(np.float64)
         if data.shape[1] == brain.sum():
-            return data[:, inside[brain]]
+            return data[:, inside[brain]].astype(np.float64)
     raise InputDataError(
         f"'bold_data_or_img' of {run_name} must be a 4D image, a 4D array on the seed's grid, or "
         f"an array of shape (n_timepoints, n_voxels) with n_voxels = {int(inside.sum())} (seed "

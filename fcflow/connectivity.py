@@ -25,6 +25,7 @@ shrinks its r by ``(n - 1) / n``; fcflow does not reproduce that bias.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -41,6 +42,7 @@ __all__ = [
     "fisher_z",
     "correlate_with_operator",
     "compute_rest_connectivity",
+    "compute_multiseed_connectivity",
 ]
 
 _BLOCK = 8192
@@ -173,7 +175,12 @@ def _correlate_cleaned_seeds(
     operator: NDArray[np.float64],
     seeds_cleaned: NDArray[np.float64],
 ) -> NDArray[np.float32]:
-    """r of ``C M data`` with each column of ``seeds_cleaned`` (n_out, k); returns (k, V)."""
+    """r of ``C M data`` with each column of ``seeds_cleaned`` (n_out, k); returns (k, V).
+
+    One float32 GEMM per block of voxels with the rows ``L^T`` (norms), ``N^T s`` (one per
+    seed) and ``(L L^T 1)^T`` (the cross term of each voxel's mean, see below), on the
+    mean-removed block; everything after the GEMM is per voxel, in float64.
+    """
     centred_operator = operator - operator.mean(axis=0)
     seeds = seeds_cleaned - seeds_cleaned.mean(axis=0)
     seed_norms = np.sqrt((seeds**2).sum(axis=0))
@@ -184,30 +191,43 @@ def _correlate_cleaned_seeds(
         )
     u = centred_operator.T @ (seeds / seed_norms)  # (T, k)
     factor = _low_rank_factor(centred_operator)  # (T, rank)
-    rank = factor.shape[1]
-    weights = np.hstack([factor, u])
-    weights32 = weights.T.astype(np.float32)
-    ones_image = weights.sum(axis=0)  # response to a constant voxel
-    n_voxels = data.shape[1]
-    sqrt_n = np.sqrt(data.shape[0])
-    r = np.empty((u.shape[1], n_voxels), dtype=np.float32)
+    rank, n_seeds = factor.shape[1], u.shape[1]
+    ones_factor = factor.sum(axis=0)  # L^T 1: the norm rows' response to a constant voxel
+    ones_seed = u.sum(axis=0)
+    # ||L^T (c + m 1)||^2 = ||L^T c||^2 + 2 m (L L^T 1)^T c + m^2 ||L^T 1||^2 for a voxel of
+    # mean m and mean-removed series c: the mean's part is exact in float64, and the cross
+    # term is one more row of the GEMM.
+    weights = np.hstack([factor, u, (factor @ ones_factor)[:, None]])
+    weights32 = np.ascontiguousarray(weights.T, dtype=np.float32)
+    ones_norm2 = float(ones_factor @ ones_factor)
+    n_time, n_voxels = data.shape
+    sqrt_n = np.sqrt(n_time)
+    width = min(_BLOCK, n_voxels)
+    centred_buffer = np.empty((n_time, width), dtype=np.float32)
+    projected_buffer = np.empty((weights32.shape[0], width), dtype=np.float32)
+    r = np.empty((n_seeds, n_voxels), dtype=np.float32)
     for start in range(0, n_voxels, _BLOCK):
         block = data[:, start : start + _BLOCK]
+        n = block.shape[1]
         mean = block.mean(axis=0, dtype=np.float64)
         # The float32 mean is subtracted, and exactly that value is added back in float64.
         mean32 = mean.astype(np.float32)
-        centred = block - mean32
-        projected = (weights32 @ centred).astype(np.float64)
-        projected += np.outer(ones_image, mean32.astype(np.float64))
-        norm = np.sqrt((projected[:rank] ** 2).sum(axis=0))
-        raw_norm = np.sqrt(np.einsum("ij,ij->j", centred, centred))
+        centred = np.subtract(block, mean32, out=centred_buffer[:, :n])
+        projected = np.matmul(weights32, centred, out=projected_buffer[:, :n])
+        m = mean32.astype(np.float64)
+        norm2 = np.einsum("ij,ij->j", projected[:rank], projected[:rank], dtype=np.float64)
+        norm2 += m * (2.0 * projected[rank + n_seeds] + m * ones_norm2)
+        norm = np.sqrt(np.maximum(norm2, 0.0))
+        numerator = projected[rank : rank + n_seeds].astype(np.float64)
+        numerator += np.outer(ones_seed, m)
+        raw_norm = np.sqrt(np.einsum("ij,ij->j", centred, centred, dtype=np.float64))
         # float32 rounding touches only the mean-removed part; the mean's part is float64.
         constant = norm <= _CONSTANT_RTOL * raw_norm + 1e-10 * np.abs(mean) * sqrt_n
         constant |= norm == 0
         with np.errstate(invalid="ignore", divide="ignore"):
-            values = projected[rank:] / norm
+            values = numerator / norm
         values[:, constant] = np.nan
-        r[:, start : start + _BLOCK] = values
+        r[:, start : start + n] = values
     return r
 
 
@@ -313,26 +333,72 @@ def compute_rest_connectivity(
     -------
     SeedConnectivity
     """
+    return compute_multiseed_connectivity(
+        data, {seed_name: seed_mask_in_brain}, t_r, confounds, sample_mask, high_pass=high_pass,
+        low_pass=low_pass, detrend=detrend, standardize_confounds=standardize_confounds,
+        seed_method=seed_method, interpolation=interpolation, run_name=run_name,
+    )[seed_name]  # fmt: skip
+
+
+def compute_multiseed_connectivity(
+    data: NDArray,
+    seed_masks_in_brain: Mapping[str, NDArray[np.bool_]],
+    t_r: float,
+    confounds=None,
+    sample_mask=None,
+    *,
+    high_pass: float | None = 0.01,
+    low_pass: float | None = 0.08,
+    detrend: bool = True,
+    standardize_confounds: bool = True,
+    seed_method: Literal["mean", "eigenvariate"] = "mean",
+    interpolation: Literal["spline", "nilearn"] = "spline",
+    run_name: str = "",
+) -> dict[str, SeedConnectivity]:
+    """:func:`compute_rest_connectivity` for several seeds of one run at once.
+
+    The cleaning operator is built once, and all seeds are correlated in the same pass over
+    the data: each extra seed costs one more row of the GEMM, not another pass.
+
+    Parameters
+    ----------
+    seed_masks_in_brain : mapping of str to ndarray of bool, shape (n_voxels,)
+        Each seed's columns, by seed name.
+    data, t_r, confounds, sample_mask, high_pass, low_pass, detrend, standardize_confounds,
+    seed_method, interpolation, run_name :
+        As :func:`compute_rest_connectivity`.
+
+    Returns
+    -------
+    dict of str to SeedConnectivity
+        In the order of ``seed_masks_in_brain``.
+    """
     data = np.asarray(data)
-    columns = _seed_columns(seed_mask_in_brain, data.shape[1], seed_name, run_name)
+    if seed_method not in ("mean", "eigenvariate"):
+        raise InputDataError(
+            f"'seed_method' must be 'mean' or 'eigenvariate'. Got {seed_method!r}."
+        )
+    columns = {
+        name: _seed_columns(mask, data.shape[1], name, run_name)
+        for name, mask in seed_masks_in_brain.items()
+    }
     operator = build_cleaning_operator(
         data.shape[0], t_r, confounds, sample_mask, high_pass, low_pass, detrend,
         standardize_confounds, interpolation=interpolation,
     )
-    cleaned_seed_voxels = operator @ data[:, columns].astype(np.float64)
-    if seed_method == "mean":
-        seed = cleaned_seed_voxels.mean(axis=1)
-    elif seed_method == "eigenvariate":
-        seed = _eigenvariate(cleaned_seed_voxels)
-    else:
-        raise InputDataError(
-            f"'seed_method' must be 'mean' or 'eigenvariate'. Got {seed_method!r}."
+    seeds = {}
+    for name, cols in columns.items():
+        cleaned_seed_voxels = operator @ data[:, cols].astype(np.float64)
+        seeds[name] = (
+            cleaned_seed_voxels.mean(axis=1)
+            if seed_method == "mean"
+            else _eigenvariate(cleaned_seed_voxels)
         )
-    r = _correlate_cleaned_seeds(data, operator, seed[:, None])[0]
-    return SeedConnectivity(
-        r=r,
-        z=fisher_z(r),
-        seed_signal=seed,
-        n_volumes=operator.shape[0],
-        dof=compute_effective_dof(operator),
-    )
+    r = _correlate_cleaned_seeds(data, operator, np.column_stack(list(seeds.values())))
+    dof = compute_effective_dof(operator)
+    return {
+        name: SeedConnectivity(
+            r=r[i], z=fisher_z(r[i]), seed_signal=seed, n_volumes=operator.shape[0], dof=dof
+        )
+        for i, (name, seed) in enumerate(seeds.items())
+    }

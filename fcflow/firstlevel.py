@@ -32,11 +32,10 @@ import pandas as pd
 from numpy.typing import NDArray
 
 from fcflow.atlas import SeedQC, seed_qc
-from fcflow.connectivity import compute_rest_connectivity, extract_seed_signal
+from fcflow.connectivity import compute_multiseed_connectivity, extract_seed_signal
 from fcflow.denoise import build_cleaning_operator, compute_effective_dof
 from fcflow.errors import InputDataError
 from fcflow.niftiio import read_masked_bold
-from fcflow.ppi import build_gppi_design, build_task_regressors, compute_background_fc, fit_gppi
 
 
 @dataclass(frozen=True)
@@ -160,12 +159,13 @@ def compute_run_maps(
         )
 
     if "correlation" in measures:
-        for name, cols in columns.items():
-            conn = compute_rest_connectivity(
-                data, cols, t_r, confounds, sample_mask, high_pass=high_pass, low_pass=low_pass,
-                detrend=detrend, standardize_confounds=standardize_confounds, seed_method=seed_signal,
-                seed_name=name, run_name=run_name,
-            )
+        # one cleaning operator and one pass over the data for all seeds
+        connectivity = compute_multiseed_connectivity(
+            data, columns, t_r, confounds, sample_mask, high_pass=high_pass, low_pass=low_pass,
+            detrend=detrend, standardize_confounds=standardize_confounds, seed_method=seed_signal,
+            run_name=run_name,
+        )
+        for name, conn in connectivity.items():
             result.maps[MapSpec(name, "correlation", "r")] = conn.r
             result.maps[MapSpec(name, "correlation", "z")] = conn.z
             result.seed_signals[name] = conn.seed_signal
@@ -203,6 +203,9 @@ def _task_maps(
     standardize_confounds: bool,
     run_name: str,
 ) -> None:
+    # here, not at the top: fcflow.ppi imports scipy.stats (about 1 s), which rest runs never use
+    from fcflow.ppi import build_gppi_design, build_task_regressors, compute_background_fc, fit_gppi
+
     if events is None:
         raise InputDataError(f"{run_name}: task measures {list(measures)} need the run's events file.")
     n_time = data.shape[0]

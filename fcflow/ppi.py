@@ -342,20 +342,28 @@ def fit_gppi(
     effect_ones = effect_rows.sum(axis=1)
     residual_ones = residual_forming.sum(axis=1)
 
+    residual_ones32 = residual_ones.astype(np.float32)
+    ones_norm2 = float(residual_ones @ residual_ones)
     n_voxels = y.shape[1]
     effects = np.empty((len(tests), n_voxels), dtype=np.float64)
     rss = np.empty(n_voxels, dtype=np.float64)
+    width = min(_BLOCK, n_voxels)
+    centred_buffer = np.empty((n_obs, width), dtype=np.float32)
+    residual_buffer = np.empty((n_obs, width), dtype=np.float32)
     for start in range(0, n_voxels, _BLOCK):
         block = y[:, start : start + _BLOCK]
+        n = block.shape[1]
         # Mean-removed float32 products, the mean's part added back in float64 (as in
         # fcflow.connectivity): BOLD sits on a large baseline.
         mean = block.mean(axis=0, dtype=np.float64).astype(np.float32)
-        centred = block.astype(np.float32, copy=False) - mean
+        centred = np.subtract(block, mean, out=centred_buffer[:, :n], dtype=np.float32)
         mean64 = mean.astype(np.float64)
-        effects[:, start : start + _BLOCK] = (effects32 @ centred) + np.outer(effect_ones, mean64)
-        residuals = centred - x32 @ (pinv32 @ centred)
-        residuals = residuals.astype(np.float64) + np.outer(residual_ones, mean64)
-        rss[start : start + _BLOCK] = (residuals**2).sum(axis=0)
+        effects[:, start : start + n] = (effects32 @ centred) + np.outer(effect_ones, mean64)
+        residuals = np.subtract(centred, x32 @ (pinv32 @ centred), out=residual_buffer[:, :n])
+        # ||r + a m||^2 = ||r||^2 + 2 m a.r + m^2 ||a||^2 (a: residuals of a constant), in float64
+        cross = (residual_ones32 @ residuals).astype(np.float64)
+        rss[start : start + n] = np.einsum("ij,ij->j", residuals, residuals, dtype=np.float64)
+        rss[start : start + n] += mean64 * (2.0 * cross + mean64 * ones_norm2)
     sigma2 = rss / dof
     with np.errstate(invalid="ignore", divide="ignore"):
         t_values = effects / np.sqrt(np.outer(variance_factor, sigma2))

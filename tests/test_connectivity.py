@@ -10,6 +10,7 @@ import pytest
 from scipy import signal as sp_signal
 
 from fcflow.connectivity import (
+    compute_multiseed_connectivity,
     compute_rest_connectivity,
     compute_seed_to_voxel_map,
     correlate_with_operator,
@@ -105,6 +106,29 @@ def test_compute_rest_connectivity_eigenvariate():
     np.testing.assert_allclose(result.r, expected, atol=5e-6)
     # The eigenvariate follows the mean of the seed.
     assert np.corrcoef(eig, cleaned[:, seed].mean(axis=1))[0, 1] > 0.9
+
+
+def test_multiseed_connectivity_equals_one_seed_at_a_time():
+    rng = np.random.default_rng(4)
+    data, confounds, seed = _synthetic_run(rng)
+    other = np.zeros_like(seed)
+    other[100:130] = True
+    seeds = {"a": seed, "b": other}
+    both = compute_multiseed_connectivity(data, seeds, T_R, confounds)
+    assert list(both) == ["a", "b"]
+    for name, mask in seeds.items():
+        alone = compute_rest_connectivity(data, mask, T_R, confounds, seed_name=name)
+        np.testing.assert_allclose(both[name].r, alone.r, rtol=0, atol=1e-7)
+        np.testing.assert_allclose(both[name].seed_signal, alone.seed_signal)
+        assert both[name].dof == alone.dof and both[name].n_volumes == alone.n_volumes
+    operator = build_cleaning_operator(len(data), T_R, confounds, None, 0.01, 0.08)
+    cleaned = operator @ data.astype(np.float64)
+    expected = np.corrcoef(np.column_stack([cleaned[:, other].mean(axis=1), cleaned]).T)[0, 1:]
+    np.testing.assert_allclose(both["b"].r, expected, atol=5e-6)
+    with pytest.raises(InputDataError, match="'seed_method' must be 'mean' or 'eigenvariate'"):
+        compute_multiseed_connectivity(data, seeds, T_R, confounds, seed_method="pca")
+    with pytest.raises(InputDataError, match="Seed 'b' has 0 voxels inside the brain mask"):
+        compute_multiseed_connectivity(data, {"a": seed, "b": np.zeros_like(seed)}, T_R)
 
 
 def test_eigenvariate_scaling_and_sign_like_spm():
