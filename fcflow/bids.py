@@ -34,6 +34,10 @@ LOGGER = logging.getLogger("fcflow.bids")
 _ENTITY_ORDER = ("sub", "ses", "task", "acq", "ce", "rec", "dir", "run", "echo", "space", "res", "den", "desc")
 _ENTITY = re.compile(r"([a-zA-Z]+)-([a-zA-Z0-9]+)")
 _TR_TOLERANCE_S = 1e-3
+_LABEL = re.compile(r"[A-Za-z0-9]+")
+# Direction cosines of an axis-aligned grid are 0 or +-1; float32 headers round them.
+_OBLIQUE_TOLERANCE = 1e-4
+_REREAD = "Re-run fMRIPrep for this run or copy the file again"
 
 
 def parse_entities(name: str) -> tuple[dict[str, str], str, str]:
@@ -107,6 +111,12 @@ def read_participants(bids_dir: Path, group_column: str, groups: Sequence[str]) 
                 f"'{group_column}'). Got columns {list(table.columns)}."
             )
     labels = table["participant_id"].str.removeprefix("sub-")
+    bad = [text for text, label in zip(table["participant_id"], labels) if not _LABEL.fullmatch(str(label))]
+    if bad:
+        raise InputDataError(
+            f"{path}: 'participant_id' must be sub-<label> with letters and digits only (BIDS), because fcflow "
+            f"builds folder names from it. Got {bad[:5]}. Fix the table."
+        )
     duplicated = sorted(set(labels[labels.duplicated()]))
     if duplicated:
         raise InputDataError(f"{path} lists participants more than once: {duplicated}.")
@@ -156,12 +166,84 @@ def _read_repetition_time(bids_dir: Path, deriv_bold: Path, entities: dict[str, 
     return found
 
 
-def _check_headers(run_name: str, bold_file: Path, mask_file: Path, t_r: float, t_r_file: Path) -> None:
+def _load_header(path: Path, what: str) -> nib.spatialimages.SpatialImage:
+    """nibabel's lazy image of ``path``; an empty or non-NIfTI file is an InputDataError."""
+    if path.stat().st_size == 0:
+        raise InputDataError(f"{path}: expected {what}. Got an empty file (0 bytes). {_REREAD}.")
     try:
-        bold = nib.load(bold_file)
-        mask = nib.load(mask_file)
+        return nib.load(path)
     except Exception as exc:  # nibabel raises several types for unreadable files
-        raise InputDataError(f"{run_name}: cannot read the header of {bold_file} or {mask_file} ({exc}).") from None
+        raise InputDataError(
+            f"{path}: expected {what}. Got a file nibabel cannot read as NIfTI ({type(exc).__name__}: {exc}). "
+            f"{_REREAD}."
+        ) from None
+
+
+def _check_complete(path: Path, img: nib.spatialimages.SpatialImage) -> None:
+    """Refuse a BOLD file shorter than its header says (a copy or a write cut short).
+
+    For ``.nii.gz`` the gzip trailer holds the uncompressed size (modulo 2**32): when it matches
+    the header there is nothing more to read. Otherwise (a truncated file, whose last bytes are
+    not a trailer, or a valid multi-member gzip) the file is decompressed once to find out.
+    """
+    header = img.header
+    # nibabel zeroes vox_offset in a loaded header; the array proxy keeps the file's.
+    offset = int(getattr(img.dataobj, "offset", header.get_data_offset()))
+    expected = offset + int(np.prod(img.shape)) * header.get_data_dtype().itemsize
+    if not path.name.endswith(".gz"):
+        size = path.stat().st_size
+        if size < expected:
+            raise InputDataError(
+                f"{path}: expected {expected} bytes (header and {img.shape} voxels). Got {size} bytes: the "
+                f"file is truncated. {_REREAD}."
+            )
+        return
+    with open(path, "rb") as handle:
+        handle.seek(-4, 2)
+        trailer = int.from_bytes(handle.read(4), "little")
+    if trailer == expected % 2**32:
+        return
+    from isal import igzip
+
+    total = 0
+    try:
+        with igzip.open(path, "rb") as stream:
+            while chunk := stream.read(1 << 22):
+                total += len(chunk)
+    except (EOFError, OSError) as exc:
+        raise InputDataError(
+            f"{path}: expected a complete gzip stream of {expected} bytes (header and {img.shape} voxels). "
+            f"Got a file that ends early or is corrupt ({type(exc).__name__}: {exc}). {_REREAD}."
+        ) from None
+    if total < expected:
+        raise InputDataError(
+            f"{path}: expected {expected} bytes once decompressed (header and {img.shape} voxels). Got "
+            f"{total}: the file is truncated. {_REREAD}."
+        )
+
+
+def _check_axis_aligned(path: Path, affine: np.ndarray, space: str) -> None:
+    """Refuse an oblique grid: a template-space run is resampled to an axis-aligned grid."""
+    directions = affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0)
+    if not np.allclose(np.abs(directions), np.round(np.abs(directions)), atol=_OBLIQUE_TOLERANCE):
+        raise InputDataError(
+            f"{path}: expected an axis-aligned grid, as fMRIPrep writes in {space} (flipped axes are fine). "
+            f"Got an oblique affine {np.round(affine, 3).tolist()}: this file is not on the template's grid. "
+            "Check its space- entity, or resample it to the template with fMRIPrep's --output-spaces."
+        )
+
+
+def _count_rows(path: Path) -> int:
+    """Data rows of a TSV (non-empty lines after the header)."""
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        return max(sum(1 for line in handle if line.strip()) - 1, 0)
+
+
+def _check_headers(run_name: str, bold_file: Path, mask_file: Path, t_r: float, t_r_file: Path,
+                   space: str = "the template space") -> int:
+    """Check a run's BOLD and mask headers (readable, 4D, one grid, complete, TR); return its volumes."""
+    bold = _load_header(bold_file, "fMRIPrep's preprocessed 4D BOLD series")
+    mask = _load_header(mask_file, "fMRIPrep's 3D brain mask of the run")
     if len(bold.shape) != 4:
         raise InputDataError(f"{bold_file} must be a 4D BOLD series. Got shape {bold.shape}.")
     if bold.shape[:3] != mask.shape[:3] or not np.allclose(bold.affine, mask.affine, atol=1e-3):
@@ -171,6 +253,8 @@ def _check_headers(run_name: str, bold_file: Path, mask_file: Path, t_r: float, 
             f"{'equal' if np.allclose(bold.affine, mask.affine, atol=1e-3) else 'differ'}). "
             "Use the mask fMRIPrep wrote for this run and space."
         )
+    _check_axis_aligned(bold_file, bold.affine, space)
+    _check_complete(bold_file, bold)
     zooms = bold.header.get_zooms()
     units = bold.header.get_xyzt_units()[1] if hasattr(bold.header, "get_xyzt_units") else "sec"
     header_tr = float(zooms[3]) * {"msec": 1e-3, "usec": 1e-6}.get(units, 1.0)
@@ -179,6 +263,7 @@ def _check_headers(run_name: str, bold_file: Path, mask_file: Path, t_r: float, 
             f"{run_name}: RepetitionTime {t_r} s in {t_r_file} disagrees with the NIfTI header of "
             f"{bold_file.name} ({header_tr} s). Fix whichever is wrong before analysing."
         )
+    return int(bold.shape[3])
 
 
 def collect_runs(
@@ -264,6 +349,20 @@ def collect_runs(
             )
         found[key] = bold
 
+    for mask in sorted(derivatives_dir.glob("sub-*/**/func/*_desc-brain_mask.nii.gz")):
+        entities, _, _ = parse_entities(mask.name)
+        if (entities.get("space") != space or entities.get("task") not in wanted_tasks
+                or (participant_labels and entities["sub"] not in participant_labels)
+                or entities.get("ses", "") not in wanted_sessions | {""}):
+            continue
+        bold_name = mask.name.split("_desc-brain_mask")[0] + "_desc-preproc_bold.nii.gz"
+        if not (mask.with_name(bold_name).exists() or mask.with_name(bold_name.removesuffix(".gz")).exists()):
+            raise InputDataError(
+                f"{mask.with_name(bold_name)}: expected fMRIPrep's preprocessed BOLD beside its brain mask "
+                f"{mask.name}. Got no such file (.nii.gz or .nii): fMRIPrep did not finish this run, or the "
+                f"file was lost. {_REREAD}, or remove the run's other files to leave it out."
+            )
+
     if participant_labels:
         missing = sorted(set(participant_labels) - {key[0] for key in found})
         if missing:
@@ -320,7 +419,14 @@ def collect_runs(
                     "conditions and needs it (onset, duration, trial_type)."
                 )
         if check_headers:
-            _check_headers(name, bold, mask, t_r, t_r_file)
+            n_volumes = _check_headers(name, bold, mask, t_r, t_r_file, space)
+            n_rows = _count_rows(confounds)
+            if n_rows != n_volumes:
+                raise InputDataError(
+                    f"{confounds}: expected one row per volume of {bold.name} ({n_volumes} volumes). Got "
+                    f"{n_rows} rows. Use the confounds file fMRIPrep wrote for this run (re-run fMRIPrep for it "
+                    "if the file was cut short)."
+                )
         runs.append(
             RunInputs(sub, ses, task, run, group, bold, mask, confounds,
                       confounds_json if confounds_json.is_file() else None, t_r, events, entities)

@@ -221,6 +221,19 @@ def load_run_confounds(
     if "compcor" in strategy_tuple:
         kwargs["n_compcor"] = n_compcor
     try:
+        confounds_file = get_confounds_file(lookup, flag_full_aroma=strategy == "ICA-AROMA", flag_tedana=False)
+        raw = pd.read_csv(confounds_file, sep="\t", na_values="n/a")
+    except (ValueError, FileNotFoundError) as exc:
+        raise InputDataError(f"Cannot load the {strategy!r} confounds of {name}: {exc}") from exc
+    # fcflow reads FD itself (mean FD, exclusion) and load_confounds' scrub reads both columns.
+    needed = ["framewise_displacement"] + (["std_dvars"] if censor else [])
+    absent = [c for c in needed if c not in raw.columns]
+    if absent:
+        raise InputDataError(
+            f"{confounds_file}: expected fMRIPrep's motion columns {needed} (fcflow measures motion and "
+            f"censors with them). Got no {absent}. Use the confounds TSV fMRIPrep wrote for this run."
+        )
+    try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="strategy is empty")
             confounds, sample_mask = load_confounds(
@@ -232,14 +245,12 @@ def load_run_confounds(
                 demean=demean,
                 **kwargs,
             )
-        raw = pd.read_csv(
-            get_confounds_file(lookup, flag_full_aroma=strategy == "ICA-AROMA", flag_tedana=False),
-            sep="\t",
-            na_values="n/a",
-        )
     except (ValueError, FileNotFoundError) as exc:
+        # nilearn lists the columns (and column families) the strategy needs and did not find.
         raise InputDataError(
-            f"Cannot load the {strategy!r} confounds of {name}: {exc}"
+            f"{confounds_file}: expected the confound columns of the denoising strategy {strategy!r}. "
+            f"Got a file without some of them ({exc}). Use fMRIPrep's full confounds TSV for this run, "
+            "or choose another [denoising] strategy in the recipe."
         ) from exc
     n_time = len(raw)
     if confounds is not None and confounds.shape[1] == 0:

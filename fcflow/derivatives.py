@@ -87,10 +87,41 @@ def software_versions() -> dict[str, str]:
     }
 
 
+#: Options that decide only how fcflow runs, never what it computes (the reliability tests check
+#: that outputs are byte-identical across them), with whether each takes a value.
+EXECUTION_OPTIONS = {"--plugin": True, "--nprocs": True, "--mem-gb": True, "--sbatch-args": True,
+                     "--plugin-args": True, "--work-dir": True, "--debug": False, "--quiet": False, "-q": False}
+
+
+def analysis_command(command: Sequence[str]) -> list[str]:
+    """``command`` without :data:`EXECUTION_OPTIONS` (and their values), as sidecars record it.
+
+    The same analysis run with another ``--nprocs``, plugin or working directory then writes
+    the same bytes, and the recorded command still rebuilds every output. argparse's
+    abbreviations (``--npro 2``) and ``--opt=value`` forms are recognised.
+    """
+    kept: list[str] = []
+    words = list(command)
+    i = 0
+    while i < len(words):
+        word = words[i]
+        flag, has_equals, _ = word.partition("=")
+        matches = [name for name in EXECUTION_OPTIONS
+                   if name == flag or (flag.startswith("--") and len(flag) > 2 and name.startswith(flag))]
+        if not matches:
+            kept.append(word)
+            i += 1
+            continue
+        takes_value = EXECUTION_OPTIONS[flag if flag in EXECUTION_OPTIONS else matches[0]]
+        i += 2 if takes_value and not has_equals else 1
+    return kept
+
+
 def software_provenance(command: Sequence[str] | None = None) -> dict[str, Any]:
-    """What a reader needs to rebuild an output: the command line and software versions."""
+    """What a reader needs to rebuild an output: the analysis command (:func:`analysis_command`) and
+    the software versions."""
     return {
-        "Command": list(sys.argv if command is None else command),
+        "Command": analysis_command(sys.argv if command is None else command),
         "Software": software_versions(),
     }
 

@@ -57,6 +57,7 @@ from fcflow.errors import FcflowError
 __all__ = [
     "MIN_JOB_MEM_GB",
     "PLUGINS",
+    "check_memory_budget",
     "SLURM_PLUGINS",
     "SlurmJob",
     "add_execution_arguments",
@@ -268,8 +269,10 @@ def plugin_settings(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     ========== ==============================================================================
     Linear     ``{}``
     MultiProc  ``n_procs``, ``memory_gb`` (if known), ``raise_insufficient=False``: a node that
-               asks for more than the budget runs alone instead of nipype stopping the whole
-               run before it starts with a bare "Insufficient resources" error
+               asks for more CPUs than ``n_procs`` runs alone instead of nipype stopping the whole
+               run before it starts with a bare "Insufficient resources" error; a node that asks
+               for more memory than the budget stops the run before it starts, with a message
+               that names it (:func:`check_memory_budget`, called by :func:`run_with_plugin`)
     SLURM      ``sbatch_args``, ``max_jobs`` (64), ``template`` (:func:`slurm_job_template`)
     SLURMGraph ``sbatch_args``, ``template``, ``dont_resubmit_completed_jobs=True`` (resume)
     ========== ==============================================================================
@@ -474,6 +477,8 @@ def run_with_plugin(
         requested = request_node_resources(workflow)
         if requested:
             logger.info("Per-node SLURM requests for %d nodes: %s", len(requested), ", ".join(requested))
+    if plugin == "MultiProc":
+        check_memory_budget(workflow, plugin_args.get("memory_gb"))
     if plugin == "SLURMGraph":
         # nipype reads dont_resubmit_completed_jobs only from a non-empty plugin_args.
         plugin_args.setdefault("dont_resubmit_completed_jobs", True)
@@ -488,6 +493,46 @@ def run_with_plugin(
         crash_dir = workflow.config["execution"].get("crashdump_dir") or os.getcwd()
         check_nodes_finished(execgraph, jobs=jobs, crash_dir=crash_dir, since=started)
     return execgraph
+
+
+def check_memory_budget(workflow, memory_gb: float | None) -> None:
+    """Refuse, before any node starts, a workflow with a node whose memory estimate exceeds the budget.
+
+    MultiProc runs nodes side by side while the sum of their ``mem_gb`` fits ``memory_gb``, so a
+    run is never started next to others it would not fit beside. A node that alone needs more
+    than the whole budget cannot be scheduled within it: nipype would either stop with a bare
+    "Insufficient resources" error or (``raise_insufficient=False``) start it anyway, beyond the
+    budget, where the operating system or SLURM may kill it.
+
+    Parameters
+    ----------
+    workflow : nipype Workflow
+    memory_gb : float or None
+        MultiProc's budget (``--mem-gb``); None means nipype's default, 90% of this machine's memory.
+
+    Raises
+    ------
+    FcflowError
+        Naming the largest such node (its run), its estimate, the budget and what to do.
+    """
+    if memory_gb is None:
+        from nipype.utils.profiler import get_system_total_memory_gb
+
+        memory_gb, source = 0.9 * get_system_total_memory_gb(), "90% of this machine's memory; no --mem-gb"
+    else:
+        source = "--mem-gb, or the SLURM job's memory"
+    nodes = [node for node in workflow._create_flat_graph().nodes() if node.mem_gb > memory_gb]
+    if not nodes:
+        return
+    node = max(nodes, key=lambda n: n.mem_gb)
+    run = getattr(node.inputs, "run_name", None) or ".".join(node.fullname.split(".")[-2:-1]) or node.fullname
+    raise FcflowError(
+        f"{run}: its step '{node.name}' needs an estimated {node.mem_gb:.2f} GB, more than the memory budget "
+        f"of {memory_gb:.2f} GB ({source}); {len(nodes)} step(s) exceed it, so nothing was started. Raise "
+        f"--mem-gb to at least {math.ceil(node.mem_gb * 10) / 10:g} if this machine has the memory, or run on "
+        "a SLURM cluster (--plugin SLURM, or the array route, with enough --mem per job). README, 'Memory', "
+        "explains the estimate."
+    )
 
 
 @dataclass(frozen=True)

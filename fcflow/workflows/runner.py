@@ -43,6 +43,11 @@ def run_workflow(workflow: pe.Workflow, *, plugin: str, plugin_args: dict[str, A
         messages = [_crash_message(path) for path in crashes]
         if not messages:
             raise
+        if len(messages) == 1:
+            # One failed step (most often one bad input): one line, as every other user error.
+            raise FcflowError(
+                f"{messages[0]} Fix it and rerun the same command to resume (crash report {crashes[0]})."
+            ) from exc
         lines = "\n".join(f"  - {m}" for m in messages[:10])
         more = f"\n  ... and {len(messages) - 10} more" if len(messages) > 10 else ""
         raise FcflowError(
@@ -84,5 +89,11 @@ def _crash_message(path: Path) -> str:
     """The last line of the traceback in a nipype text crash file (the exception's own message)."""
     text = path.read_text(errors="replace").strip().splitlines()
     node = next((line.split(":", 1)[1].strip() for line in text if line.startswith("Node:")), path.name)
-    errors = [line for line in text if ("Error: " in line or "Exception: " in line) and not line.startswith(" ")]
-    return f"{node}: {errors[-1] if errors else text[-1]}"
+    errors = [line.strip() for line in text if ("Error: " in line or "Exception: " in line)
+              and not line.startswith(" ")]
+    error = errors[-1] if errors else text[-1].strip()
+    # fcflow's own errors already name the file and the fix: drop the exception's module path.
+    for prefix in ("fcflow.errors.InputDataError: ", "fcflow.errors.RecipeError: ", "fcflow.errors.AtlasError: ",
+                   "fcflow.errors.FcflowError: "):
+        error = error.removeprefix(prefix)
+    return f"{node}: {error}"
