@@ -635,6 +635,11 @@ def run_group_level(
     n_perm = int(n_permutations if n_permutations is not None else inference.n_permutations)
     if n_perm < 1:
         raise InputDataError(f"'n_permutations' must be a positive integer. Got {n_perm!r}.")
+    if not any(output_dir.glob("sub-*/sub-*_desc-runs_qc.tsv")):
+        raise InputDataError(
+            f"{output_dir}: expected the participant level's outputs (sub-<label>/sub-<label>_desc-runs_qc.tsv "
+            "and the maps). Got none: run 'fcflow BIDS_DIR OUTPUT_DIR participant' first, with this OUTPUT_DIR."
+        )
     participants = read_participants(Path(bids_dir), recipe.group_column, recipe.groups)
     lookup = None
     if atlas_dir is not None:
@@ -717,14 +722,25 @@ def run_group_level(
                 LOGGER.info("[%d/%d] %s: %s (%s)", done, n_total, where, test.expression,
                             f"{n_perm} permutations" if set(inference.methods) & set(PERMUTATION_INFERENCES)
                             else "parametric")
-                result = run_inference(
-                    data, design, test, maps.mask, methods=inference.methods, n_permutations=n_perm,
-                    two_sided=inference.two_sided, random_seed=inference.random_seed,
-                    cluster_forming_p=inference.cluster_forming_p, min_cluster_voxels=inference.min_cluster_voxels,
-                )
-                row.update(_write_test_outputs(
-                    group_dir, output_dir, recipe, measure, analysis, test, result, maps, subjects, group_of,
-                    design, dropped, counts, lookup, provenance, recipe_sha, n_perm,
+
+                def compute() -> dict[str, Any]:
+                    result = run_inference(
+                        data, design, test, maps.mask, methods=inference.methods, n_permutations=n_perm,
+                        two_sided=inference.two_sided, random_seed=inference.random_seed,
+                        cluster_forming_p=inference.cluster_forming_p,
+                        min_cluster_voxels=inference.min_cluster_voxels,
+                    )
+                    return _write_test_outputs(
+                        group_dir, output_dir, recipe, measure, analysis, test, result, maps, subjects, group_of,
+                        design, dropped, counts, lookup, provenance, recipe_sha, n_perm,
+                    )
+
+                row.update(_reuse_or_compute_test(
+                    group_dir, f"ses-{analysis.label}_task-{measure.task}_seed-{measure.seed}_contrast-{test.name}_"
+                               f"desc-{measure.desc}",
+                    [recipe_sha, n_perm, provenance, str(atlas_dir), measure, analysis, test, subjects,
+                     list(group_of), design, dropped, counts, maps, data],
+                    compute,
                 ))
                 rows.append(row)
     results = pd.DataFrame(rows)
@@ -762,6 +778,82 @@ def _volume(values: NDArray, mask: NDArray[np.bool_], affine: NDArray[np.float64
     img = nib.Nifti1Image(volume, affine)
     img.header.set_xyzt_units("mm")
     return img
+
+
+def _reuse_or_compute_test(
+    group_dir: Path, name: str, inputs: Sequence[Any], compute: Callable[[], dict[str, Any]],
+) -> dict[str, Any]:
+    """Return one test's ``results.tsv`` values, computing them only if its outputs are missing or stale.
+
+    ``compute`` runs the inference and writes the test's files. Then a record,
+    ``group/.fcflow-resume/<name>.json``, is written after all of them: the SHA-256 of everything
+    that determines their bytes (``inputs``: the maps read, the design, the test, the recipe's
+    fingerprint, the number of permutations, the command and software versions), the values of
+    the row and the SHA-256 of each file written. A rerun (after a kill) reuses the test when its
+    record matches those inputs and every file it lists is intact; otherwise the files of the
+    earlier attempt are removed and the test is computed again. A test interrupted before its
+    record was written is therefore always recomputed, and its files are rewritten whole.
+    """
+    import dataclasses
+    import hashlib
+    import json
+
+    from fcflow.io import sha256_file
+
+    def update(digest, value: Any) -> None:
+        if isinstance(value, np.ndarray):
+            digest.update(f"ndarray{value.dtype.str}{value.shape}".encode())
+            digest.update(np.ascontiguousarray(value).tobytes())
+        elif isinstance(value, pd.DataFrame | pd.Series):
+            update(digest, [repr(value.index.tolist()), repr(getattr(value, "columns", pd.Index([])).tolist())])
+            update(digest, value.to_numpy())
+        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+            update(digest, [type(value).__name__] + [getattr(value, f.name) for f in dataclasses.fields(value)])
+        elif isinstance(value, Mapping):
+            for key in sorted(value, key=repr):
+                update(digest, [repr(key), value[key]])
+        elif isinstance(value, list | tuple):
+            digest.update(b"[")
+            for item in value:
+                update(digest, item)
+            digest.update(b"]")
+        else:
+            digest.update(json.dumps(value, default=repr).encode() + b";")
+
+    digest = hashlib.sha256()
+    update(digest, list(inputs))
+    fingerprint = digest.hexdigest()
+    output_dir = group_dir.parent
+    record_file = group_dir / ".fcflow-resume" / f"{name}.json"
+    record = None
+    if record_file.is_file():
+        try:
+            record = json.loads(record_file.read_text())
+        except (OSError, ValueError):
+            record = None
+    if record is not None and record.get("InputsSHA256") == fingerprint and all(
+        (output_dir / rel).is_file() and sha256_file(output_dir / rel) == sha
+        for rel, sha in record.get("Files", {}).items()
+    ):
+        LOGGER.info("%s: reused (its outputs are complete and its inputs unchanged)", name)
+        return record["Row"]
+    for rel in (record or {}).get("Files", {}):
+        (output_dir / rel).unlink(missing_ok=True)
+    record_file.unlink(missing_ok=True)
+
+    def snapshot() -> dict[Path, tuple[int, int]]:
+        return {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in group_dir.glob("*") if p.is_file()}
+
+    before = snapshot()
+    row = compute()
+    written = sorted(p for p, stamp in snapshot().items() if before.get(p) != stamp)
+    write_json(record_file, {
+        "Test": name,
+        "InputsSHA256": fingerprint,
+        "Row": row,
+        "Files": {str(p.relative_to(output_dir)): sha256_file(p) for p in written},
+    })
+    return row
 
 
 def _write_test_outputs(
