@@ -27,6 +27,11 @@ def test_wheel_carries_the_data_folders(tmp_path):
         for path in shipped:
             assert f"fcflow/_data/{path.relative_to(ROOT).as_posix()}" in names
     assert "fcflow/cli/__init__.py" in names
+    # The report templates are package data: jinja2's PackageLoader reads them from the installed package.
+    templates = [p for p in (ROOT / "fcflow" / "reports" / "templates").glob("*.j2")]
+    assert len(templates) >= 3
+    for path in templates:
+        assert f"fcflow/reports/templates/{path.name}" in names
     # No atlas voxels: the Julich-Brain files are CC BY-NC-SA and are fetched, never shipped.
     assert not [n for n in names if n.endswith((".nii", ".nii.gz"))]
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from fcflow.config import load_recipe
 from fcflow.workflows.execution import add_execution_arguments, plugin_settings, positive_type
 from fcflow.errors import InputDataError
+from fcflow.lock import lock_output_dir
 
 _LABEL = re.compile(r"^[A-Za-z0-9]+$")
 LOGGER = logging.getLogger("fcflow.participant")
@@ -48,6 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", nargs="+", default=None, type=_label("task", "task-"), metavar="LABEL")
     parser.add_argument("--julich-dir", type=Path, default=None,
                         help="a local copy of the Julich-Brain v3.1 files (else FCFLOW_JULICH_DIR, the cache, a download)")
+    parser.add_argument("--no-reports", action="store_true",
+                        help="skip the HTML reports (OUTPUT_DIR/sub-<label>.html, OUTPUT_DIR/group.html) and "
+                             "their figures")
     add_execution_arguments(parser)
     _add_group_arguments(parser)
 
@@ -74,10 +78,18 @@ def _run_group(args: argparse.Namespace, recipe) -> int:
         logging.getLogger("fcflow.group").warning(
             "The Julich-Brain atlas is unavailable, so the cluster tables list coordinates only (no area "
             "names): %s", exc)
-    results = run_group_level(
-        args.output_dir.resolve(), recipe, bids_dir=args.bids_dir.resolve(), atlas_dir=atlas_dir,
-        n_permutations=args.n_permutations, command=["fcflow", *sys.argv[1:]],
-    )
+    with lock_output_dir(args.output_dir.resolve(), "group", command=["fcflow", *sys.argv[1:]]):
+        results = run_group_level(
+            args.output_dir.resolve(), recipe, bids_dir=args.bids_dir.resolve(), atlas_dir=atlas_dir,
+            n_permutations=args.n_permutations, command=["fcflow", *sys.argv[1:]],
+        )
+        if not args.no_reports:
+            from fcflow.reports.group import resolve_recipe, write_group_report
+
+            report = write_group_report(
+                args.output_dir.resolve(), resolve_recipe(recipe, n_permutations=args.n_permutations),
+                bids_dir=args.bids_dir.resolve(), command=["fcflow", *sys.argv[1:]])
+            print(f"Group report: {report}")
     print(f"Group level done: {results}")
     return 0
 
@@ -135,18 +147,22 @@ def _run_participant(args: argparse.Namespace, recipe) -> int:
     atlas_dir = resolve_atlas_dir(args.julich_dir, with_pmaps_for=pmap_areas) if needs_atlas else None
     output_dir = args.output_dir.resolve()
     work_dir = (args.work_dir or output_dir.parent / f"{output_dir.name}_work").resolve()
-    output_dir.mkdir(parents=True, exist_ok=True)
-    write_dataset_description(output_dir, [args.bids_dir, derivatives])
-    from fcflow.workflows.participant import init_fcflow_participant_wf
-
-    workflow = init_fcflow_participant_wf(
-        runs=study.runs, recipe=recipe, atlas_dir=atlas_dir, output_dir=output_dir, work_dir=work_dir,
-        command=["fcflow", *sys.argv[1:]],
-    )
-    n_subjects = len({r.subject for r in study.runs})
-    LOGGER.info("Participant level: %d runs of %d participants; work directory %s", len(study.runs),
-                n_subjects, work_dir)
     plugin, plugin_args = plugin_settings(args)
-    run_workflow(workflow, plugin=plugin, plugin_args=plugin_args, work_dir=work_dir)
+    subjects = sorted({r.subject for r in study.runs})
+    # One lock per participant: the SLURM array route runs one participant per process on one OUTPUT_DIR.
+    with lock_output_dir(output_dir, "participant", subjects, command=["fcflow", *sys.argv[1:]]):
+        write_dataset_description(output_dir, [args.bids_dir, derivatives])
+        from fcflow.workflows.participant import init_fcflow_participant_wf
+
+        workflow = init_fcflow_participant_wf(
+            runs=study.runs, recipe=recipe, atlas_dir=atlas_dir, output_dir=output_dir, work_dir=work_dir,
+            command=["fcflow", *sys.argv[1:]], reports=not args.no_reports,
+        )
+        LOGGER.info("Participant level: %d runs of %d participants; work directory %s", len(study.runs),
+                    len(subjects), work_dir)
+        run_workflow(workflow, plugin=plugin, plugin_args=plugin_args, work_dir=work_dir)
     print(f"Participant level done: {len(study.runs)} runs; outputs in {output_dir}")
+    if not args.no_reports:
+        print(f"Participant reports: {', '.join(str(output_dir / f'sub-{s}.html') for s in subjects[:3])}"
+              + (f" and {len(subjects) - 3} more" if len(subjects) > 3 else ""))
     return 0

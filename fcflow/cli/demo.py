@@ -8,7 +8,8 @@ the infusion. The demo writes, under OUTPUT_DIR:
   bids/                              the simulated BIDS dataset, with
   bids/derivatives/fmriprep/         fMRIPrep-style derivatives and
   bids/derivatives/ground_truth/     the planted truth, then
-  fcflow/                            fcflow's participant-level maps and QC (and the group level)
+  fcflow/                            fcflow's participant-level maps and QC (and the group level),
+  fcflow/group.html, fcflow/sub-*.html   the reports to read first
 
 The seed is the Julich-Brain pgACC when the atlas can be had (--julich-dir, FCFLOW_JULICH_DIR,
 fcflow's cache or a download); offline, the demo says so and uses the simulator's stand-in pgACC
@@ -89,4 +90,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"  ground truth:     {bids_dir / 'derivatives' / 'ground_truth'}")
     print(f"fcflow derivatives: {fcflow_dir}")
     print(f"  group results:    {fcflow_dir / 'group' / 'results.tsv'}")
+    reports = sorted(fcflow_dir.glob("sub-*.html"))
+    if (fcflow_dir / "group.html").is_file():
+        print(f"Group report:       {fcflow_dir / 'group.html'}")
+    if reports:
+        print(f"Participant report: {reports[0]} (and {len(reports) - 1} more beside it)")
     return 0

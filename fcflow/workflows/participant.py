@@ -6,7 +6,9 @@ Per run (:func:`init_run_wf`)::
              \\-> confounds (SelectConfounds) -> run_maps (ComputeRunMaps) -> derivatives (WriteRunDerivatives) -> outputnode
                                                  ^ seed_masks
 
-Per participant (:func:`init_participant_wf`) the runs' QC rows are joined into one TSV.
+Per participant (:func:`init_participant_wf`) the runs' QC rows are joined into one TSV, and
+(unless ``reports=False``) each run's figures (``report``, :class:`ComputeRunReport`, after
+``run_maps``) into ``OUTPUT_DIR/sub-<label>.html`` (:class:`WriteParticipantReport`).
 Settings reach the nodes as plain values (nipype hashes them), so a rerun with the same
 ``--work-dir`` recomputes only what changed or did not finish.
 """
@@ -32,6 +34,7 @@ from fcflow.interfaces.firstlevel import (
     WriteParticipantQC,
     WriteRunDerivatives,
 )
+from fcflow.interfaces.reports import ComputeRunReport, WriteParticipantReport
 
 # Measured on the lean path: the masked float32 run plus one cleaned copy for task measures,
 # and float64 operators; see benchmarks/ (performance issue).
@@ -73,6 +76,7 @@ def init_run_wf(
     output_dir: Path,
     command: Sequence[str],
     name: str,
+    reports: bool = True,
 ) -> pe.Workflow:
     """Build the workflow of one run.
 
@@ -89,6 +93,8 @@ def init_run_wf(
     command : sequence of str
         The command line, recorded in the sidecars.
     name : str
+    reports : bool, default=True
+        Also make the run's report figures (:func:`fcflow.reports.participant.make_run_report`).
 
     Inputs
     ------
@@ -98,6 +104,8 @@ def init_run_wf(
     -------
     qc_row : dict
         The run's row of the participant's QC table.
+    report_file : str
+        The run's ``run_report.json`` (only with ``reports=True``).
     """
     task = recipe.task(run.task)
     seeds = [_plain(seed) for seed in recipe.seeds]
@@ -109,7 +117,7 @@ def init_run_wf(
     inputnode.inputs.mask_file = str(run.mask_file)
     inputnode.inputs.events_file = str(run.events_file) if run.events_file else None
     inputnode.inputs.t_r = run.t_r
-    outputnode = pe.Node(IdentityInterface(fields=["qc_row"]), name="outputnode")
+    outputnode = pe.Node(IdentityInterface(fields=["qc_row", "report_file"]), name="outputnode")
 
     seed_masks = pe.Node(BuildSeedMasks(atlas_dir=str(atlas_dir) if atlas_dir else None, seeds=seeds), name="seed_masks", mem_gb=0.3)
     confounds = pe.Node(SelectConfounds(denoising=denoising, run_name=run.name), name="confounds", mem_gb=0.2)
@@ -144,6 +152,23 @@ def init_run_wf(
                                  ("qc_file", "qc_file")]),
         (derivatives, outputnode, [("qc_row", "qc_row")]),
     ])
+    if reports:
+        # Reads the run again (a report, not the analysis); as much memory as run_maps.
+        report = pe.Node(
+            ComputeRunReport(fmriprep_confounds_file=str(run.confounds_file), seeds=seeds, task=_plain(task),
+                             denoising=denoising, entities={**run_entities(run), "group": run.group},
+                             run_name=run.name),
+            name="report", mem_gb=estimate_run_mem_gb(run.bold_file, run.mask_file),
+        )
+        workflow.connect([
+            (inputnode, report, [("bold_file", "bold_file"), ("mask_file", "mask_file"),
+                                 ("events_file", "events_file"), ("t_r", "t_r")]),
+            (seed_masks, report, [("seed_files", "seed_files")]),
+            (confounds, report, [("confounds_file", "confounds_file"), ("censoring_file", "censoring_file")]),
+            (run_maps, report, [("map_files", "map_files"), ("timeseries_files", "timeseries_files"),
+                                ("qc_file", "qc_file")]),
+            (report, outputnode, [("report_file", "report_file")]),
+        ])
     return workflow
 
 
@@ -156,22 +181,32 @@ def init_participant_wf(
     output_dir: Path,
     command: Sequence[str],
     name: str | None = None,
+    reports: bool = True,
 ) -> pe.Workflow:
-    """Build the workflow of one participant: one :func:`init_run_wf` per run and the QC table.
+    """Build the workflow of one participant: one :func:`init_run_wf` per run, the QC table, the report.
 
     Outputs
     -------
     qc_table : str
         ``sub-<label>/sub-<label>_desc-runs_qc.tsv``.
+    report : str
+        ``sub-<label>.html`` (only with ``reports=True``).
     """
     workflow = pe.Workflow(name=name or f"sub_{subject}_wf")
     merge = pe.Node(Merge(len(runs)), name="merge_qc")
     qc_table = pe.Node(WriteParticipantQC(output_dir=str(output_dir), subject=subject), name="qc_table")
-    outputnode = pe.Node(IdentityInterface(fields=["qc_table"]), name="outputnode")
+    outputnode = pe.Node(IdentityInterface(fields=["qc_table", "report"]), name="outputnode")
+    if reports:
+        merge_reports = pe.Node(Merge(len(runs)), name="merge_reports")
+        report = pe.Node(WriteParticipantReport(output_dir=str(output_dir), subject=subject), name="report")
+        workflow.connect([(merge_reports, report, [("out", "report_files")]),
+                          (report, outputnode, [("out_report", "report")])])
     for index, run in enumerate(runs, start=1):
         run_wf = init_run_wf(run=run, recipe=recipe, atlas_dir=atlas_dir, output_dir=output_dir,
-                             command=command, name=run.name.replace("-", "_") + "_wf")
+                             command=command, name=run.name.replace("-", "_") + "_wf", reports=reports)
         workflow.connect(run_wf, "outputnode.qc_row", merge, f"in{index}")
+        if reports:
+            workflow.connect(run_wf, "outputnode.report_file", merge_reports, f"in{index}")
     workflow.connect([(merge, qc_table, [("out", "qc_rows")]), (qc_table, outputnode, [("qc_table", "qc_table")])])
     return workflow
 
@@ -184,13 +219,18 @@ def init_fcflow_participant_wf(
     output_dir: Path,
     work_dir: Path,
     command: Sequence[str],
+    reports: bool = True,
 ) -> pe.Workflow:
-    """Build the participant level for every selected participant (one sub-workflow each)."""
+    """Build the participant level for every selected participant (one sub-workflow each).
+
+    With ``reports=True`` (the default) each participant also gets ``OUTPUT_DIR/sub-<label>.html``.
+    """
     workflow = pe.Workflow(name="fcflow_participant_wf", base_dir=str(work_dir))
     by_subject: dict[str, list[RunInputs]] = {}
     for run in runs:
         by_subject.setdefault(run.subject, []).append(run)
     for subject, subject_runs in sorted(by_subject.items()):
         workflow.add_nodes([init_participant_wf(subject=subject, runs=subject_runs, recipe=recipe,
-                                                atlas_dir=atlas_dir, output_dir=output_dir, command=command)])
+                                                atlas_dir=atlas_dir, output_dir=output_dir, command=command,
+                                                reports=reports)])
     return workflow

@@ -51,6 +51,18 @@ def test_participant_graph_builds(study, tmp_path):
     assert 0.4 < run_maps.mem_gb < 2
 
 
+def test_participant_graph_has_report_nodes_unless_disabled(study, tmp_path):
+    from fcflow.workflows.participant import init_fcflow_participant_wf
+
+    runs = _runs(study, participant_labels=["01"])
+    for reports, expected in ((True, len(runs) + 1), (False, 0)):
+        workflow = init_fcflow_participant_wf(runs=runs, recipe=RECIPE, atlas_dir=tmp_path, output_dir=tmp_path / "out",
+                                              work_dir=tmp_path / "work", command=["fcflow"], reports=reports)
+        names = [node.fullname for node in workflow._create_flat_graph().nodes()]
+        # one ComputeRunReport per run and one WriteParticipantReport per participant
+        assert len([n for n in names if n.endswith(".report")]) == expected
+
+
 def _fcflow(*args: str, **kwargs) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "fcflow", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, **kwargs)

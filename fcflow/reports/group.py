@@ -1,0 +1,390 @@
+"""The group report: the design, motion by group, QC-FC, every contrast's result, and the methods.
+
+:func:`write_group_report` reads what the participant and group levels wrote in OUTPUT_DIR (the
+runs' QC tables, the first-level maps and their no-denoising counterparts, ``group/results.tsv``
+and the files it lists) and renders ``OUTPUT_DIR/group.html`` with figures in
+``OUTPUT_DIR/group/figures/``:
+
+1. **Design**: groups, sessions, every participant's runs (included, or excluded and why), and
+   for each analysis who entered each group and who was dropped and why (from the sidecars).
+2. **Motion**: mean FD and % censored volumes by group x session, with a one-way ANOVA and a
+   Kruskal-Wallis test across groups per session (:mod:`fcflow.reports.qc`).
+3. **QC-FC** of every task analysed with ``correlation``, per seed and session: without denoising
+   (``desc-correlationNoDenoise``, written with the participant reports) against the recipe's
+   strategy (the maps the group level analysed).
+4. **Results**: one entry per test of ``results.tsv`` (and of ``baseline_results.tsv``), with the
+   glass brain and slices of the thresholded map, the cluster table and the group x session plot
+   of each cluster, when anything survives.
+5. A **methods** paragraph from the resolved recipe and the software (:mod:`fcflow.reports.methods`).
+
+A simulated study (``BIDS_DIR/derivatives/ground_truth``) also gets the planted effects and the
+score of each test against them (:func:`fcflow.simulate.scoring.score_group_results`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+
+from fcflow.config import Recipe
+from fcflow.io import write_text
+
+__all__ = ["resolve_recipe", "read_qc_tables", "collect_qcfc", "write_group_report"]
+
+LOGGER = logging.getLogger("fcflow.report")
+_FIGURES = "group/figures"
+
+
+def resolve_recipe(recipe: Recipe, *, n_permutations: int | None = None) -> Recipe:
+    """The recipe the group level ran with: the command line's ``--n-permutations`` applied."""
+    if n_permutations is None:
+        return recipe
+    return recipe.replace(inference=dataclasses.replace(recipe.inference, n_permutations=int(n_permutations)))
+
+
+def read_qc_tables(output_dir: str | Path) -> pd.DataFrame:
+    """Every ``sub-*/sub-*_desc-runs_qc.tsv`` of the participant level, all columns.
+
+    Adds ``participant`` (label without ``sub-``) and makes ``session``/``run`` strings ("" when
+    absent) and ``excluded`` boolean.
+    """
+    frames = [pd.read_csv(p, sep="\t", dtype=str, na_values=["n/a"], keep_default_na=False)
+              for p in sorted(Path(output_dir).glob("sub-*/sub-*_desc-runs_qc.tsv"))]
+    if not frames:
+        return pd.DataFrame(columns=["participant", "session", "task", "run", "mean_fd_mm", "percent_censored",
+                                     "excluded", "exclusion_reason"])
+    table = pd.concat(frames, ignore_index=True)
+    table["participant"] = table["participant_id"].str.removeprefix("sub-")
+    for column in ("session", "run", "exclusion_reason"):
+        table[column] = table[column].fillna("") if column in table else ""
+    table["excluded"] = table["excluded"].str.lower().isin(["true", "1"])
+    for column in table.columns:
+        if column in ("mean_fd_mm", "percent_censored", "n_timepoints", "n_kept") or column.startswith("dof_") \
+                or column.endswith(("_coverage", "_tsnr", "_n_voxels")):
+            table[column] = pd.to_numeric(table[column], errors="coerce")
+    return table
+
+
+# ----------------------------------------------------------------------------------------------
+# Design
+# ----------------------------------------------------------------------------------------------
+def _design(output_dir: Path, recipe: Recipe, qc: pd.DataFrame, participants: pd.DataFrame,
+            results: pd.DataFrame) -> dict[str, Any]:
+    group_of = participants[recipe.group_column].to_dict()
+    subjects = sorted(set(qc["participant"]), key=lambda s: (recipe.groups.index(group_of[s])
+                                                            if group_of.get(s) in recipe.groups else 99, s))
+    columns = [(s, t.name) for s in recipe.sessions for t in recipe.tasks]
+    matrix = []
+    for subject in subjects:
+        cells = []
+        for session, task in columns:
+            rows = qc[(qc["participant"] == subject) & (qc["session"] == session) & (qc["task"] == task)]
+            if rows.empty:
+                cells.append({"state": "missing", "text": "no run"})
+            elif rows["excluded"].all():
+                cells.append({"state": "excluded", "text": "; ".join(r for r in rows["exclusion_reason"] if r)
+                              or "excluded"})
+            else:
+                n_bad = int(rows["excluded"].sum())
+                cells.append({"state": "included", "text": f"{len(rows) - n_bad} run(s)"
+                              + (f", {n_bad} excluded" if n_bad else "")})
+        matrix.append({"participant": subject, "group": group_of.get(subject, ""), "cells": cells})
+    analyses = []
+    seen = set()
+    for row in results.itertuples():
+        key = (row.task, row.seed, row.desc, row.session_contrast)
+        if key in seen or not row.stat_map:
+            continue
+        seen.add(key)
+        sidecar = output_dir / str(row.stat_map).replace(".nii.gz", ".json")
+        meta = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
+        members = {g: [] for g in recipe.groups}
+        for entry in meta.get("Subjects", []):
+            members.setdefault(entry["group"], []).append(entry["participant_id"])
+        analyses.append({"task": row.task, "seed": row.seed, "desc": row.desc,
+                         "session_contrast": row.session_contrast, "members": members,
+                         "dropped": meta.get("Dropped", []), "covariates": meta.get("Covariates", []),
+                         "dof": meta.get("DegreesOfFreedom")})
+    return {"subjects": matrix, "columns": [{"session": s, "task": t} for s, t in columns], "analyses": analyses,
+            "n_per_group": {g: sum(1 for s in subjects if group_of.get(s) == g) for g in recipe.groups}}
+
+
+# ----------------------------------------------------------------------------------------------
+# Motion
+# ----------------------------------------------------------------------------------------------
+def _motion(output_dir: Path, recipe: Recipe, qc: pd.DataFrame, participants: pd.DataFrame) -> list[dict]:
+    from fcflow.reports import figures
+    from fcflow.reports.qc import compare_motion_between_groups, summarise_motion
+
+    out = []
+    group_of = participants[recipe.group_column].to_dict()
+    for task in recipe.tasks:
+        runs = qc[qc["task"] == task.name]
+        if runs.empty:
+            continue
+        per_subject = (runs.groupby(["participant", "session"], as_index=False)
+                       .agg(mean_fd_mm=("mean_fd_mm", "mean"), percent_censored=("percent_censored", "mean"),
+                            n_excluded=("excluded", "sum")))
+        per_subject["group"] = per_subject["participant"].map(group_of)
+        summary = summarise_motion(per_subject, groups=recipe.groups, sessions=recipe.sessions)
+        tests = compare_motion_between_groups(per_subject, groups=recipe.groups, sessions=recipe.sessions)
+        links = {}
+        for value, label in (("mean_fd_mm", "mean FD (mm)"), ("percent_censored", "% volumes censored")):
+            name = f"task-{task.name}_desc-{value.replace('_', '')}_motion.png"
+            figures.save_figure(figures.plot_motion_by_group(
+                per_subject, value=value, ylabel=label, groups=recipe.groups, sessions=recipe.sessions,
+                title=f"task-{task.name}: {label} per subject (all runs, excluded ones too)"),
+                output_dir / _FIGURES / name)
+            links[value] = f"{_FIGURES}/{name}"
+        flagged = tests[(tests["anova_p"] < 0.05) | (tests["kruskal_p"] < 0.05)]
+        out.append({"task": task.name, "summary": summary.to_dict("records"), "tests": tests.to_dict("records"),
+                    "figures": links, "flagged": flagged.to_dict("records")})
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# QC-FC
+# ----------------------------------------------------------------------------------------------
+def _map_files(output_dir: Path, task: str, seed: str, desc: str, space: str) -> dict[tuple[str, str], list[Path]]:
+    found: dict[tuple[str, str], list[Path]] = {}
+    for path in sorted(output_dir.glob(f"sub-*/ses-*/func/sub-*_task-{task}_*seed-{seed}_desc-{desc}_stat-z_"
+                                       "statmap.nii.gz")):
+        ents = dict(p.split("-", 1) for p in path.name.removesuffix("_statmap.nii.gz").split("_") if "-" in p)
+        if ents.get("space") == space and ents.get("desc") == desc and ents.get("task") == task:
+            found.setdefault((ents["sub"], ents.get("ses", "")), []).append(path)
+    return found
+
+
+def collect_qcfc(
+    output_dir: str | Path, recipe: Recipe, qc: pd.DataFrame, *, task: str, seed: str, session: str,
+) -> dict[str, Any]:
+    """QC-FC of one task x seed x session without denoising and with the recipe's strategy.
+
+    The subjects are those with an included run and both maps; a subject's map and mean FD are
+    the means over its included runs of the session. Edges are the brain voxels common to every
+    map read, minus the seed's own voxels; distances are from the seed mask's centroid.
+
+    Returns
+    -------
+    dict
+        ``n_subjects``, ``subjects``, and per strategy label its :class:`~fcflow.reports.qc.QCFCSummary`
+        as a dict and its r (``r``), with ``distance_mm`` and ``note`` (why nothing was computed).
+    """
+    from fcflow.reports.participant import NO_DENOISE_DESC
+    from fcflow.reports.qc import compute_qcfc, summarise_qcfc
+
+    output_dir = Path(output_dir)
+    labels = {"no denoising": NO_DENOISE_DESC, f"{recipe.denoising.strategy} (recipe)": "correlation"}
+    files = {label: _map_files(output_dir, task, seed, desc, recipe.space) for label, desc in labels.items()}
+    included = qc[(qc["task"] == task) & (qc["session"] == session) & ~qc["excluded"]]
+    fd = included.groupby("participant")["mean_fd_mm"].mean()
+    subjects = sorted(s for s in fd.index
+                      if all((s, session) in f for f in files.values()) and np.isfinite(fd[s]))
+    out: dict[str, Any] = {"task": task, "seed": seed, "session": session, "n_subjects": len(subjects),
+                           "subjects": subjects, "strategies": {}, "note": ""}
+    if len(subjects) < 3 or fd[subjects].nunique() < 2:
+        out["note"] = (f"{len(subjects)} subject(s) with an included run and both maps (no-denoising maps are "
+                       "written with the participant reports): QC-FC needs at least 3 with different mean FD.")
+        return out
+    stacks = {}
+    support = affine = shape = None
+    for label, found in files.items():
+        rows = []
+        for subject in subjects:
+            volumes = [np.asarray(nib.load(p).dataobj, dtype=np.float32) for p in found[(subject, session)]]
+            if shape is None:
+                first = nib.load(found[(subject, session)][0])
+                shape, affine = first.shape[:3], first.affine
+                support = np.ones(shape, dtype=bool)
+            mean = np.mean(volumes, axis=0)
+            support &= np.isfinite(mean) & (mean != 0)
+            rows.append(mean)
+        stacks[label] = rows
+    masks = sorted(output_dir.glob(f"sub-{subjects[0]}/ses-{session}/func/sub-*_task-{task}_*seed-{seed}_mask.nii.gz"))
+    seed_voxels = np.zeros(shape, dtype=bool)
+    if masks:
+        seed_voxels = np.asarray(nib.load(masks[0]).dataobj).reshape(shape) > 0
+    edges = support & ~seed_voxels
+    ijk = np.argwhere(edges)
+    centre = np.argwhere(seed_voxels).mean(axis=0) if seed_voxels.any() else ijk.mean(axis=0)
+    distance = np.linalg.norm(nib.affines.apply_affine(affine, ijk) - nib.affines.apply_affine(affine, centre),
+                              axis=1)
+    mean_fd = fd[subjects].to_numpy(float)
+    for label, rows in stacks.items():
+        data = np.stack([row[edges] for row in rows])
+        r, p = compute_qcfc(data, mean_fd)
+        summary = summarise_qcfc(r, p, distance, n_subjects=len(subjects))
+        out["strategies"][label] = {**dataclasses.asdict(summary), "r": r}
+    out["distance_mm"] = distance
+    return out
+
+
+def _qcfc_section(output_dir: Path, recipe: Recipe, qc: pd.DataFrame) -> list[dict]:
+    from fcflow.reports import figures
+
+    sections = []
+    for task in recipe.tasks:
+        if "correlation" not in task.measures:
+            continue
+        for seed in recipe.seeds:
+            for session in recipe.sessions:
+                result = collect_qcfc(output_dir, recipe, qc, task=task.name, seed=seed.name, session=session)
+                entry = {k: result[k] for k in ("task", "seed", "session", "n_subjects", "note")}
+                entry["strategies"] = {label: {k: v for k, v in s.items() if k != "r"}
+                                       for label, s in result["strategies"].items()}
+                if result["strategies"]:
+                    name = f"ses-{session}_task-{task.name}_seed-{seed.name}_qcfc.png"
+                    figures.save_figure(figures.plot_qcfc(
+                        {label: s["r"] for label, s in result["strategies"].items()}, result["distance_mm"],
+                        title=f"QC-FC, task-{task.name} seed-{seed.name} ses-{session} "
+                              f"({result['n_subjects']} subjects)"), output_dir / _FIGURES / name)
+                    entry["figure"] = f"{_FIGURES}/{name}"
+                sections.append(entry)
+    return sections
+
+
+# ----------------------------------------------------------------------------------------------
+# Results
+# ----------------------------------------------------------------------------------------------
+def _cluster_plots(output_dir: Path, table_file: str) -> list[str]:
+    """The group x session PNGs of a cluster table's clusters, in cluster order."""
+    table = Path(table_file)
+    pattern = table.name.replace("_inference-", "_cluster-*_inference-").replace("_clusters.tsv", "_clustermeans.png")
+    found = list((output_dir / table.parent).glob(pattern))
+
+    def number(path: Path) -> int:
+        match = re.search(r"_cluster-(\d+)_", path.name)
+        return int(match.group(1)) if match else 0
+
+    return [str(p.relative_to(output_dir)) for p in sorted(found, key=number)]
+
+
+def _results(output_dir: Path, recipe: Recipe, results: pd.DataFrame, *, baseline: bool) -> list[dict]:
+    from fcflow.reports import figures
+
+    entries = []
+    template = figures.load_template()
+    for index, row in enumerate(results.itertuples()):
+        anchor = (f"{'baseline' if baseline else 'result'}-{index}-"
+                  + re.sub(r"[^A-Za-z0-9]+", "-", f"{row.task}-{row.desc}-{row.session_contrast}-{row.group_contrast}"))
+        entry = {"anchor": anchor, "task": row.task, "measure": row.measure, "seed": row.seed, "desc": row.desc,
+                 "session_contrast": row.session_contrast, "group_contrast": row.group_contrast,
+                 "stat_type": row.stat_type, "n_per_group": row.n_per_group, "dof": row.dof,
+                 "primary_inference": row.primary_inference, "min_p": row.min_p, "peak_stat": row.peak_stat,
+                 "n_clusters": None if pd.isna(row.n_significant_clusters) else int(row.n_significant_clusters),
+                 "skipped": not row.stat_map, "figures": {}, "clusters": [], "cluster_plots": []}
+        if entry["n_clusters"] and row.thresholded_map and row.cluster_table:
+            table = pd.read_csv(output_dir / row.cluster_table, sep="\t", keep_default_na=False)
+            entry["clusters"] = table.to_dict("records")
+            entry["cluster_columns"] = list(table.columns)
+            img = nib.load(output_dir / row.thresholded_map)
+            stem = Path(row.thresholded_map).name.removesuffix(".nii.gz")
+            title = f"{row.desc}, {row.session_contrast}: {row.group_contrast}"
+            glass = f"{_FIGURES}/{stem}_glassbrain.png"
+            figures.save_figure(figures.plot_glass_brain_map(img, title=title), output_dir / glass)
+            peak = table.iloc[0]
+            slices = f"{_FIGURES}/{stem}_slices.png"
+            figures.save_figure(figures.plot_stat_slices(
+                img, template, cut_coords=(float(peak["peak_x"]), float(peak["peak_y"]), float(peak["peak_z"])),
+                title=f"cluster 1 peak ({peak['peak_x']:g}, {peak['peak_y']:g}, {peak['peak_z']:g}) mm"),
+                output_dir / slices)
+            entry["figures"] = {"glass": glass, "slices": slices}
+            entry["cluster_plots"] = _cluster_plots(output_dir, row.cluster_table)
+            entry["thresholded_map"] = row.thresholded_map
+            entry["cluster_table"] = row.cluster_table
+        entries.append(entry)
+    return entries
+
+
+def _read_results(path: Path) -> pd.DataFrame:
+    if not path.is_file():
+        return pd.DataFrame()
+    table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, na_values=["n/a"])
+    numeric = ("min_p", "peak_stat", "dof", "n_significant_clusters")
+    for column in table.columns:
+        if column in numeric:
+            table[column] = pd.to_numeric(table[column], errors="coerce")
+        else:
+            table[column] = table[column].fillna("")
+    return table
+
+
+def _ground_truth(output_dir: Path, bids_dir: Path) -> dict[str, Any] | None:
+    truth = bids_dir / "derivatives" / "ground_truth"
+    if not (truth / "effects.tsv").is_file():
+        return None
+    effects = pd.read_csv(truth / "effects.tsv", sep="\t", keep_default_na=False)
+    out: dict[str, Any] = {"effects": effects.to_dict("records"), "effect_columns": list(effects.columns),
+                           "scores": [], "note": ""}
+    try:
+        from fcflow.simulate.scoring import score_group_results
+
+        scores = score_group_results(output_dir, truth)
+        out["scores"] = scores.fillna("").to_dict("records")
+        out["score_columns"] = list(scores.columns)
+    except (ValueError, KeyError, FileNotFoundError) as exc:
+        out["note"] = f"The results could not be scored against the planted truth: {exc}"
+    return out
+
+
+def write_group_report(
+    output_dir: str | Path,
+    recipe: Recipe,
+    *,
+    bids_dir: str | Path,
+    command: Sequence[str] | None = None,
+) -> Path:
+    """Render ``OUTPUT_DIR/group.html`` from the participant and group levels' outputs.
+
+    Parameters
+    ----------
+    output_dir : path
+        The analysis OUTPUT_DIR (participant maps, QC tables, ``group/``).
+    recipe : Recipe
+        The resolved recipe the group level ran with (:func:`resolve_recipe`).
+    bids_dir : path
+        The raw BIDS dataset (``participants.tsv``; a simulated study's ground truth).
+    command : sequence of str, optional
+        The command line, shown in the report.
+
+    Returns
+    -------
+    Path
+        ``OUTPUT_DIR/group.html``.
+    """
+    import sys
+
+    from fcflow.bids import read_participants
+    from fcflow.reports.methods import describe_methods, software_versions
+    from fcflow.reports.render import render
+
+    output_dir, bids_dir = Path(output_dir), Path(bids_dir)
+    participants = read_participants(bids_dir, recipe.group_column, recipe.groups)
+    qc = read_qc_tables(output_dir)
+    results = _read_results(output_dir / "group" / "results.tsv")
+    baseline = _read_results(output_dir / "group" / "baseline_results.tsv")
+    both = pd.concat([results, baseline], ignore_index=True) if not baseline.empty else results
+    LOGGER.info("Group report: design, motion, QC-FC, %d results", len(both))
+    context = {
+        "recipe": recipe,
+        "recipe_sha": recipe.fingerprint(),
+        "command": " ".join(command if command is not None else ["fcflow", *sys.argv[1:]]),
+        "design": _design(output_dir, recipe, qc, participants, both),
+        "motion": _motion(output_dir, recipe, qc, participants),
+        "qcfc": _qcfc_section(output_dir, recipe, qc),
+        "results": _results(output_dir, recipe, results, baseline=False),
+        "baseline": _results(output_dir, recipe, baseline, baseline=True),
+        "truth": _ground_truth(output_dir, bids_dir),
+        "methods": describe_methods(recipe),
+        "software": software_versions(),
+    }
+    return write_text(output_dir / "group.html", render("group.html.j2", **context))

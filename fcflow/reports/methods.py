@@ -1,0 +1,252 @@
+"""A methods paragraph built only from the resolved recipe, the software and the atlas release.
+
+Every number and name in the text comes from one of three places: the :class:`~fcflow.config.Recipe`
+the analysis ran with (after command-line overrides such as ``--n-permutations``), the versions of
+the software that ran it, and the atlas release file (``atlases/julich_brain_v3.1.toml``). Fixed
+wording that describes what a setting means (the 24 parameters of "24P", TFCE's exponents read from
+:func:`fcflow.permutation.permutation_test`'s defaults) is part of the software. Nothing is taken
+from the data, so the paragraph describes the analysis, not its results; a test changes recipe
+values and checks that the paragraph follows.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from fcflow.config import Recipe
+
+__all__ = ["STRATEGY_TEXT", "INFERENCE_TEXT", "software_versions", "describe_methods"]
+
+#: What each denoising strategy regresses (fixed by fcflow.denoise.DENOISING_STRATEGIES).
+STRATEGY_TEXT = {
+    "none": "no confound regressors",
+    "24P": "the 24-parameter motion model (the 6 rigid-body parameters, their temporal derivatives and the "
+           "squares of both)",
+    "24P+aCompCor": "the 24-parameter motion model (the 6 rigid-body parameters, their temporal derivatives "
+                    "and the squares of both), the first {n_compcor} anatomical CompCor components of the "
+                    "combined white-matter and CSF mask, and fMRIPrep's discrete cosine regressors",
+    "36P": "the 36-parameter model (the 6 rigid-body parameters and the mean white-matter, CSF and global "
+           "signals, with their temporal derivatives and the squares of all)",
+    "ICA-AROMA": "the mean white-matter and CSF signals and fMRIPrep's discrete cosine regressors, on "
+                 "fMRIPrep's non-aggressively ICA-AROMA-denoised data",
+}
+
+#: Names of the inference methods in prose.
+INFERENCE_TEXT = {
+    "tfce": "threshold-free cluster enhancement (TFCE)",
+    "maxt": "the voxel-wise maximum statistic (max-T)",
+    "cluster_mass": "cluster mass",
+    "cluster_size": "cluster size",
+    "fdr": "the Benjamini-Hochberg false discovery rate",
+    "bonferroni": "Bonferroni correction",
+    "cluster_extent": "a cluster-extent rule",
+}
+_PERMUTATION = ("tfce", "maxt", "cluster_mass", "cluster_size")
+_MEASURE_TEXT = {
+    "correlation": "the Pearson correlation of the cleaned seed signal with every voxel, Fisher z-transformed",
+    "background": "background connectivity (the same correlation after regressing the HRF-convolved task "
+                  "regressors out of seed and voxels), Fisher z-transformed",
+    "gppi": "generalised psychophysiological interaction (gPPI, without deconvolution of the seed)",
+}
+
+
+def software_versions() -> dict[str, str]:
+    """Versions of the software the paragraph names (fcflow, Python and the libraries it runs on)."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    import nibabel
+    import nilearn
+    import numpy
+    import scipy
+
+    from fcflow import __version__
+
+    try:
+        # read from the installed metadata: importing nipype here would pull the wiring layer into
+        # the science layer (tests/test_layers.py)
+        nipype_version = version("nipype")
+    except PackageNotFoundError:
+        nipype_version = "not installed"
+    return {"fcflow": __version__, "Python": platform.python_version(), "nilearn": nilearn.__version__,
+            "nibabel": nibabel.__version__, "nipype": nipype_version, "NumPy": numpy.__version__,
+            "SciPy": scipy.__version__}
+
+
+def _join(items: Sequence[str], last: str = "and") -> str:
+    items = [str(i) for i in items]
+    if len(items) <= 1:
+        return "".join(items)
+    return ", ".join(items[:-1]) + f" {last} " + items[-1]
+
+
+def _quoted(items: Sequence[str]) -> str:
+    return _join([f"'{i}'" for i in items])
+
+
+def _seed_sentence(recipe: Recipe, atlas: Any | None) -> str:
+    sentences = []
+    for seed in recipe.seeds:
+        if seed.mask is not None:
+            where = f"the user-supplied mask {seed.mask.rsplit('/', 1)[-1]}"
+        else:
+            hemis = _join(list(seed.hemispheres))
+            if seed.source == "pmap":
+                rule = (f"the union of the probability maps of {_quoted(seed.areas)} ({hemis} hemisphere"
+                        f"{'s' if len(seed.hemispheres) > 1 else ''}), each resampled to the data grid and "
+                        f"thresholded at p >= {seed.pmap_threshold:g}")
+            else:
+                rule = (f"the union of the maximum-probability-map labels {_quoted(seed.areas)} ({hemis} "
+                        f"hemisphere{'s' if len(seed.hemispheres) > 1 else ''})")
+            if atlas is not None:
+                where = f"{rule} of the {atlas.name} v{atlas.version} ({atlas.n_areas} areas)"
+            else:
+                where = f"{rule} of the atlas {seed.atlas}"
+        signal = "mean" if seed.signal == "mean" else "first eigenvariate"
+        sentences.append(
+            f"The seed {seed.name} was {where}, resampled to each run's grid; its signal was the {signal} of "
+            f"its voxels inside the brain mask, and a run in which less than a fraction {seed.min_coverage:g} "
+            f"of the seed lay inside the brain mask was excluded."
+        )
+    return " ".join(sentences)
+
+
+def _denoising_sentence(recipe: Recipe) -> str:
+    d = recipe.denoising
+    regressors = STRATEGY_TEXT[d.strategy].format(n_compcor=d.n_compcor)
+    text = (f"Confounds were selected from fMRIPrep's confounds table with nilearn's load_confounds "
+            f"(strategy {d.strategy}: {regressors}).")
+    censor = []
+    if d.fd_threshold_mm is not None:
+        censor.append(f"framewise displacement above {d.fd_threshold_mm:g} mm")
+    if d.std_dvars_threshold is not None:
+        censor.append(f"standardised DVARS above {d.std_dvars_threshold:g}")
+    if censor:
+        text += f" Volumes with {_join(censor, 'or')} were censored"
+        if d.scrub_min_segment:
+            text += f", together with segments of fewer than {d.scrub_min_segment} consecutive uncensored volumes"
+        text += "."
+    if d.drop_nonsteady or censor:
+        text += " Non-steady-state volumes flagged by fMRIPrep were discarded."
+    exclude = [f"fewer than {d.min_volumes} volumes remained"]
+    if d.max_mean_fd_mm is not None:
+        exclude.append(f"the mean framewise displacement exceeded {d.max_mean_fd_mm:g} mm")
+    text += f" A run was excluded when {_join(exclude, 'or')}."
+    filters = []
+    for task in recipe.tasks:
+        if task.high_pass is not None and task.low_pass is not None:
+            filters.append(f"band-pass filtered at {task.high_pass:g}-{task.low_pass:g} Hz for task {task.name}")
+        elif task.high_pass is not None:
+            filters.append(f"high-pass filtered at {task.high_pass:g} Hz for task {task.name}")
+        elif task.low_pass is not None:
+            filters.append(f"low-pass filtered at {task.low_pass:g} Hz for task {task.name}")
+        else:
+            filters.append(f"not filtered for task {task.name}")
+    steps = ("linearly detrended, " if d.detrend else "") + _join(filters)
+    if any(t.high_pass is not None or t.low_pass is not None for t in recipe.tasks):
+        steps += (" (Butterworth filter, with censored volumes interpolated before and removed after filtering)"
+                  if censor else " (Butterworth filter)")
+    scaling = "z-scored" if d.standardize_confounds else "scaled by their maximum"
+    text += (f" Signals were {steps}, and the confounds ({scaling}) were put through the same steps and "
+             f"regressed out, the whole cleaning being applied as one linear operator.")
+    return text
+
+
+def _measures_sentence(recipe: Recipe) -> str:
+    parts = []
+    for task in recipe.tasks:
+        measures = []
+        for measure in task.measures:
+            text = _MEASURE_TEXT[measure]
+            if measure == "gppi":
+                contrasts = [c.expression for c in task.condition_contrasts]
+                text += (f" (conditions {_quoted(task.conditions)}"
+                         + (f"; condition contrast{'s' if len(contrasts) > 1 else ''} {_quoted(contrasts)}"
+                            if contrasts else "") + "; confounds in the model)")
+            measures.append(text)
+        parts.append(f"for task {task.name}, {_join(measures)}")
+    return "Seed-to-voxel maps were computed per run: " + "; ".join(parts) + "."
+
+
+def _group_sentence(recipe: Recipe, inference: Mapping[str, Any]) -> str:
+    session_contrasts = [c.expression for c in recipe.session_contrasts]
+    text = (f"At the group level, each subject's within-subject session contrast ({_quoted(session_contrasts)}) "
+            f"of the maps (Fisher z; the gPPI interaction beta of each condition contrast) entered a general "
+            f"linear model with one column per group ({_quoted(recipe.groups)})")
+    covariates = list(recipe.inference.covariates)
+    if covariates:
+        named = ["the subject's mean framewise displacement" if c == "mean_fd" else c for c in covariates]
+        text += f" and the demeaned covariates {_join(named)}"
+    text += "."
+    tests = [f"'{c.expression}'" for c in recipe.group_contrasts]
+    tests += [f"an F test of {_quoted(f.groups)}" for f in recipe.f_tests]
+    sided = "two-sided" if recipe.inference.two_sided else "one-sided"
+    text += (f" The tests were the group contrasts {_join(tests)} ({sided} t tests); the same tests were run on "
+             f"the {recipe.reference_session} session's maps (baseline equivalence).")
+    inf = recipe.inference
+    primary = INFERENCE_TEXT[inf.primary]
+    others = [INFERENCE_TEXT[m] for m in inf.methods if m != inf.primary]
+    if inf.primary in _PERMUTATION:
+        text += (f" Family-wise error was controlled with {primary} by permutation (Freedman-Lane, "
+                 f"{inf.n_permutations} permutations, random seed {inf.random_seed}")
+        if inf.primary == "tfce":
+            text += (f"; E = {inference['tfce_extent_exponent']:g}, H = {inference['tfce_height_exponent']:g}, "
+                     f"{inference['connectivity']}-connectivity")
+        text += f") at alpha = {inf.alpha:g}."
+    else:
+        text += f" Significance was assessed with {primary} at alpha = {inf.alpha:g}."
+    if others:
+        text += f" Also reported: {_join(others)}"
+        if {"cluster_mass", "cluster_size", "cluster_extent"} & set(inf.methods):
+            text += f" (cluster-forming p = {inf.cluster_forming_p:g})"
+        text += "."
+    return text
+
+
+def describe_methods(
+    recipe: Recipe,
+    *,
+    versions: Mapping[str, str] | None = None,
+    atlas: Any | None = None,
+) -> dict[str, Any]:
+    """Write the methods paragraph of an analysis.
+
+    Parameters
+    ----------
+    recipe : Recipe
+        The resolved recipe: the one the analysis ran with, command-line overrides applied.
+    versions : mapping of str to str, optional
+        Software name to version (default: :func:`software_versions`).
+    atlas : fcflow.atlas.AtlasRelease, optional
+        The atlas release (default: read from the shipped file when a seed uses the atlas).
+
+    Returns
+    -------
+    dict
+        ``paragraph`` (str) and ``references`` (list of str).
+    """
+    from fcflow.permutation import permutation_test
+
+    versions = dict(software_versions() if versions is None else versions)
+    uses_atlas = any(seed.mask is None for seed in recipe.seeds)
+    if atlas is None and uses_atlas:
+        from fcflow.atlas import load_atlas_release
+
+        atlas = load_atlas_release()
+    defaults = {name: p.default for name, p in inspect.signature(permutation_test).parameters.items()}
+    libraries = [f"{name} {versions[name]}" for name in ("nilearn", "nibabel", "nipype", "NumPy", "SciPy")
+                 if name in versions]
+    paragraph = " ".join([
+        f"Seed-to-voxel functional connectivity was computed with fcflow {versions.get('fcflow', '')} "
+        f"(Python {versions.get('Python', '')}; {_join(libraries)}) on fMRIPrep outputs in {recipe.space} space.",
+        _seed_sentence(recipe, atlas if uses_atlas else None),
+        _denoising_sentence(recipe),
+        _measures_sentence(recipe),
+        _group_sentence(recipe, {"tfce_extent_exponent": defaults["tfce_extent_exponent"],
+                                 "tfce_height_exponent": defaults["tfce_height_exponent"],
+                                 "connectivity": defaults["connectivity"]}),
+    ])
+    references = list(atlas.citation) if (atlas is not None and uses_atlas) else []
+    return {"paragraph": paragraph, "references": references}

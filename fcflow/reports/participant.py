@@ -1,0 +1,305 @@
+"""The participant report: what each run looked like, what was done to it, and what was kept.
+
+:func:`make_run_report` runs once per BOLD run, after its first level. It reads the run a second
+time (it is a report, not the analysis: the first level stays lean) and makes, from the run's own
+data only:
+
+* the seed masks on nilearn's MNI152 template and on the run's mean BOLD;
+* FD and standardised DVARS per volume with the censoring thresholds and the censored volumes;
+* carpet plots of the same voxels before (detrended raw) and after the first level's cleaning
+  (the operator of :func:`fcflow.denoise.build_cleaning_operator` with the run's confounds,
+  censoring and filter), rows grouped by tissue class;
+* the tSNR map, the seed time series, the first-level maps;
+* for tasks analysed with ``correlation``: the same seed-to-voxel map without denoising (the
+  non-steady-state volumes removed, then only detrending and the task's filter: no confound
+  regression, no censoring), ``desc-correlationNoDenoise``, which the group report's QC-FC
+  compares with the recipe's strategy.
+
+:func:`write_participant_report` puts the figures in ``OUTPUT_DIR/sub-<label>/figures/``, the
+no-denoising maps beside the participant's other maps, and renders ``OUTPUT_DIR/sub-<label>.html``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+
+from fcflow.errors import InputDataError
+from fcflow.io import atomic_path, save_img, write_json, write_text
+
+__all__ = ["NO_DENOISE_DESC", "make_run_report", "write_participant_report"]
+
+#: ``desc`` of the seed-to-voxel map computed without denoising (QC-FC reference).
+NO_DENOISE_DESC = "correlationNoDenoise"
+
+_SECTION_ORDER = ("seedTemplate", "seedBold", "motion", "carpet", "tsnr", "seedTimeseries")
+
+
+def _maps_to_show(map_files: Sequence[str]) -> list[tuple[str, str, str]]:
+    """(seed, desc, file) of the z maps worth a figure: correlation, background, gPPI contrasts.
+
+    A gPPI condition map (``gppi2back``) is left out when the run also has condition contrasts.
+    """
+    parsed = []
+    for path in map_files:
+        stem = Path(path).name.split(".")[0]
+        ents = dict(part.split("-", 1) for part in stem.split("_") if "-" in part)
+        if ents.get("stat") == "z":
+            parsed.append((ents["seed"], ents["desc"], str(path)))
+    contrasts = [d for _, d, _ in parsed if d.startswith("gppi") and "Minus" in d]
+    return [(s, d, f) for s, d, f in parsed
+            if not (contrasts and d.startswith("gppi") and "Minus" not in d)]
+
+
+def _task_blocks(events_file: str | None, conditions: Sequence[str]) -> dict[str, list[tuple[float, float]]]:
+    if not events_file or not conditions:
+        return {}
+    events = pd.read_csv(events_file, sep="\t")
+    return {c: [(float(o), float(d)) for o, d in events.loc[events["trial_type"] == c, ["onset", "duration"]]
+                .itertuples(index=False)] for c in conditions if "trial_type" in events}
+
+
+def make_run_report(
+    *,
+    bold_file: str,
+    mask_file: str,
+    fmriprep_confounds_file: str,
+    seed_files: Sequence[str],
+    seed_names: Sequence[str],
+    confounds_file: str,
+    censoring_file: str,
+    qc_file: str,
+    map_files: Sequence[str],
+    timeseries_files: Sequence[str],
+    events_file: str | None,
+    t_r: float,
+    task: Mapping[str, Any],
+    denoising: Mapping[str, Any],
+    seed_signal: str,
+    entities: Mapping[str, str | None],
+    run_name: str,
+    out_dir: str | Path,
+) -> Path:
+    """Make the figures and numbers of one run's report; write them to ``out_dir``.
+
+    Parameters
+    ----------
+    bold_file, mask_file, fmriprep_confounds_file : path
+        fMRIPrep's preprocessed run, its brain mask and its full confounds TSV (FD, DVARS).
+    seed_files, seed_names : sequence
+        The run's seed masks (``BuildSeedMasks``) and their names, recipe order.
+    confounds_file, censoring_file : path
+        The confounds the first level regressed and its censoring decision (``SelectConfounds``).
+    qc_file : path
+        The first level's ``run_qc.json`` (seed QC, degrees of freedom, exclusion).
+    map_files, timeseries_files : sequence of path
+        The first level's maps and seed time series (empty for an excluded run).
+    events_file : path or None
+    t_r : float
+    task, denoising : mapping
+        The recipe's task and ``[denoising]`` as plain dicts.
+    seed_signal : {"mean", "eigenvariate"}
+    entities : mapping
+        BIDS entities of the run's outputs (sub, ses, task, run, space, res) and ``group``.
+    run_name : str
+    out_dir : path
+        Where the figures, the no-denoising maps and ``run_report.json`` go.
+
+    Returns
+    -------
+    Path
+        ``out_dir/run_report.json``: entities, numbers, exclusion, and the files made.
+    """
+    from fcflow.connectivity import compute_rest_connectivity
+    from fcflow.denoise import build_cleaning_operator, load_run_confounds
+    from fcflow.niftiio import read_masked_bold, unmask
+    from fcflow.reports import figures
+    from fcflow.reports.qc import compute_tsnr, select_carpet_voxels, zscore_rows
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    censoring = json.loads(Path(censoring_file).read_text())
+    run_qc = json.loads(Path(qc_file).read_text())
+    mask_img = nib.load(mask_file)
+    brain = np.asarray(mask_img.dataobj).reshape(mask_img.shape[:3]) > 0
+    seed_imgs = {name: nib.load(path) for name, path in zip(seed_names, seed_files, strict=True)}
+    files: dict[str, str] = {}
+
+    def save(key: str, figure, suffix: str = ".png") -> None:
+        files[key] = str(figures.save_figure(figure, out / f"{key}{suffix}"))
+
+    save("seedTemplate", figures.plot_seed_overlay(
+        seed_imgs, figures.load_template(), title="seed on the MNI152 template"))
+
+    data, info = read_masked_bold(bold_file, mask_img)
+    n_time = data.shape[0]
+    mean_img = unmask(info.mean, brain, mask_img.affine)
+    save("seedBold", figures.plot_seed_overlay(seed_imgs, mean_img, title="seed on the run's mean BOLD"))
+
+    raw_confounds = pd.read_csv(fmriprep_confounds_file, sep="\t", na_values="n/a")
+    kept = np.arange(n_time) if censoring["sample_mask"] is None else np.asarray(censoring["sample_mask"], int)
+    censored = np.ones(n_time, dtype=bool)
+    censored[kept] = False
+    fd = np.array([np.nan if v is None else v for v in censoring["framewise_displacement"]], dtype=float)
+    dvars = raw_confounds["std_dvars"].to_numpy(float) if "std_dvars" in raw_confounds else None
+    save("motion", figures.plot_motion_trace(
+        fd, fd_threshold_mm=denoising.get("fd_threshold_mm"), censored=censored, std_dvars=dvars,
+        std_dvars_threshold=denoising.get("std_dvars_threshold"), t_r=t_r), ".svg")
+
+    columns, tissue = select_carpet_voxels(mask_img)
+    sample = data[:, columns].astype(np.float64)
+    # Non-steady-state volumes (tens of % above the rest) would set the grey scale of the whole
+    # "before" panel: they are left blank there, as they are in "after".
+    first = min(int(censoring["n_non_steady_state"]), n_time - 3)
+    before = np.full((columns.size, n_time), np.nan)
+    detrend_only = build_cleaning_operator(n_time - first, t_r, None, None, None, None, detrend=True)
+    before[:, first:] = (detrend_only @ sample[first:]).T
+    before = zscore_rows(before)
+    after = None
+    confounds = pd.read_csv(confounds_file, sep="\t")
+    try:
+        operator = build_cleaning_operator(
+            n_time, t_r, None if confounds.shape[1] == 0 else confounds.to_numpy(float),
+            None if censoring["sample_mask"] is None else kept, task.get("high_pass"), task.get("low_pass"),
+            bool(denoising.get("detrend", True)), bool(denoising.get("standardize_confounds", True)),
+        )
+        cleaned = np.full((n_time, columns.size), np.nan)
+        cleaned[kept[: operator.shape[0]]] = operator @ sample
+        after = zscore_rows(cleaned.T)
+    except InputDataError:
+        pass  # too few volumes left to clean (an excluded run): the report shows "before" only
+    save("carpet", figures.plot_carpet(before, after, tissue, t_r=t_r))
+
+    tsnr = compute_tsnr(data)
+    save("tsnr", figures.plot_tsnr(unmask(np.nan_to_num(tsnr), brain, mask_img.affine), title="tSNR (raw data)"))
+
+    if timeseries_files:
+        signals = {}
+        for path in timeseries_files:
+            table = pd.read_csv(path, sep="\t")
+            signals[str(table.columns[1])] = table
+        save("seedTimeseries", figures.plot_seed_timeseries(
+            signals, n_timepoints=n_time, t_r=t_r, blocks=_task_blocks(events_file, task.get("conditions", ())),
+            title="cleaned seed signal"), ".svg")
+
+    map_figures = []
+    for seed, desc, path in _maps_to_show(map_files):
+        key = f"map{seed}{desc[0].upper()}{desc[1:]}"
+        save(key, figures.plot_connectivity_map(nib.load(path), mean_img, title=f"seed-{seed} {desc} (z)"))
+        map_figures.append({"key": key, "seed": seed, "desc": desc})
+
+    no_denoise = {}
+    if "correlation" in task.get("measures", ()) and not run_qc.get("excluded") and not censoring["excluded"]:
+        reference = load_run_confounds(bold_file, "none", censor=False)
+        sample_mask = reference.sample_mask if denoising.get("drop_nonsteady", True) else None
+        for name, img in seed_imgs.items():
+            cols = (np.asarray(img.dataobj).reshape(brain.shape) > 0)[brain]
+            conn = compute_rest_connectivity(
+                data, cols, t_r, None, sample_mask, high_pass=task.get("high_pass"), low_pass=task.get("low_pass"),
+                detrend=bool(denoising.get("detrend", True)), seed_method=seed_signal, seed_name=name,
+                run_name=run_name,
+            )
+            target = out / f"seed-{name}_desc-{NO_DENOISE_DESC}_stat-z.nii.gz"
+            no_denoise[name] = str(save_img(unmask(conn.z, brain, mask_img.affine), target))
+
+    seeds_qc = run_qc.get("seeds") or {}
+    report = {
+        "run_name": run_name,
+        "entities": dict(entities),
+        "t_r": t_r,
+        "n_timepoints": censoring["n_timepoints"],
+        "n_kept": censoring["n_kept"],
+        "mean_fd_mm": censoring["mean_fd_mm"],
+        "percent_censored": censoring["percent_censored"],
+        "n_non_steady_state": censoring["n_non_steady_state"],
+        "n_fd_outliers": censoring["n_fd_outliers"],
+        "strategy": censoring["strategy"],
+        "n_confounds": censoring["n_confounds"],
+        "excluded": bool(run_qc.get("excluded") or censoring["excluded"]),
+        "exclusion_reason": run_qc.get("exclusion_reason") or censoring["exclusion_reason"] or "",
+        "seeds": {name: {k: seeds_qc.get(name, {}).get(k) for k in
+                         ("n_voxels_seed", "n_voxels", "coverage", "min_coverage", "tsnr_median")}
+                  for name in seed_names},
+        "dof": run_qc.get("dof") or {},
+        "median_tsnr_brain": float(np.nanmedian(tsnr)) if np.isfinite(tsnr).any() else None,
+        "figures": files,
+        "maps": map_figures,
+        "no_denoise_maps": no_denoise,
+        "carpet_rows": int(columns.size),
+    }
+    return write_json(out / "run_report.json", report)
+
+
+# ----------------------------------------------------------------------------------------------
+# The participant's page
+# ----------------------------------------------------------------------------------------------
+def _figure_name(entities: Mapping[str, Any], key: str, suffix: str) -> str:
+    from fcflow.derivatives import bids_name
+
+    base = {k: entities.get(k) for k in ("sub", "ses", "task", "acq", "run")}
+    return bids_name({**base, "desc": key}, "bold", suffix)
+
+
+def write_participant_report(
+    output_dir: str | Path, subject: str, run_report_files: Sequence[str | Path]
+) -> Path:
+    """Copy each run's figures into ``sub-<label>/figures``, write its no-denoising maps, render the page.
+
+    Parameters
+    ----------
+    output_dir : path
+        The participant level's OUTPUT_DIR.
+    subject : str
+        Participant label without ``sub-``.
+    run_report_files : sequence of path
+        The ``run_report.json`` of each run (:func:`make_run_report`).
+
+    Returns
+    -------
+    Path
+        ``OUTPUT_DIR/sub-<label>.html``.
+    """
+    from fcflow.derivatives import bids_name, run_dir
+    from fcflow.reports.methods import software_versions
+    from fcflow.reports.render import render
+
+    output_dir = Path(output_dir)
+    figures_dir = output_dir / f"sub-{subject}" / "figures"
+    runs = []
+    for path in run_report_files:
+        report = json.loads(Path(path).read_text())
+        ents = report["entities"]
+        links = {}
+        for key, source in report["figures"].items():
+            name = _figure_name(ents, key, Path(source).suffix)
+            with atomic_path(figures_dir / name) as tmp:
+                shutil.copyfile(source, tmp)
+            links[key] = f"sub-{subject}/figures/{name}"
+        grid = {k: ents.get(k) for k in ("sub", "ses", "task", "acq", "run", "space", "res")}
+        for seed, source in report["no_denoise_maps"].items():
+            target = run_dir(output_dir, subject, ents.get("ses")) / bids_name(
+                {**grid, "seed": seed, "desc": NO_DENOISE_DESC, "stat": "z"}, "statmap", ".nii.gz")
+            save_img(nib.load(source), target)
+            write_json(target.with_name(target.name.replace(".nii.gz", ".json")), {
+                "Measure": "correlation", "Statistic": "z", "Seed": seed,
+                "Description": ("Quality control only, not analysed: the seed-to-voxel Fisher z of the run "
+                                "without denoising (non-steady-state volumes removed, then detrending and the "
+                                "task's filter; no confound regression, no censoring). The group report's "
+                                "QC-FC compares it with the recipe's strategy."),
+                "Software": software_versions(),
+            })
+        report["links"] = links
+        report["maps"] = [{**m, "link": links[m["key"]]} for m in report["maps"]]
+        runs.append(report)
+    runs.sort(key=lambda r: tuple(str(r["entities"].get(k) or "") for k in ("ses", "task", "acq", "run")))
+    group = next((r["entities"].get("group") for r in runs if r["entities"].get("group")), "")
+    html = render("participant.html.j2", subject=subject, group=group, runs=runs,
+                  sections=_SECTION_ORDER, software=software_versions())
+    return write_text(output_dir / f"sub-{subject}.html", html)

@@ -1,0 +1,315 @@
+"""Reports: QC-FC and motion tests against independent computations, the methods paragraph against
+the recipe, and a participant report made from real (simulated) runs. No nipype."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from fcflow.config import load_recipe
+from fcflow.reports.methods import STRATEGY_TEXT, describe_methods, software_versions
+from fcflow.reports.qc import (
+    compare_motion_between_groups,
+    compute_qcfc,
+    summarise_motion,
+    summarise_qcfc,
+)
+
+RECIPE = load_recipe("weigner2025_pgacc")
+_NUMBER = re.compile(r"\d+(?:\.\d+)?")
+
+
+# ----------------------------------------------------------------------------------------------
+# QC-FC
+# ----------------------------------------------------------------------------------------------
+def test_qcfc_equals_numpy_corrcoef_on_planted_motion_dependence():
+    rng = np.random.default_rng(7)
+    n_subjects, n_edges = 13, 400
+    mean_fd = rng.gamma(4.0, 0.05, n_subjects)
+    distance = np.linspace(10.0, 120.0, n_edges)
+    # Near edges carry the motion (as a global artefact would), far ones progressively less.
+    loading = np.clip(1.2 - distance / 100.0, 0.0, None)
+    connectivity = loading * (mean_fd[:, None] - mean_fd.mean()) * 8 + rng.normal(0, 0.2, (n_subjects, n_edges))
+
+    r, p = compute_qcfc(connectivity, mean_fd)
+
+    expected = np.array([np.corrcoef(connectivity[:, j], mean_fd)[0, 1] for j in range(n_edges)])
+    np.testing.assert_allclose(r, expected, atol=1e-12)
+    np.testing.assert_allclose(p, [stats.pearsonr(connectivity[:, j], mean_fd).pvalue for j in range(n_edges)],
+                               rtol=1e-8, atol=1e-14)
+    summary = summarise_qcfc(r, p, distance, n_subjects=n_subjects)
+    assert summary.n_edges == n_edges and summary.n_subjects == n_subjects
+    assert summary.percent_p05 == pytest.approx(100 * np.mean(p < 0.05))
+    assert summary.median_abs_r == pytest.approx(np.median(np.abs(expected)))
+    assert summary.distance_rho == pytest.approx(stats.spearmanr(expected, distance).statistic)
+    assert summary.distance_rho < -0.5 and summary.percent_p05 > 30
+
+    clean = compute_qcfc(rng.normal(0, 1, (n_subjects, n_edges)), mean_fd)
+    assert summarise_qcfc(*clean, distance, n_subjects=n_subjects).percent_p05 < 15
+
+
+def test_qcfc_constant_edge_is_nan_and_bad_inputs_raise():
+    fd = np.array([0.1, 0.2, 0.3, 0.5])
+    data = np.column_stack([np.ones(4), [1.0, 2.0, 2.5, 5.0]])
+    r, p = compute_qcfc(data, fd)
+    assert np.isnan(r[0]) and np.isfinite(r[1])
+    with pytest.raises(ValueError, match="at least 3 subjects"):
+        compute_qcfc(data[:2], fd[:2])
+    with pytest.raises(ValueError, match="'mean_fd_mm' must vary"):
+        compute_qcfc(data, np.full(4, 0.2))
+    with pytest.raises(ValueError, match="must have shape"):
+        compute_qcfc(data, fd[:3])
+
+
+# ----------------------------------------------------------------------------------------------
+# Motion by group
+# ----------------------------------------------------------------------------------------------
+def _motion_table(rng: np.random.Generator) -> pd.DataFrame:
+    rows = []
+    for group, shift in (("placebo", 0.0), ("ketamine", 0.15), ("lamotrigine_ketamine", 0.05)):
+        for session in ("baseline", "infusion"):
+            for k in range(9):
+                fd = rng.normal(0.15 + (shift if session == "infusion" else 0.0), 0.03)
+                rows.append({"participant": f"{group[:3]}{k}", "group": group, "session": session,
+                             "mean_fd_mm": fd, "percent_censored": 100 * fd * rng.uniform(0.5, 1.5),
+                             "n_excluded": int(fd > 0.3)})
+    return pd.DataFrame(rows)
+
+
+def test_motion_tests_equal_scipy_and_find_the_planted_difference():
+    table = _motion_table(np.random.default_rng(3))
+    groups, sessions = ("placebo", "ketamine", "lamotrigine_ketamine"), ("baseline", "infusion")
+    tests = compare_motion_between_groups(table, groups=groups, sessions=sessions)
+    for row in tests.itertuples():
+        part = table[table["session"] == row.session]
+        samples = [part.loc[part["group"] == g, row.measure].to_numpy() for g in groups]
+        assert row.anova_f == pytest.approx(stats.f_oneway(*samples).statistic)
+        assert row.anova_p == pytest.approx(stats.f_oneway(*samples).pvalue)
+        assert row.kruskal_h == pytest.approx(stats.kruskal(*samples).statistic)
+        assert row.n_per_group == "placebo=9;ketamine=9;lamotrigine_ketamine=9"
+    fd = tests.set_index(["session", "measure"])
+    assert fd.loc[("infusion", "mean_fd_mm"), "anova_p"] < 0.001
+    assert fd.loc[("baseline", "mean_fd_mm"), "anova_p"] > 0.01
+
+    summary = summarise_motion(table, groups=groups, sessions=sessions).set_index(["group", "session"])
+    ketamine = table[(table["group"] == "ketamine") & (table["session"] == "infusion")]
+    assert summary.loc[("ketamine", "infusion"), "mean_fd_mm"] == pytest.approx(ketamine["mean_fd_mm"].mean())
+    assert summary.loc[("ketamine", "infusion"), "sd_fd_mm"] == pytest.approx(ketamine["mean_fd_mm"].std(ddof=1))
+    assert summary.loc[("ketamine", "infusion"), "n_subjects"] == 9
+
+
+def test_motion_test_is_skipped_for_a_group_with_one_subject():
+    table = _motion_table(np.random.default_rng(4))
+    table = table[~((table["group"] == "placebo") & (table["participant"] != "pla0"))]
+    tests = compare_motion_between_groups(table, groups=("placebo", "ketamine"), sessions=("baseline",))
+    assert tests["anova_p"].isna().all() and tests["n_per_group"].iloc[0].startswith("placebo=1;")
+
+
+# ----------------------------------------------------------------------------------------------
+# Methods paragraph
+# ----------------------------------------------------------------------------------------------
+def _with(recipe, section: str, **changes):
+    return recipe.replace(**{section: dataclasses.replace(getattr(recipe, section), **changes)})
+
+
+def test_methods_paragraph_follows_the_recipe():
+    base = describe_methods(RECIPE)["paragraph"]
+    assert "0.5 mm" in base and "5000 permutations" in base and "24P+aCompCor" in base
+    changed = _with(_with(RECIPE, "denoising", fd_threshold_mm=0.37, strategy="36P"),
+                    "inference", n_permutations=1234, alpha=0.01)
+    text = describe_methods(changed)["paragraph"]
+    assert text != base
+    assert "framewise displacement above 0.37 mm" in text and "0.5 mm or" not in text
+    assert "1234 permutations" in text and "5000" not in text
+    assert "alpha = 0.01" in text
+    assert "strategy 36P" in text and STRATEGY_TEXT["36P"] in text
+    no_censoring = describe_methods(_with(RECIPE, "denoising", fd_threshold_mm=None, std_dvars_threshold=None))
+    assert "censored" not in no_censoring["paragraph"]
+    assert describe_methods(RECIPE)["references"][0].startswith("Amunts K")
+
+
+def test_every_number_of_the_methods_comes_from_the_recipe_or_the_software():
+    from fcflow.atlas import load_atlas_release
+    from fcflow.permutation import permutation_test
+
+    import inspect
+
+    recipe = _with(_with(RECIPE, "denoising", fd_threshold_mm=0.43, min_volumes=77, n_compcor=6),
+                   "inference", n_permutations=4321, random_seed=99)
+    versions = software_versions()
+    atlas = load_atlas_release()
+    methods = describe_methods(recipe, versions=versions, atlas=atlas)
+    defaults = {k: p.default for k, p in inspect.signature(permutation_test).parameters.items()}
+    sources = " ".join([
+        json.dumps(recipe.to_dict()), " ".join(versions.values()), atlas.version, str(atlas.n_areas),
+        STRATEGY_TEXT[recipe.denoising.strategy],
+        " ".join(f"{defaults[k]:g}" for k in ("tfce_extent_exponent", "tfce_height_exponent", "connectivity")),
+    ])
+    allowed = set(_NUMBER.findall(sources))
+    found = set(_NUMBER.findall(methods["paragraph"]))
+    assert found <= allowed, f"numbers not taken from the recipe or the software: {sorted(found - allowed)}"
+    for value in ("0.43", "77", "6", "4321", "99", versions["nilearn"], atlas.version):
+        assert value in found or value in methods["paragraph"]
+
+
+# ----------------------------------------------------------------------------------------------
+# A participant report from real runs
+# ----------------------------------------------------------------------------------------------
+def _plain(value):
+    return json.loads(json.dumps(dataclasses.asdict(value)))
+
+
+@pytest.fixture(scope="module")
+def reported(tmp_path_factory):
+    """Two runs of a tiny simulated study through the first level and the report: one kept, one excluded."""
+    from fcflow.bids import collect_runs
+    from fcflow.firstlevel import run_maps_from_files, select_run_confounds
+    from fcflow.io import write_json, write_tsv
+    from fcflow.reports.participant import make_run_report, write_participant_report
+    from fcflow.simulate import simulate_study
+
+    root = tmp_path_factory.mktemp("reports")
+    bids = root / "bids"
+    simulate_study(bids, n_per_group=1, resolution_mm=4, n_volumes=80, seed=5)
+    runs = collect_runs(bids, bids / "derivatives" / "fmriprep", space=RECIPE.space, group_column="group",
+                        groups=RECIPE.groups, sessions=RECIPE.sessions, tasks_with_events=["nback"],
+                        tasks=["rest", "nback"], participant_labels=["01"], session_labels=["infusion"]).runs
+    (seed_file,) = (bids / "derivatives" / "ground_truth").glob("*_desc-pgACC_mask.nii.gz")
+    seeds = [{"name": "pgACC", "signal": "mean", "min_coverage": 0.8}]
+    out = root / "out"
+    reports, kwargs = {}, {}
+    for run in runs:
+        # The n-back run is excluded: its mean FD is above a maximum set far too low.
+        denoising = _plain(RECIPE.denoising if run.task == "rest"
+                           else dataclasses.replace(RECIPE.denoising, max_mean_fd_mm=0.001))
+        task = _plain(RECIPE.task(run.task))
+        work = root / "work" / run.name
+        confounds, censoring = select_run_confounds(run.bold_file, denoising, run_name=run.name)
+        table = confounds if confounds is not None else pd.DataFrame(index=range(censoring["n_timepoints"]))
+        confounds_file = write_tsv(work / "confounds.tsv", table)
+        censoring_file = write_json(work / "censoring.json", censoring)
+        maps = run_maps_from_files(
+            bold_file=str(run.bold_file), mask_file=str(run.mask_file), seed_files=[str(seed_file)], seeds=seeds,
+            confounds_file=str(confounds_file), censoring_file=str(censoring_file), t_r=run.t_r, task=task,
+            denoising=denoising, events_file=str(run.events_file) if run.events_file else None,
+            run_name=run.name, out_dir=str(work),
+        )
+        kwargs[run.task] = dict(
+            bold_file=str(run.bold_file), mask_file=str(run.mask_file),
+            fmriprep_confounds_file=str(run.confounds_file), seed_files=[str(seed_file)], seed_names=["pgACC"],
+            confounds_file=str(confounds_file), censoring_file=str(censoring_file), qc_file=maps["qc_file"],
+            map_files=maps["map_files"], timeseries_files=maps["timeseries_files"],
+            events_file=str(run.events_file) if run.events_file else None, t_r=run.t_r, task=task,
+            denoising=denoising, seed_signal="mean",
+            entities={"sub": run.subject, "ses": run.session, "task": run.task, "space": RECIPE.space, "res": "4",
+                      "group": run.group},
+            run_name=run.name,
+        )
+        reports[run.task] = make_run_report(**kwargs[run.task], out_dir=work / "report")
+        reports[run.task + "_maps"] = maps
+    page = write_participant_report(out, "01", [reports["rest"], reports["nback"]])
+    return {"runs": {r.task: r for r in runs}, "reports": reports, "page": page, "out": out, "root": root,
+            "kwargs": kwargs}
+
+
+def test_participant_report_has_one_section_per_run_with_the_exclusion_reason(reported):
+    html = reported["page"].read_text()
+    assert reported["page"] == reported["out"] / "sub-01.html"
+    rest, nback = reported["runs"]["rest"], reported["runs"]["nback"]
+    sections = re.findall(r'<section id="([^"]+)" class="run">', html)
+    assert sections == [nback.name, rest.name]
+    nback_section = html[html.index(f'<section id="{nback.name}"'):html.index(f'<section id="{rest.name}"')]
+    assert '<p class="excluded"><strong>Excluded.</strong>' in nback_section
+    assert "above the maximum of 0.001 mm (max_mean_fd_mm)" in nback_section
+    rest_section = html[html.index(f'<section id="{rest.name}"'):]
+    assert '<p class="included">' in rest_section and "max_mean_fd_mm" not in rest_section
+
+
+def test_report_figures_are_the_runs_own(reported):
+    out = reported["out"]
+    html = reported["page"].read_text()
+    links = re.findall(r'<img src="([^"]+)"', html)
+    rest = json.loads(Path(reported["reports"]["rest"]).read_text())
+    nback = json.loads(Path(reported["reports"]["nback"]).read_text())
+    assert set(rest["figures"]) == {"seedTemplate", "seedBold", "motion", "carpet", "tsnr", "seedTimeseries",
+                                    "mappgACCCorrelation"}
+    # the excluded run still shows what excluded it, but has no map or seed signal
+    assert set(nback["figures"]) == {"seedTemplate", "seedBold", "motion", "carpet", "tsnr"}
+    assert len(links) == len(rest["figures"]) + len(nback["figures"])
+    for link in links:
+        data = (out / link).read_bytes()
+        assert data.startswith(b"\x89PNG") if link.endswith(".png") else b"<svg" in data[:2000], link
+    # tSNR and volume counts are the run's: recomputed here from the BOLD with nibabel
+    run = reported["runs"]["rest"]
+    brain = nib.load(run.mask_file).get_fdata() > 0
+    series = nib.load(run.bold_file).get_fdata(dtype=np.float32)[brain]
+    tsnr = series.mean(axis=1) / series.std(axis=1)
+    assert rest["median_tsnr_brain"] == pytest.approx(np.nanmedian(tsnr), rel=1e-4)
+    assert rest["n_timepoints"] == series.shape[1] and 0 < rest["n_kept"] <= series.shape[1]
+
+
+def test_no_denoise_map_is_the_plain_correlation_and_differs_from_the_recipes(reported):
+    from nilearn.signal import clean
+
+    run = reported["runs"]["rest"]
+    func = reported["out"] / "sub-01" / "ses-infusion" / "func"
+    (none_file,) = func.glob("*task-rest*_seed-pgACC_desc-correlationNoDenoise_stat-z_statmap.nii.gz")
+    assert json.loads(none_file.with_name(none_file.name.replace(".nii.gz", ".json")).read_text())["Statistic"] == "z"
+    brain = nib.load(run.mask_file).get_fdata() > 0
+    seed = nib.load(next((reported["root"] / "bids" / "derivatives" / "ground_truth")
+                         .glob("*_desc-pgACC_mask.nii.gz"))).get_fdata()[brain] > 0
+    series = nib.load(run.bold_file).get_fdata(dtype=np.float32)[brain].T
+    censoring = json.loads((reported["root"] / "work" / run.name / "censoring.json").read_text())
+    task = RECIPE.task("rest")
+    some = np.arange(0, series.shape[1], 11)  # a subsample of voxels keeps nilearn's clean quick
+    cleaned = clean(series[censoring["n_non_steady_state"]:, some], detrend=True, standardize="zscore_sample",
+                    high_pass=task.high_pass, low_pass=task.low_pass, t_r=run.t_r)
+    seed_signal = series[censoring["n_non_steady_state"]:, seed].mean(axis=1)
+    seed_clean = clean(seed_signal[:, None], detrend=True, standardize="zscore_sample", high_pass=task.high_pass,
+                       low_pass=task.low_pass, t_r=run.t_r)[:, 0]
+    expected = np.arctanh(np.clip(cleaned.T @ seed_clean / (len(seed_clean) - 1), -1 + 1e-7, 1 - 1e-7))
+    ours = nib.load(none_file).get_fdata()[brain]
+    np.testing.assert_allclose(ours[some], expected, atol=2e-3)
+    default = nib.load(next(f for f in reported["reports"]["rest_maps"]["map_files"]
+                            if f.endswith("correlation_stat-z.nii.gz"))).get_fdata()[brain]
+    assert np.corrcoef(ours, default)[0, 1] < 0.99
+
+
+def test_run_report_figures_are_the_same_bytes_on_a_rerun(reported, tmp_path):
+    from fcflow.reports.participant import make_run_report
+
+    first = json.loads(Path(reported["reports"]["rest"]).read_text())
+    again = json.loads(make_run_report(**reported["kwargs"]["rest"], out_dir=tmp_path).read_text())
+    assert first["figures"].keys() == again["figures"].keys()
+    for key, path in first["figures"].items():
+        assert Path(path).read_bytes() == Path(again["figures"][key]).read_bytes(), key
+
+
+def test_report_text_is_escaped(reported, tmp_path):
+    from fcflow.reports.participant import write_participant_report
+
+    report = json.loads(Path(reported["reports"]["nback"]).read_text())
+    report["exclusion_reason"] = "<script>alert(1)</script>"
+    doctored = tmp_path / "run_report.json"
+    doctored.write_text(json.dumps(report))
+    html = write_participant_report(tmp_path / "out", "01", [doctored]).read_text()
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html and "<script>" not in html
+
+
+def test_save_figure_writes_png_or_svg_only(tmp_path):
+    from fcflow.reports.figures import new_figure, save_figure
+
+    figure = new_figure(2, 2)
+    figure.add_subplot(1, 1, 1).plot([0, 1], [1, 0])
+    assert save_figure(figure, tmp_path / "a.png").read_bytes().startswith(b"\x89PNG")
+    assert b"<svg" in save_figure(figure, tmp_path / "a.svg").read_bytes()[:2000]
+    with pytest.raises(ValueError, match="'out_file' must end in .png or .svg"):
+        save_figure(figure, tmp_path / "a.pdf")

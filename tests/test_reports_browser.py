@@ -1,0 +1,215 @@
+"""Both reports in a real headless browser: every image loads, the console stays clean, screenshots kept.
+
+A tiny simulated study goes through ``fcflow ... participant`` and ``fcflow ... group`` (the real
+command line, nipype included). Chromium (Debian's ``chromium``) opens each page and the test
+drives it over the DevTools protocol (``--remote-debugging-port``, ``websocket-client``): it
+collects console errors, uncaught exceptions and browser log errors (a missing image is logged as
+"Failed to load resource"), checks that every ``<img>`` finished loading with a non-zero natural
+width, and saves a screenshot of each page to ``$FCFLOW_ARTIFACTS_DIR`` (default: the test's
+temporary folder). The DevTools route is used rather than ``--dump-dom`` because it sees errors
+that happen before any script of the page could, and it reports them as structured events.
+
+Skipped without chromium or websocket-client, unless ``FCFLOW_TEST_BROWSER=1`` (CI), which turns
+the skip into a failure.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+_BROWSERS = ("chromium", "chromium-browser", "google-chrome")
+_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+          "--disable-background-networking", "--disable-component-update", "--disable-sync",
+          "--hide-scrollbars", "--window-size=1280,4000", "--remote-debugging-port=0")
+
+
+def _required() -> bool:
+    return os.environ.get("FCFLOW_TEST_BROWSER") == "1"
+
+
+@pytest.fixture(scope="module")
+def browser_path() -> str:
+    path = next((p for p in map(shutil.which, _BROWSERS) if p), None)
+    problem = None if path else f"no headless browser on PATH (tried {', '.join(_BROWSERS)})"
+    try:
+        import websocket  # noqa: F401
+    except ImportError:
+        problem = problem or "websocket-client is not installed (pip install -e '.[test]')"
+    if problem:
+        if _required():
+            pytest.fail(f"FCFLOW_TEST_BROWSER=1 but {problem}: apt-get install chromium.")
+        pytest.skip(problem)
+    return path
+
+
+class DevTools:
+    """A headless Chromium and one page, driven over the DevTools protocol (bounded waits)."""
+
+    def __init__(self, browser: str, profile: Path, timeout_s: float = 60.0) -> None:
+        import websocket
+
+        self.timeout_s = timeout_s
+        self.process = subprocess.Popen([browser, *_FLAGS, f"--user-data-dir={profile}", "about:blank"],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        port = self._port()
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10) as answer:
+                pages = [t for t in json.load(answer) if t.get("type") == "page"]
+            if pages or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert pages, "chromium opened no page"
+        self.socket = websocket.create_connection(pages[0]["webSocketDebuggerUrl"], timeout=timeout_s,
+                                                  suppress_origin=True)
+        self.next_id = 0
+        self.events: list[dict] = []
+        for domain in ("Page", "Runtime", "Log"):
+            self.call(f"{domain}.enable")
+
+    def _port(self) -> int:
+        deadline = time.monotonic() + self.timeout_s
+        seen = []
+        while time.monotonic() < deadline:
+            line = self.process.stderr.readline()
+            if not line and self.process.poll() is not None:
+                break
+            seen.append(line)
+            match = re.search(r"DevTools listening on ws://[^:]+:(\d+)/", line)
+            if match:
+                return int(match.group(1))
+        self.process.kill()
+        raise AssertionError(f"chromium did not start its DevTools server: {''.join(seen)[-2000:]}")
+
+    def call(self, method: str, **params) -> dict:
+        self.next_id += 1
+        self.socket.send(json.dumps({"id": self.next_id, "method": method, "params": params}))
+        deadline = time.monotonic() + self.timeout_s
+        while time.monotonic() < deadline:
+            message = json.loads(self.socket.recv())
+            if message.get("id") == self.next_id:
+                assert "error" not in message, f"{method}: {message['error']}"
+                return message.get("result", {})
+            self.events.append(message)
+        raise AssertionError(f"no answer to {method} within {self.timeout_s} s")
+
+    def open(self, url: str) -> None:
+        self.events.clear()
+        self.call("Page.navigate", url=url)
+        deadline = time.monotonic() + self.timeout_s
+        while not any(e.get("method") == "Page.loadEventFired" for e in self.events):
+            assert time.monotonic() < deadline, f"{url} did not finish loading"
+            self.events.append(json.loads(self.socket.recv()))
+
+    def evaluate(self, expression: str):
+        result = self.call("Runtime.evaluate", expression=expression, returnByValue=True)
+        assert "exceptionDetails" not in result, result["exceptionDetails"]
+        return result["result"]["value"]
+
+    def errors(self) -> list[str]:
+        out = []
+        for event in self.events:
+            method, params = event.get("method"), event.get("params", {})
+            if method == "Runtime.consoleAPICalled" and params.get("type") in ("error", "assert"):
+                out.append("console: " + " ".join(str(a.get("value", a.get("description"))) for a in params["args"]))
+            elif method == "Runtime.exceptionThrown":
+                out.append("exception: " + params["exceptionDetails"].get("text", ""))
+            elif method == "Log.entryAdded" and params["entry"].get("level") == "error":
+                out.append(f"log: {params['entry'].get('text')} {params['entry'].get('url', '')}")
+        return out
+
+    def screenshot(self, path: Path, width: int = 1280, height: int = 4000) -> Path:
+        self.call("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1,
+                  mobile=False)
+        data = self.call("Page.captureScreenshot", format="png", captureBeyondViewport=True)["data"]
+        path.write_bytes(base64.b64decode(data))
+        return path
+
+    def close(self) -> None:
+        try:
+            self.socket.close()
+        finally:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+
+
+def _fcflow(*args: str) -> str:
+    done = subprocess.run([sys.executable, "-m", "fcflow", *args], capture_output=True, text=True, timeout=1500)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def reports(tmp_path_factory) -> dict:
+    """A tiny study (2 per group, 80 volumes, 4 mm) through both levels with reports."""
+    from fcflow.cli.demo import _stand_in_recipe
+    from fcflow.simulate import simulate_study
+
+    root = tmp_path_factory.mktemp("browser")
+    bids = root / "bids"
+    simulate_study(bids, n_per_group=2, resolution_mm=4, n_volumes=80, seed=5)
+    recipe = _stand_in_recipe(root, bids)
+    text = recipe.read_text()
+    # 6 subjects cannot carry age, sex and mean FD; a low mean-FD limit excludes a few runs.
+    text = re.sub(r"(?m)^covariates = .*$", "covariates = []", text)
+    text = re.sub(r"(?m)^max_mean_fd_mm = .*$", "max_mean_fd_mm = 0.3", text)
+    recipe.write_text(text)
+    out = root / "out"
+    common = ["--recipe", str(recipe), "--work-dir", str(root / "work")]
+    participant = _fcflow(str(bids), str(out), "participant", *common, "--nprocs", "2")
+    group = _fcflow(str(bids), str(out), "group", *common, "--n-permutations", "50")
+    return {"out": out, "participant_stdout": participant, "group_stdout": group}
+
+
+@pytest.mark.slow
+def test_reports_load_in_a_browser_without_errors(reports, browser_path, tmp_path):
+    out = reports["out"]
+    assert f"Group report: {out / 'group.html'}" in reports["group_stdout"]
+    assert str(out / "sub-01.html") in reports["participant_stdout"]
+    artifacts = Path(os.environ.get("FCFLOW_ARTIFACTS_DIR") or tmp_path)
+    artifacts.mkdir(parents=True, exist_ok=True)
+    pages = [out / "group.html", *sorted(out.glob("sub-*.html"))]
+    assert len(pages) == 7
+    browser = DevTools(browser_path, tmp_path / "profile")
+    try:
+        for page in pages:
+            browser.open(page.as_uri())
+            images = browser.evaluate(
+                "Array.from(document.images).map(i => ({src: i.getAttribute('src'), complete: i.complete, "
+                "width: i.naturalWidth}))")
+            assert len(images) >= (10 if page.name == "group.html" else 6 * 5), page.name
+            broken = [i["src"] for i in images if not (i["complete"] and i["width"] > 0)]
+            assert not broken, f"{page.name}: images that did not load: {broken[:5]}"
+            assert not browser.errors(), f"{page.name}: {browser.errors()[:5]}"
+            if page.name in ("group.html", "sub-01.html"):
+                shot = browser.screenshot(artifacts / f"report_{page.stem}.png")
+                assert shot.stat().st_size > 10_000
+    finally:
+        browser.close()
+
+
+@pytest.mark.slow
+def test_group_report_shows_design_motion_qcfc_and_methods(reports):
+    html = (reports["out"] / "group.html").read_text()
+    for anchor in ("summary", "design", "motion", "qcfc", "results", "truth", "methods"):
+        assert f'<section id="{anchor}">' in html
+    # the runs excluded by the recipe's mean-FD limit are named with their reason
+    assert "above the maximum of 0.3 mm (max_mean_fd_mm)" in html
+    assert "no denoising" in html and "24P+aCompCor (recipe)" in html
+    # the methods paragraph reports the permutations that ran, not the recipe's 5000
+    methods = html[html.index('id="methods-paragraph"'):]
+    assert "50 permutations" in methods and "5000" not in methods
