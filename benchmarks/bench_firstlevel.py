@@ -1,75 +1,40 @@
-"""First level on one realistic run: fcflow against the I/O floor and nilearn's documented recipe.
+"""First level on realistic runs: fcflow against the I/O floor and nilearn's documented recipe.
 
-Generates one resting-state run with fcflow's simulator on the 2 mm MNI152NLin2009cAsym grid
-(97 x 115 x 97, 300 volumes, TR 2 s, float32 .nii.gz) plus the fMRIPrep-style mask and confounds,
-then times, each in a fresh process (start-up and imports included), alternating A B A B ...:
+Simulates a small study with ``fcflow simulate`` (2 mm MNI152NLin2009cAsym grid 97 x 115 x 97,
+300 volumes, TR 2 s, float32 .nii.gz with fMRIPrep-style masks and confounds; shared with
+bench_study.py) and takes sub-01's baseline rest and n-back runs. Each step is a fresh process
+(start-up and imports included), run in alternation (A B C ... A B C ...):
 
-* floor      - nibabel reads the run's .nii.gz fully into float32 memory;
-* reference  - nilearn's documented seed-to-voxel recipe: NiftiLabelsMasker for the seed,
-               NiftiMasker for the brain (same confounds, detrend, band-pass, standardize),
-               np.dot, arctanh, inverse_transform, save;
-* fcflow     - fcflow.firstlevel.compute_run_maps as a function call (seed mask built outside);
-* workflow   - the same run through fcflow's one-run nipype workflow (Linear plugin).
+* floor      - nibabel reads the run's .nii.gz fully into float32 memory (rest and n-back);
+* reference  - nilearn's documented seed-to-voxel recipe on the rest run: NiftiLabelsMasker for
+               the seed, NiftiMasker for the brain (same confounds, detrend, band-pass,
+               standardize), np.dot, arctanh, inverse_transform, save;
+* fcflow     - ``fcflow.firstlevel.compute_run_maps`` as a function call (confounds selected,
+               every map written as .nii.gz): rest (correlation) and n-back (gPPI with 0-back,
+               2-back and 2-back - 0-back, and background FC);
+* workflow   - the same run through fcflow's participant level CLI, one run, Linear plugin,
+               ``--no-reports`` (the recipe's censoring applies there).
 
-It prints median wall time, peak RSS, and the ratios to the floor and to the reference. The
-machine is shared and noisy: the ratios are the figures to compare.
+It prints median wall time, peak RSS, and the ratios to the floor and reference / step, then
+checks that fcflow's rest z map equals the recipe's (which divides np.dot by n instead of n - 1).
 
-    python benchmarks/bench_firstlevel.py [--repeats 3] [--skip-reference] [--data-dir DIR]
+    python benchmarks/bench_firstlevel.py                  # 3 repeats, the recipe once (~15 min)
+    python benchmarks/bench_firstlevel.py --full           # the recipe 3 times too
+    python benchmarks/bench_firstlevel.py --skip-reference # without the 3-5 min recipe
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import statistics
-import subprocess
+import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve()
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
 
-
-def make_run(data_dir: Path, n_volumes: int, resolution_mm: float, julich_dir: str | None) -> dict[str, Path]:
-    """Write one simulated rest run (BOLD, mask, confounds, seed mask) into ``data_dir``."""
-    import nibabel as nib
-    import numpy as np
-
-    from fcflow.io import save_img, write_tsv
-    from fcflow.simulate import NoiseModel, build_anatomy, build_regions, compute_confounds, preset_effects, simulate_run
-    from fcflow.simulate.nifti import write_bold
-
-    bold = data_dir / "sub-01_ses-baseline_task-rest_space-MNI152NLin2009cAsym_res-2_desc-preproc_bold.nii.gz"
-    mask = data_dir / "sub-01_ses-baseline_task-rest_space-MNI152NLin2009cAsym_res-2_desc-brain_mask.nii.gz"
-    confounds = data_dir / "sub-01_ses-baseline_task-rest_desc-confounds_timeseries.tsv"
-    seed = data_dir / "seed-pgACC_mask.nii.gz"
-    if not bold.is_file():
-        data_dir.mkdir(parents=True, exist_ok=True)
-        anatomy = build_anatomy(resolution_mm)
-        effects, noise = preset_effects("weigner2025"), NoiseModel()
-        regions = build_regions(anatomy, effects, None)
-        run = simulate_run(anatomy, regions, subject="01", session="baseline", task="rest", group="placebo",
-                           n_volumes=n_volumes, t_r=2.0, seed=1, effects=effects, noise=noise, nback=None)
-        write_bold(bold, run.data, anatomy.voxels, anatomy.shape, anatomy.affine, 2.0)
-        save_img(anatomy.brain_mask_img(), mask)
-        table, meta = compute_confounds(run.data, anatomy, run.motion, 2.0, run.n_non_steady)
-        write_tsv(confounds, table)
-        from fcflow.io import write_json
-
-        write_json(confounds.with_suffix(".json"), meta)
-        if julich_dir:
-            from fcflow.atlas import build_seed_mask
-
-            seed_img = build_seed_mask(julich_dir, ["Area p24ab (pACC)", "Area p24c (pACC)", "Area p32 (pACC)"],
-                                       ("left", "right"), mask)
-        else:
-            volume = np.zeros(anatomy.shape, dtype=np.uint8)  # the stand-in pgACC, over simulated voxels
-            volume[tuple(anatomy.voxels[regions.seed].T)] = 1
-            seed_img = nib.Nifti1Image(volume, anatomy.affine)
-        save_img(seed_img, seed)
-    return {"bold": bold, "mask": mask, "confounds": confounds, "seed": seed}
-
+from _common import Row, ensure_study, format_table, load_average, median, python_child, run_child, write_json  # noqa: E402
 
 FLOOR = """
 import sys, nibabel as nib, numpy as np
@@ -95,108 +60,125 @@ brain_masker.inverse_transform(np.arctanh(r.T)).to_filename(out)
 """
 
 FCFLOW = """
-import sys, nibabel as nib, numpy as np
+import sys
+from pathlib import Path
+import nibabel as nib, numpy as np, pandas as pd
 from fcflow.denoise import load_run_confounds
 from fcflow.firstlevel import compute_run_maps
 from fcflow.io import save_img
 from fcflow.niftiio import unmask
-bold, mask, seed, out = sys.argv[1:5]
+bold, mask, seed, out, task, events = sys.argv[1:7]
 sel = load_run_confounds(bold, "24P+aCompCor", censor=False, n_compcor=5)
-maps = compute_run_maps(bold, mask, {"pgACC": nib.load(seed)}, t_r=2.0, measures=["correlation"],
-                        confounds=sel.confounds, sample_mask=sel.sample_mask, high_pass=0.01, low_pass=0.08,
-                        run_name="bench")
-brain = np.asarray(nib.load(mask).dataobj) > 0
-(z,) = [v for k, v in maps.maps.items() if k.stat == "z"]
-save_img(unmask(z, brain, nib.load(mask).affine), out)
+if task == "rest":
+    kwargs = dict(measures=["correlation"], high_pass=0.01, low_pass=0.08)
+else:
+    kwargs = dict(measures=["gppi", "background"], high_pass=0.008, low_pass=None, conditions=["0back", "2back"],
+                  condition_contrasts={"2backMinus0back": "2back - 0back"}, events=pd.read_csv(events, sep="\\t"),
+                  events_file=events)
+maps = compute_run_maps(bold, mask, {"pgACC": nib.load(seed)}, t_r=2.0, confounds=sel.confounds,
+                        sample_mask=sel.sample_mask, run_name="bench", **kwargs)
+mask_img = nib.load(mask)
+brain = np.asarray(mask_img.dataobj) > 0
+Path(out).mkdir(parents=True, exist_ok=True)
+for spec, values in maps.maps.items():
+    save_img(unmask(values, brain, mask_img.affine), Path(out) / f"desc-{spec.desc}_stat-{spec.stat}.nii.gz")
+print(len(maps.maps))
 """
 
 WORKFLOW = """
 import sys
-from pathlib import Path
-import nibabel as nib
-from fcflow.bids import RunInputs
-from fcflow.config import load_recipe
-from fcflow.workflows.participant import init_run_wf
-from fcflow.workflows.runner import run_workflow
-bold, mask, seed, out, confounds = sys.argv[1:6]
-recipe = load_recipe("weigner2025_pgacc")
-seed_cfg = recipe.seeds[0].__class__(name="pgACC", atlas="mask file", areas=(), hemispheres=("left", "right"),
-                                     mask=seed, min_coverage=0.0)
-recipe = recipe.replace(seeds=(seed_cfg,), denoising=recipe.denoising.__class__(fd_threshold_mm=None,
-                                                                                std_dvars_threshold=None))
-run = RunInputs("01", "baseline", "rest", None, "placebo", Path(bold), Path(mask), Path(confounds),
-                Path(confounds).with_suffix(".json"), 2.0, None,
-                {"sub": "01", "ses": "baseline", "task": "rest", "space": "MNI152NLin2009cAsym", "res": "2"})
-wf = init_run_wf(run=run, recipe=recipe, atlas_dir=None, output_dir=Path(out), command=["bench"], name="bench_wf")
-run_workflow(wf, plugin="Linear", plugin_args={}, work_dir=Path(out + "_work"))
+from fcflow.cli import main
+bids, out, recipe, work, task = sys.argv[1:6]
+sys.exit(main([bids, out, "participant", "--recipe", recipe, "--work-dir", work, "--participant-label", "01",
+               "--session-label", "baseline", "--task", task, "--plugin", "Linear", "--no-reports"]))
 """
 
 
-def measure(code: str, args: list[str]) -> tuple[float, float]:
-    """Wall seconds and peak RSS (MiB) of ``python -c code args`` in a fresh process."""
-    start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    if status != 0:
-        raise RuntimeError(f"benchmark step failed: {proc.stderr.read()[-2000:]}")
-    return wall, usage.ru_maxrss / 1024
+def run_files(study: dict[str, Path], task: str) -> dict[str, Path]:
+    func = study["fmriprep"] / "sub-01" / "ses-baseline" / "func"
+    stem = f"sub-01_ses-baseline_task-{task}_space-MNI152NLin2009cAsym_res-2"
+    raw = study["bids"] / "sub-01" / "ses-baseline" / "func"
+    (seed,) = sorted((study["bids"] / "derivatives" / "ground_truth").glob("*_desc-pgACC_mask.nii.gz"))
+    return {"bold": func / f"{stem}_desc-preproc_bold.nii.gz", "mask": func / f"{stem}_desc-brain_mask.nii.gz",
+            "seed": seed, "events": raw / f"sub-01_ses-baseline_task-{task}_events.tsv"}
+
+
+def compare_maps(fcflow_z: Path, reference_z: Path, mask: Path, bold: Path) -> str:
+    import nibabel as nib
+    import numpy as np
+    from nilearn.interfaces.fmriprep import load_confounds
+
+    brain = np.asarray(nib.load(mask).dataobj) > 0
+    a = nib.load(fcflow_z).get_fdata()[brain]
+    b = nib.load(reference_z).get_fdata().reshape(brain.shape)[brain]
+    _, kept = load_confounds(str(bold), strategy=("motion",))
+    n = nib.load(bold).shape[3] if kept is None else len(kept)
+    b_corrected = np.arctanh(np.tanh(b) * n / (n - 1))  # the recipe's np.dot / n shrinks r by (n-1)/n
+    return (f"maps: correlation {np.corrcoef(a, b)[0, 1]:.9f}, max |dz| {np.max(np.abs(a - b)):.4f}; "
+            f"after the recipe's n/(n-1): max |dz| {np.max(np.abs(a - b_corrected)):.2e}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--n-volumes", type=int, default=300)
-    parser.add_argument("--resolution", type=float, default=2.0)
-    parser.add_argument("--skip-reference", action="store_true", help="skip nilearn's recipe (about 3 min a run)")
-    parser.add_argument("--data-dir", type=Path, default=Path(tempfile.gettempdir()) / "fcflow_bench_firstlevel")
-    parser.add_argument("--julich-dir", default=os.environ.get("FCFLOW_JULICH_DIR"),
-                        help="real pgACC seed (default: the simulator's stand-in)")
+    parser.add_argument("--reference-repeats", type=int, default=None, help="default 1 (3 with --full)")
+    parser.add_argument("--full", action="store_true")
+    parser.add_argument("--skip-reference", action="store_true", help="skip nilearn's recipe (3-5 min a run)")
+    parser.add_argument("--data-dir", type=Path, default=Path(tempfile.gettempdir()) / "fcflow_bench_study")
+    parser.add_argument("--json", type=Path, default=None, help="write the rows for run_all.py")
     args = parser.parse_args()
-    files = make_run(args.data_dir, args.n_volumes, args.resolution, args.julich_dir)
-    out = args.data_dir / "out"
-    out.mkdir(exist_ok=True)
-    common = [str(files["bold"]), str(files["mask"]), str(files["seed"])]
+    study = ensure_study(args.data_dir)
+    rest, nback = run_files(study, "rest"), run_files(study, "nback")
+    out = Path(tempfile.mkdtemp(prefix="fcflow_bench_firstlevel_"))
     steps = {
-        "floor (nibabel full read)": (FLOOR, [str(files["bold"])]),
-        "fcflow compute_run_maps": (FCFLOW, [*common, str(out / "fcflow_z.nii.gz")]),
-        "fcflow one-run workflow": (WORKFLOW, [*common, str(out / "wf"), str(files["confounds"])]),
+        "floor: nibabel full read (rest)": python_child(FLOOR, rest["bold"]),
+        "floor: nibabel full read (n-back)": python_child(FLOOR, nback["bold"]),
+        "fcflow rest, function call": python_child(FCFLOW, rest["bold"], rest["mask"], rest["seed"],
+                                                   out / "fn_rest", "rest", rest["events"]),
+        "fcflow n-back gPPI+background, function call": python_child(
+            FCFLOW, nback["bold"], nback["mask"], nback["seed"], out / "fn_nback", "nback", nback["events"]),
+        "fcflow rest, one-run workflow": python_child(
+            WORKFLOW, study["bids"], out / "wf_rest", study["recipe"], out / "wf_rest_work", "rest"),
+        "fcflow n-back, one-run workflow": python_child(
+            WORKFLOW, study["bids"], out / "wf_nback", study["recipe"], out / "wf_nback_work", "nback"),
     }
-    if not args.skip_reference:
-        steps["nilearn reference recipe"] = (REFERENCE, [*common, str(out / "reference_z.nii.gz")])
-    results: dict[str, list[tuple[float, float]]] = {name: [] for name in steps}
-    for repeat in range(args.repeats):
-        for name, (code, step_args) in steps.items():
-            if name == "fcflow one-run workflow":
-                subprocess.run(["rm", "-rf", str(out / "wf"), str(out / "wf_work")], check=True)
-            results[name].append(measure(code, step_args))
-            print(f"  repeat {repeat + 1}: {name}: {results[name][-1][0]:.2f} s", file=sys.stderr)
-    floor = statistics.median(w for w, _ in results["floor (nibabel full read)"])
-    reference = statistics.median(w for w, _ in results["nilearn reference recipe"]) if not args.skip_reference else None
-    size = files["bold"].stat().st_size / 1e6
-    print(f"\nOne run: {args.n_volumes} volumes, {args.resolution:g} mm, {size:.0f} MB .nii.gz; "
-          f"median of {args.repeats}")
-    print(f"{'step':<28} {'median s':>9} {'peak MiB':>9} {'x floor':>8} {'reference /':>12}")
-    for name, values in results.items():
-        wall = statistics.median(w for w, _ in values)
-        peak = max(p for _, p in values)
-        speedup = f"{reference / wall:11.1f}x" if reference else "           -"
-        print(f"{name:<28} {wall:9.2f} {peak:9.0f} {wall / floor:8.2f} {speedup}")
-    if not args.skip_reference:
-        import nibabel as nib
-        import numpy as np
-
-        brain = np.asarray(nib.load(files["mask"]).dataobj) > 0
-        a = nib.load(out / "fcflow_z.nii.gz").get_fdata()[brain]
-        b = nib.load(out / "reference_z.nii.gz").get_fdata().reshape(brain.shape)[brain]
-        from nilearn.interfaces.fmriprep import load_confounds
-
-        _, kept = load_confounds(str(files["bold"]), strategy=("motion",))
-        n = args.n_volumes if kept is None else len(kept)  # the recipe's np.dot/n shrinks r by (n-1)/n
-        b_corrected = np.arctanh(np.tanh(b) * n / (n - 1))
-        print(f"maps: correlation {np.corrcoef(a, b)[0, 1]:.6f}, max |dz| {np.max(np.abs(a - b)):.4f} "
-              f"(after the recipe's n/(n-1): {np.max(np.abs(a - b_corrected)):.2e})")
+    reference_name = "nilearn reference recipe (rest)"
+    reference_repeats = 0 if args.skip_reference else (args.reference_repeats or (3 if args.full else 1))
+    if reference_repeats:
+        steps[reference_name] = python_child(REFERENCE, rest["bold"], rest["mask"], rest["seed"],
+                                             out / "reference_z.nii.gz")
+    load_before = load_average()
+    samples: dict[str, list[tuple[float, float]]] = {name: [] for name in steps}
+    for repeat in range(max(args.repeats, reference_repeats)):
+        for name, argv in steps.items():
+            if repeat >= (reference_repeats if name == reference_name else args.repeats):
+                continue
+            for stale in ("wf_rest", "wf_rest_work", "wf_nback", "wf_nback_work"):
+                shutil.rmtree(out / stale, ignore_errors=True)  # the workflow must not resume
+            wall, peak, _ = run_child(argv)
+            samples[name].append((wall, peak))
+            print(f"  repeat {repeat + 1}: {name}: {wall:.2f} s, {peak:.0f} MiB (load {load_average()})",
+                  file=sys.stderr, flush=True)
+    rows = []
+    for name, values in samples.items():
+        floor = "floor: nibabel full read (n-back)" if "n-back" in name else "floor: nibabel full read (rest)"
+        reference = reference_name if reference_repeats and "rest" in name else None
+        rows.append(Row("first level", name, median([w for w, _ in values]), max(p for _, p in values), len(values),
+                        floor=floor, reference=reference))
+    size = rest["bold"].stat().st_size / 2**20
+    print()
+    print(format_table(rows, f"First level: one run, 300 volumes, 2 mm, {size:.0f} MiB .nii.gz; medians of "
+                             f"{args.repeats} (recipe: {reference_repeats})"))
+    notes = []
+    if reference_repeats:
+        notes.append(compare_maps(out / "fn_rest" / "desc-correlation_stat-z.nii.gz", out / "reference_z.nii.gz",
+                                  rest["mask"], rest["bold"]))
+    meta = {"load_before": load_before, "load_after": load_average(), "notes": notes}
+    for note in notes:
+        print("  " + note)
+    print(f"  load average before/after: {meta['load_before']} / {meta['load_after']}")
+    write_json(args.json, rows, meta)
+    shutil.rmtree(out, ignore_errors=True)
 
 
 if __name__ == "__main__":
