@@ -101,6 +101,18 @@ def write_json(path: str | Path | None, rows: list[Row], meta: dict) -> None:
     Path(path).write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=1))
 
 
+def report_part(rows: list[Row], title: str, notes: list[str], load_before: str, json_path: str | Path | None,
+                **meta) -> None:
+    """Print one script's table, its notes and the load average, and save them for run_all.py."""
+    meta = {"load_before": load_before, "load_after": load_average(), "notes": notes, **meta}
+    print()
+    print(format_table(rows, title))
+    for note in notes:
+        print("  " + note)
+    print(f"  load average before/after: {meta['load_before']} / {meta['load_after']}")
+    write_json(json_path, rows, meta)
+
+
 def read_json(path: str | Path) -> tuple[list[Row], dict]:
     payload = json.loads(Path(path).read_text())
     return [Row(**r) for r in payload["rows"]], payload["meta"]

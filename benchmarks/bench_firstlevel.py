@@ -34,7 +34,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from _common import Row, ensure_study, format_table, load_average, median, python_child, run_child, write_json  # noqa: E402
+from _common import Row, ensure_study, load_average, median, python_child, report_part, run_child  # noqa: E402
 
 FLOOR = """
 import sys, nibabel as nib, numpy as np
@@ -166,18 +166,12 @@ def main() -> None:
         rows.append(Row("first level", name, median([w for w, _ in values]), max(p for _, p in values), len(values),
                         floor=floor, reference=reference))
     size = rest["bold"].stat().st_size / 2**20
-    print()
-    print(format_table(rows, f"First level: one run, 300 volumes, 2 mm, {size:.0f} MiB .nii.gz; medians of "
-                             f"{args.repeats} (recipe: {reference_repeats})"))
     notes = []
     if reference_repeats:
         notes.append(compare_maps(out / "fn_rest" / "desc-correlation_stat-z.nii.gz", out / "reference_z.nii.gz",
                                   rest["mask"], rest["bold"]))
-    meta = {"load_before": load_before, "load_after": load_average(), "notes": notes}
-    for note in notes:
-        print("  " + note)
-    print(f"  load average before/after: {meta['load_before']} / {meta['load_after']}")
-    write_json(args.json, rows, meta)
+    report_part(rows, f"First level: one run, 300 volumes, 2 mm, {size:.0f} MiB .nii.gz; medians of "
+                      f"{args.repeats} (recipe: {reference_repeats})", notes, load_before, args.json)
     shutil.rmtree(out, ignore_errors=True)
 
 

@@ -45,7 +45,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from _common import Row, format_table, load_average, median, python_child, run_child, write_json  # noqa: E402
+from _common import Row, load_average, median, python_child, report_part, run_child  # noqa: E402
 
 N_PER_GROUP = 25
 GROUPS = ("g1", "g2", "g3")
@@ -331,16 +331,10 @@ def main() -> None:
                 rows.append(Row("group", name, _extrapolate(points, n)[0], peak(f"fcflow {kind} 1000"), 0,
                                 how="extrapolated from 200 and 1000 perm (peak: 1000)", floor=rows[0].step,
                                 reference=nl_rows.get(n)))
-    meta = {"load_before": load_before, "load_after": load_average(), "notes": notes,
-            "fcflow_repeats": fc_repeats, "nilearn_repeats": nl_repeats}
     n_vox = json.loads(run_child(python_child(FLOOR, data_dir))[2])["shape"][1]
-    print()
-    print(format_table(rows, f"Group inference: 75 maps x {n_vox} voxels, t contrast g1 - g2 of 3 x 25, two-sided; "
-                             f"medians (fcflow {fc_repeats} repeats" + ("" if args.skip_nilearn else f", nilearn {nl_repeats}") + ")"))
-    for note in notes:
-        print("  " + note)
-    print(f"  load average before/after: {meta['load_before']} / {meta['load_after']}")
-    write_json(args.json, rows, meta)
+    report_part(rows, f"Group inference: 75 maps x {n_vox} voxels, t contrast g1 - g2 of 3 x 25, two-sided; "
+                      f"medians (fcflow {fc_repeats} repeats" + ("" if args.skip_nilearn else f", nilearn {nl_repeats}") + ")",
+                notes, load_before, args.json, fcflow_repeats=fc_repeats, nilearn_repeats=nl_repeats)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from _common import Row, ensure_study, format_table, load_average, python_child, run_child, write_json  # noqa: E402
+from _common import Row, ensure_study, load_average, python_child, report_part, run_child  # noqa: E402
 
 N_STUDY_RUNS = 450
 RUNS_PER_SUBJECT = 6
@@ -80,13 +80,8 @@ def main() -> None:
     reports = "without" if args.no_reports else "with"
     notes = [f"time per run {', '.join(f'{n}: {results[n] / n:.2f} s' for n in sizes)}; marginal {per_run:.2f} s/run; "
              f"{N_STUDY_RUNS} runs: {predicted / 60:.1f} min on {args.nprocs} processes ({reports} reports)"]
-    meta = {"load_before": load_before, "load_after": load_average(), "notes": notes}
-    print()
-    print(format_table(rows, f"Participant level (2 mm, 300 volumes per run, {reports} reports)"))
-    for note in notes:
-        print("  " + note)
-    print(f"  load average before/after: {meta['load_before']} / {meta['load_after']}")
-    write_json(args.json, rows, meta)
+    report_part(rows, f"Participant level (2 mm, 300 volumes per run, {reports} reports)", notes, load_before,
+                args.json)
 
 
 if __name__ == "__main__":
