@@ -35,7 +35,7 @@ from fcflow.atlas import SeedQC, seed_qc
 from fcflow.connectivity import compute_multiseed_connectivity, extract_seed_signal
 from fcflow.denoise import build_cleaning_operator, compute_effective_dof
 from fcflow.errors import InputDataError
-from fcflow.niftiio import read_masked_bold
+from fcflow.niftiio import MaskedBoldInfo, read_masked_bold
 
 
 @dataclass(frozen=True)
@@ -99,6 +99,7 @@ def compute_run_maps(
     detrend: bool = True,
     standardize_confounds: bool = True,
     run_name: str = "",
+    masked: tuple[NDArray[np.float32], MaskedBoldInfo] | None = None,
 ) -> RunMaps:
     """Compute the seed-to-voxel maps of one run.
 
@@ -126,6 +127,10 @@ def compute_run_maps(
     detrend, standardize_confounds : bool, default=True
     run_name : str
         Used in messages.
+    masked : (data, info) or None
+        The run's in-mask voxels as :func:`fcflow.niftiio.read_masked_bold` returns them, when the
+        caller has read them already (the report shares the first level's single read); None reads
+        ``bold_file``.
 
     Returns
     -------
@@ -145,7 +150,7 @@ def compute_run_maps(
     if result.excluded:
         return result
 
-    data, info = read_masked_bold(bold_file, mask_img)
+    data, info = read_masked_bold(bold_file, mask_img) if masked is None else masked
     n_time = data.shape[0]
     if confounds is not None and len(confounds) != n_time:
         raise InputDataError(
@@ -321,11 +326,15 @@ def run_maps_from_files(
     events_file: str | None,
     run_name: str,
     out_dir: str,
+    report_data: bool = False,
 ) -> dict[str, object]:
     """Read a run's prepared inputs, call :func:`compute_run_maps`, write its results to ``out_dir``.
 
     Returns the paths nipype passes on: ``map_files`` (``seed-<s>_desc-<d>_stat-<t>.nii.gz``),
-    ``timeseries_files`` (``seed-<s>_timeseries.tsv``) and ``qc_file`` (``run_qc.json``).
+    ``timeseries_files`` (``seed-<s>_timeseries.tsv``) and ``qc_file`` (``run_qc.json``). With
+    ``report_data=True`` also ``report_data_file`` (``report_data.npz``,
+    :func:`fcflow.reports.participant.compute_run_report_data`), computed from the same read of
+    the run, for every run (an excluded one too: its report shows why).
     """
     from fcflow.io import save_img, write_json, write_tsv
     from fcflow.niftiio import unmask
@@ -340,13 +349,30 @@ def run_maps_from_files(
                              "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
     map_files: list[str] = []
     timeseries_files: list[str] = []
-    if censoring["excluded"]:
-        qc.update(excluded=True, exclusion_reason=censoring["exclusion_reason"], seeds={}, dof={})
-        return {"map_files": map_files, "timeseries_files": timeseries_files,
-                "qc_file": str(write_json(out / "run_qc.json", qc))}
-    events = pd.read_csv(events_file, sep="\t") if events_file else None
     seed_imgs = {str(seed["name"]): nib.load(path) for seed, path in zip(seeds, seed_files, strict=True)}
     first = seeds[0]
+    mask_img = nib.load(mask_file)
+    masked = read_masked_bold(bold_file, mask_img) if report_data else None
+    outputs: dict[str, object] = {}
+
+    def add_report_data(excluded: bool) -> None:
+        from fcflow.reports.participant import compute_run_report_data, write_run_report_data
+
+        assert masked is not None
+        arrays = compute_run_report_data(
+            masked[0], masked[1].mean, mask_img, seed_imgs, bold_file=bold_file, confounds=confounds,
+            censoring={**censoring, "excluded": excluded}, t_r=t_r, task=task, denoising=denoising,
+            seed_signal=str(first.get("signal", "mean")), run_name=run_name,
+        )
+        outputs["report_data_file"] = str(write_run_report_data(out / "report_data.npz", arrays))
+
+    if censoring["excluded"]:
+        qc.update(excluded=True, exclusion_reason=censoring["exclusion_reason"], seeds={}, dof={})
+        if report_data:
+            add_report_data(True)
+        return {"map_files": map_files, "timeseries_files": timeseries_files,
+                "qc_file": str(write_json(out / "run_qc.json", qc)), **outputs}
+    events = pd.read_csv(events_file, sep="\t") if events_file else None
     result = compute_run_maps(
         bold_file, mask_file, seed_imgs, t_r=t_r, measures=list(task["measures"]),
         confounds=confounds, sample_mask=sample_mask, high_pass=task.get("high_pass"),
@@ -355,8 +381,8 @@ def run_maps_from_files(
         events=events, events_file=str(events_file or ""), seed_signal=str(first.get("signal", "mean")),
         min_coverage=float(first.get("min_coverage", 0.8)), detrend=bool(denoising.get("detrend", True)),
         standardize_confounds=bool(denoising.get("standardize_confounds", True)), run_name=run_name,
+        masked=masked,
     )
-    mask_img = nib.load(mask_file)
     brain = np.asarray(mask_img.dataobj).reshape(mask_img.shape[:3]) > 0
     for spec, values in result.maps.items():
         img = unmask(values.astype(np.float32), brain, mask_img.affine)
@@ -368,5 +394,7 @@ def run_maps_from_files(
         excluded=result.excluded, exclusion_reason=result.exclusion_reason,
         seeds={name: q.to_dict() for name, q in result.seed_qc.items()}, dof=result.dof,
     )
+    if report_data:
+        add_report_data(result.excluded)
     return {"map_files": map_files, "timeseries_files": timeseries_files,
-            "qc_file": str(write_json(out / "run_qc.json", qc))}
+            "qc_file": str(write_json(out / "run_qc.json", qc)), **outputs}

@@ -18,8 +18,9 @@ every task x measure x seed of the recipe:
    sidecars and in ``n_per_group``). The same group tests run on the reference-session maps
    themselves (baseline equivalence, ``ses-<reference>``);
 4. fits the cell-means design (:func:`fcflow.stats.make_group_design`: one column per group and
-   the recipe's covariates from ``participants.tsv``, demeaned; ``mean_fd`` is the mean of the
-   QC ``mean_fd_mm`` over the runs behind the subject's map) and tests every group contrast
+   the recipe's covariates from ``participants.tsv``, demeaned; ``mean_fd`` is the session
+   contrast applied to the QC ``mean_fd_mm``, :func:`contrast_mean_fd`: the change in motion for
+   a change map, the motion of the session for one session) and tests every group contrast
    (t, two-sided unless ``inference.two_sided = false``) and F test (:func:`run_inference`);
 5. writes statistic maps, -log10 corrected p maps per inference, the primary inference's
    thresholded map and cluster table, per-cluster subject means and plots, and finally
@@ -368,6 +369,39 @@ def compute_change_maps(
 # ----------------------------------------------------------------------------------------------
 # Design
 # ----------------------------------------------------------------------------------------------
+def contrast_mean_fd(
+    maps: SessionMaps, weights: Sequence[tuple[str, float]], subjects: Sequence[str]
+) -> dict[str, float]:
+    """Each subject's ``mean_fd`` covariate: the session contrast applied to its mean FD.
+
+    A change map ``infusion - baseline`` is covaried with the change in motion,
+    ``FD(infusion) - FD(baseline)``, not with the average motion of the two sessions: it is the
+    change in motion that can fake a change in connectivity (measured on the sample study: the
+    subjects' change in left-insula gPPI correlated with their change in mean FD, r = 0.46, and
+    only r = 0.36 with the infusion's FD). For a single session (baseline equivalence) it is that
+    session's mean FD. nan when a session the contrast needs has no QC value.
+
+    Parameters
+    ----------
+    maps : SessionMaps
+        From :func:`load_session_maps` (``mean_fd_mm`` per session x subject).
+    weights : sequence of (session, weight)
+        The session contrast, e.g. ``[("baseline", -1.0), ("infusion", 1.0)]``.
+    subjects : sequence of str
+        Labels without ``sub-``.
+
+    Returns
+    -------
+    dict of str to float
+    """
+    rows = [(maps.sessions.index(session), float(w)) for session, w in weights if w]
+    out = {}
+    for subject in subjects:
+        column = maps.subjects.index(subject)
+        out[subject] = float(sum(w * maps.mean_fd_mm[row, column] for row, w in rows))
+    return out
+
+
 def build_covariates(
     participants: pd.DataFrame, subjects: Sequence[str], names: Sequence[str],
     mean_fd_mm: Mapping[str, float] | None = None,
@@ -693,10 +727,7 @@ def run_group_level(
                         "primary_inference": inference.primary, "is_reference": analysis.is_reference}
             empty = [g for g, n in counts.items() if n == 0]
             skip_reason = f"no subject in {empty}" if empty else ""
-            fd = {s: float(np.nanmean(maps.mean_fd_mm[[maps.sessions.index(ss) for ss, w in analysis.weights if w],
-                                                       maps.subjects.index(s)]))
-                  if np.isfinite(maps.mean_fd_mm[:, maps.subjects.index(s)]).any() else np.nan
-                  for s in subjects}
+            fd = contrast_mean_fd(maps, analysis.weights, subjects)
             design = None
             if not skip_reason:
                 covariates = build_covariates(participants, subjects, inference.covariates, fd)

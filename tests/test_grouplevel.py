@@ -201,7 +201,9 @@ def test_t_map_matches_statsmodels_ols(study):
     people = study["participants"].set_index("participant_id")
     subjects = [f"{i:02d}" for i in range(1, 19) if f"{i:02d}" != "09"]
     qc = pd.concat(pd.read_csv(p, sep="\t") for p in sorted(study["out"].glob("sub-*/*_qc.tsv")))
-    qc = qc[qc["session"].isin(["baseline", "infusion"])].groupby("participant_id")["mean_fd_mm"].mean()
+    # the change map's motion covariate is the change in mean FD (infusion - baseline)
+    fd_by = qc.set_index(["participant_id", "session"])["mean_fd_mm"]
+    qc = pd.Series({p: fd_by[(p, "infusion")] - fd_by[(p, "baseline")] for p in qc["participant_id"].unique()})
     frame = pd.DataFrame({
         "group": [people.loc[f"sub-{s}", "group"] for s in subjects],
         "age": [float(people.loc[f"sub-{s}", "age"]) for s in subjects],

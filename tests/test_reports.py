@@ -200,15 +200,15 @@ def reported(tmp_path_factory):
             bold_file=str(run.bold_file), mask_file=str(run.mask_file), seed_files=[str(seed_file)], seeds=seeds,
             confounds_file=str(confounds_file), censoring_file=str(censoring_file), t_r=run.t_r, task=task,
             denoising=denoising, events_file=str(run.events_file) if run.events_file else None,
-            run_name=run.name, out_dir=str(work),
+            run_name=run.name, out_dir=str(work), report_data=True,
         )
         kwargs[run.task] = dict(
-            bold_file=str(run.bold_file), mask_file=str(run.mask_file),
+            report_data_file=maps["report_data_file"], mask_file=str(run.mask_file),
             fmriprep_confounds_file=str(run.confounds_file), seed_files=[str(seed_file)], seed_names=["pgACC"],
-            confounds_file=str(confounds_file), censoring_file=str(censoring_file), qc_file=maps["qc_file"],
+            censoring_file=str(censoring_file), qc_file=maps["qc_file"],
             map_files=maps["map_files"], timeseries_files=maps["timeseries_files"],
             events_file=str(run.events_file) if run.events_file else None, t_r=run.t_r, task=task,
-            denoising=denoising, seed_signal="mean",
+            denoising=denoising,
             entities={"sub": run.subject, "ses": run.session, "task": run.task, "space": RECIPE.space, "res": "4",
                       "group": run.group},
             run_name=run.name,
@@ -281,6 +281,32 @@ def test_no_denoise_map_is_the_plain_correlation_and_differs_from_the_recipes(re
     default = nib.load(next(f for f in reported["reports"]["rest_maps"]["map_files"]
                             if f.endswith("correlation_stat-z.nii.gz"))).get_fdata()[brain]
     assert np.corrcoef(ours, default)[0, 1] < 0.99
+
+
+def test_report_data_share_the_first_levels_read_and_leave_its_maps_alone(reported, tmp_path):
+    """With report_data=True the maps are byte-identical to a run without reports; the arrays are the run's."""
+    from fcflow.firstlevel import run_maps_from_files
+
+    kwargs = reported["kwargs"]["rest"]
+    run = reported["runs"]["rest"]
+    work = reported["root"] / "work" / run.name
+    plain = run_maps_from_files(
+        bold_file=str(run.bold_file), mask_file=str(run.mask_file), seed_files=kwargs["seed_files"],
+        seeds=[{"name": "pgACC", "signal": "mean", "min_coverage": 0.8}], confounds_file=str(work / "confounds.tsv"),
+        censoring_file=kwargs["censoring_file"], t_r=run.t_r, task=kwargs["task"], denoising=kwargs["denoising"],
+        events_file=None, run_name=run.name, out_dir=str(tmp_path),
+    )
+    assert "report_data_file" not in plain
+    with_report = reported["reports"]["rest_maps"]["map_files"]
+    assert [Path(f).name for f in plain["map_files"]] == [Path(f).name for f in with_report]
+    for ours, theirs in zip(plain["map_files"], with_report, strict=True):
+        assert np.array_equal(nib.load(ours).get_fdata(), nib.load(theirs).get_fdata()), ours
+    brain = nib.load(run.mask_file).get_fdata() > 0
+    series = nib.load(run.bold_file).get_fdata(dtype=np.float64)[brain]
+    with np.load(kwargs["report_data_file"]) as npz:
+        np.testing.assert_allclose(npz["mean"], series.mean(axis=1), rtol=1e-5)
+        assert npz["carpet_before"].shape == (npz["carpet_columns"].size, series.shape[1])
+        assert npz["carpet_after"].shape == npz["carpet_before"].shape
 
 
 def test_run_report_figures_are_the_same_bytes_on_a_rerun(reported, tmp_path):

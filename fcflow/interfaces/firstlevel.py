@@ -100,12 +100,15 @@ class _ComputeRunMapsInputSpec(BaseInterfaceInputSpec):
     denoising = traits.Dict(mandatory=True)
     events_file = traits.Either(None, File(exists=True), default=None, usedefault=True)
     run_name = traits.Str(mandatory=True)
+    report_data = traits.Bool(False, usedefault=True,
+                              desc="also write report_data.npz for the run's report, from the same read")
 
 
 class _ComputeRunMapsOutputSpec(TraitedSpec):
     map_files = OutputMultiObject(File(exists=True), desc="maps, named seed-<s>_desc-<d>_stat-<t>")
     timeseries_files = OutputMultiObject(File(exists=True), desc="seed time series (TSV)")
     qc_file = File(exists=True, desc="seed QC, DOF, exclusion (JSON)")
+    report_data_file = File(exists=True, desc="the report's arrays (only with report_data=True)")
 
 
 class ComputeRunMaps(SimpleInterface):
@@ -123,6 +126,7 @@ class ComputeRunMaps(SimpleInterface):
             confounds_file=self.inputs.confounds_file, censoring_file=self.inputs.censoring_file,
             t_r=self.inputs.t_r, task=self.inputs.task, denoising=self.inputs.denoising,
             events_file=self.inputs.events_file, run_name=self.inputs.run_name, out_dir=runtime.cwd,
+            report_data=self.inputs.report_data,
         )
         self._results.update(outputs)
         return runtime

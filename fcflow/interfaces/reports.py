@@ -14,12 +14,11 @@ from nipype.interfaces.base import (
 
 
 class _ComputeRunReportInputSpec(BaseInterfaceInputSpec):
-    bold_file = File(exists=True, mandatory=True)
+    report_data_file = File(exists=True, mandatory=True, desc="the first level's report_data.npz")
     mask_file = File(exists=True, mandatory=True)
     fmriprep_confounds_file = File(exists=True, mandatory=True, desc="fMRIPrep's confounds TSV (FD, DVARS)")
     seed_files = InputMultiObject(File(exists=True), mandatory=True)
     seeds = traits.List(traits.Dict(), mandatory=True, desc="recipe seeds as plain dicts")
-    confounds_file = File(exists=True, mandatory=True, desc="the confounds the first level regressed")
     censoring_file = File(exists=True, mandatory=True)
     qc_file = File(exists=True, mandatory=True, desc="the first level's run_qc.json")
     map_files = InputMultiObject(File(exists=True), mandatory=False)
@@ -47,14 +46,14 @@ class ComputeRunReport(SimpleInterface):
 
         seeds = self.inputs.seeds
         self._results["report_file"] = str(make_run_report(
-            bold_file=self.inputs.bold_file, mask_file=self.inputs.mask_file,
+            report_data_file=self.inputs.report_data_file, mask_file=self.inputs.mask_file,
             fmriprep_confounds_file=self.inputs.fmriprep_confounds_file,
             seed_files=list(self.inputs.seed_files), seed_names=[str(s["name"]) for s in seeds],
-            confounds_file=self.inputs.confounds_file, censoring_file=self.inputs.censoring_file,
+            censoring_file=self.inputs.censoring_file,
             qc_file=self.inputs.qc_file, map_files=list(self.inputs.map_files or []),
             timeseries_files=list(self.inputs.timeseries_files or []), events_file=self.inputs.events_file,
             t_r=self.inputs.t_r, task=self.inputs.task, denoising=self.inputs.denoising,
-            seed_signal=str(seeds[0].get("signal", "mean")), entities=self.inputs.entities,
+            entities=self.inputs.entities,
             run_name=self.inputs.run_name, out_dir=runtime.cwd,
         ))
         return runtime

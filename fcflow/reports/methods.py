@@ -177,7 +177,8 @@ def _group_sentence(recipe: Recipe, inference: Mapping[str, Any]) -> str:
             f"linear model with one column per group ({_quoted(recipe.groups)})")
     covariates = list(recipe.inference.covariates)
     if covariates:
-        named = ["the subject's mean framewise displacement" if c == "mean_fd" else c for c in covariates]
+        named = [("the same session contrast of the subject's mean framewise displacement (its change in motion)"
+                  if c == "mean_fd" else c) for c in covariates]
         text += f" and the demeaned covariates {_join(named)}"
     text += "."
     tests = [f"'{c.expression}'" for c in recipe.group_contrasts]

@@ -1,8 +1,9 @@
 """The participant report: what each run looked like, what was done to it, and what was kept.
 
-:func:`make_run_report` runs once per BOLD run, after its first level. It reads the run a second
-time (it is a report, not the analysis: the first level stays lean) and makes, from the run's own
-data only:
+A run's report is made in two steps. The first level, which has the run's in-mask data in
+memory anyway, calls :func:`compute_run_report_data` in its own pass (the report costs no second
+read of the BOLD file) and saves the arrays; :func:`make_run_report` then makes, from those and
+the run's small files only:
 
 * the seed masks on nilearn's MNI152 template and on the run's mean BOLD;
 * FD and standardised DVARS per volume with the censoring thresholds and the censored volumes;
@@ -30,11 +31,13 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import pandas as pd
+from numpy.typing import NDArray
 
 from fcflow.errors import InputDataError
 from fcflow.io import atomic_path, save_img, write_json, write_text
 
-__all__ = ["NO_DENOISE_DESC", "make_run_report", "write_participant_report"]
+__all__ = ["NO_DENOISE_DESC", "compute_run_report_data", "write_run_report_data", "make_run_report",
+           "write_participant_report"]
 
 #: ``desc`` of the seed-to-voxel map computed without denoising (QC-FC reference).
 NO_DENOISE_DESC = "correlationNoDenoise"
@@ -66,14 +69,121 @@ def _task_blocks(events_file: str | None, conditions: Sequence[str]) -> dict[str
                 .itertuples(index=False)] for c in conditions if "trial_type" in events}
 
 
-def make_run_report(
+def compute_run_report_data(
+    data: NDArray[np.floating],
+    voxel_mean: NDArray[np.floating],
+    mask_img: nib.spatialimages.SpatialImage,
+    seed_imgs: Mapping[str, nib.spatialimages.SpatialImage],
     *,
     bold_file: str,
+    confounds: pd.DataFrame | None,
+    censoring: Mapping[str, Any],
+    t_r: float,
+    task: Mapping[str, Any],
+    denoising: Mapping[str, Any],
+    seed_signal: str,
+    run_name: str,
+) -> dict[str, NDArray]:
+    """The arrays of a run's report, from the in-mask data the first level has already read.
+
+    The first level calls this in its own pass over the run (:func:`fcflow.firstlevel.run_maps_from_files`
+    with ``report_data_file``), so a report costs no second decompression of the BOLD file: on a
+    2 mm run that is the largest part of the report's cost (see benchmarks/bench_study.py).
+
+    Parameters
+    ----------
+    data : ndarray of shape (n_timepoints, n_voxels)
+        The run's in-mask voxels (:func:`fcflow.niftiio.read_masked_bold`).
+    voxel_mean : ndarray of shape (n_voxels,)
+        Their temporal mean (``MaskedBoldInfo.mean``).
+    mask_img : nibabel image
+    seed_imgs : mapping of str to nibabel image
+        The seed masks on the run's grid.
+    bold_file : str
+        The run (its confounds TSV is found by name for the no-denoising reference).
+    confounds : DataFrame or None
+        The confounds the first level regressed (``SelectConfounds``).
+    censoring : mapping
+        The first level's censoring decision (``censoring.json``).
+    t_r : float
+    task, denoising : mapping
+        The recipe's task and ``[denoising]`` as plain dicts.
+    seed_signal : {"mean", "eigenvariate"}
+    run_name : str
+
+    Returns
+    -------
+    dict of str to ndarray
+        ``mean`` and ``tsnr`` (per in-mask voxel), ``carpet_columns``, ``carpet_tissue``,
+        ``carpet_before`` (detrended raw, rows z-scored, non-steady-state volumes nan) and, when
+        the run can be cleaned, ``carpet_after`` (the first level's operator, censored volumes
+        nan); for a ``correlation`` task that is not excluded, ``nodenoise_z_<seed>`` per seed:
+        the seed-to-voxel Fisher z without denoising (non-steady-state volumes removed, then
+        only detrending and the task's filter: no confound regression, no censoring).
+    """
+    from fcflow.connectivity import compute_rest_connectivity
+    from fcflow.denoise import build_cleaning_operator, load_run_confounds
+    from fcflow.reports.qc import compute_tsnr, select_carpet_voxels, zscore_rows
+
+    n_time = data.shape[0]
+    brain = np.asarray(mask_img.dataobj).reshape(mask_img.shape[:3]) > 0
+    kept = np.arange(n_time) if censoring["sample_mask"] is None else np.asarray(censoring["sample_mask"], int)
+    arrays: dict[str, NDArray] = {"mean": np.asarray(voxel_mean, dtype=np.float32),
+                                  "tsnr": compute_tsnr(data).astype(np.float32)}
+    columns, tissue = select_carpet_voxels(mask_img)
+    sample = data[:, columns].astype(np.float64)
+    # Non-steady-state volumes (tens of % above the rest) would set the grey scale of the whole
+    # "before" panel: they are left blank there, as they are in "after".
+    first = min(int(censoring["n_non_steady_state"]), n_time - 3)
+    before = np.full((columns.size, n_time), np.nan)
+    detrend_only = build_cleaning_operator(n_time - first, t_r, None, None, None, None, detrend=True)
+    before[:, first:] = (detrend_only @ sample[first:]).T
+    arrays.update(carpet_columns=columns, carpet_tissue=np.asarray(tissue, dtype=str),
+                  carpet_before=zscore_rows(before))
+    try:
+        operator = build_cleaning_operator(
+            n_time, t_r, None if confounds is None or confounds.shape[1] == 0 else confounds.to_numpy(float),
+            None if censoring["sample_mask"] is None else kept, task.get("high_pass"), task.get("low_pass"),
+            bool(denoising.get("detrend", True)), bool(denoising.get("standardize_confounds", True)),
+        )
+        cleaned = np.full((n_time, columns.size), np.nan)
+        cleaned[kept[: operator.shape[0]]] = operator @ sample
+        arrays["carpet_after"] = zscore_rows(cleaned.T)
+    except InputDataError:
+        pass  # too few volumes left to clean (an excluded run): the report shows "before" only
+
+    if "correlation" in task.get("measures", ()) and not censoring["excluded"]:
+        reference = load_run_confounds(bold_file, "none", censor=False)
+        sample_mask = reference.sample_mask if denoising.get("drop_nonsteady", True) else None
+        for name, img in seed_imgs.items():
+            cols = (np.asarray(img.dataobj).reshape(brain.shape) > 0)[brain]
+            if not cols.any():
+                continue  # no seed voxel in the brain mask: the run is excluded for coverage
+            conn = compute_rest_connectivity(
+                data, cols, t_r, None, sample_mask, high_pass=task.get("high_pass"), low_pass=task.get("low_pass"),
+                detrend=bool(denoising.get("detrend", True)), seed_method=seed_signal, seed_name=name,
+                run_name=run_name,
+            )
+            arrays[f"nodenoise_z_{name}"] = conn.z.astype(np.float32)
+    return arrays
+
+
+def write_run_report_data(path: str | Path, arrays: Mapping[str, NDArray]) -> Path:
+    """Save :func:`compute_run_report_data`'s arrays as one ``.npz`` (atomically)."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as handle:
+            np.savez(handle, **arrays)
+    return path
+
+
+def make_run_report(
+    *,
+    report_data_file: str,
     mask_file: str,
     fmriprep_confounds_file: str,
     seed_files: Sequence[str],
     seed_names: Sequence[str],
-    confounds_file: str,
     censoring_file: str,
     qc_file: str,
     map_files: Sequence[str],
@@ -82,21 +192,25 @@ def make_run_report(
     t_r: float,
     task: Mapping[str, Any],
     denoising: Mapping[str, Any],
-    seed_signal: str,
     entities: Mapping[str, str | None],
     run_name: str,
     out_dir: str | Path,
 ) -> Path:
     """Make the figures and numbers of one run's report; write them to ``out_dir``.
 
+    Reads only small files: the run's data enter through ``report_data_file``, which the first
+    level wrote in its own pass over the run (:func:`compute_run_report_data`).
+
     Parameters
     ----------
-    bold_file, mask_file, fmriprep_confounds_file : path
-        fMRIPrep's preprocessed run, its brain mask and its full confounds TSV (FD, DVARS).
+    report_data_file : path
+        The first level's ``report_data.npz`` (:func:`write_run_report_data`).
+    mask_file, fmriprep_confounds_file : path
+        fMRIPrep's brain mask of the run and its full confounds TSV (FD, DVARS).
     seed_files, seed_names : sequence
         The run's seed masks (``BuildSeedMasks``) and their names, recipe order.
-    confounds_file, censoring_file : path
-        The confounds the first level regressed and its censoring decision (``SelectConfounds``).
+    censoring_file : path
+        The first level's censoring decision (``SelectConfounds``).
     qc_file : path
         The first level's ``run_qc.json`` (seed QC, degrees of freedom, exclusion).
     map_files, timeseries_files : sequence of path
@@ -105,7 +219,6 @@ def make_run_report(
     t_r : float
     task, denoising : mapping
         The recipe's task and ``[denoising]`` as plain dicts.
-    seed_signal : {"mean", "eigenvariate"}
     entities : mapping
         BIDS entities of the run's outputs (sub, ses, task, run, space, res) and ``group``.
     run_name : str
@@ -117,11 +230,8 @@ def make_run_report(
     Path
         ``out_dir/run_report.json``: entities, numbers, exclusion, and the files made.
     """
-    from fcflow.connectivity import compute_rest_connectivity
-    from fcflow.denoise import build_cleaning_operator, load_run_confounds
-    from fcflow.niftiio import read_masked_bold, unmask
+    from fcflow.niftiio import unmask
     from fcflow.reports import figures
-    from fcflow.reports.qc import compute_tsnr, select_carpet_voxels, zscore_rows
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -130,6 +240,9 @@ def make_run_report(
     mask_img = nib.load(mask_file)
     brain = np.asarray(mask_img.dataobj).reshape(mask_img.shape[:3]) > 0
     seed_imgs = {name: nib.load(path) for name, path in zip(seed_names, seed_files, strict=True)}
+    with np.load(report_data_file, allow_pickle=False) as npz:
+        arrays = {key: npz[key] for key in npz.files}
+    n_time = int(censoring["n_timepoints"])
     files: dict[str, str] = {}
 
     def save(key: str, figure, suffix: str = ".png") -> None:
@@ -137,10 +250,7 @@ def make_run_report(
 
     save("seedTemplate", figures.plot_seed_overlay(
         seed_imgs, figures.load_template(), title="seed on the MNI152 template"))
-
-    data, info = read_masked_bold(bold_file, mask_img)
-    n_time = data.shape[0]
-    mean_img = unmask(info.mean, brain, mask_img.affine)
+    mean_img = unmask(arrays["mean"], brain, mask_img.affine)
     save("seedBold", figures.plot_seed_overlay(seed_imgs, mean_img, title="seed on the run's mean BOLD"))
 
     raw_confounds = pd.read_csv(fmriprep_confounds_file, sep="\t", na_values="n/a")
@@ -153,31 +263,9 @@ def make_run_report(
         fd, fd_threshold_mm=denoising.get("fd_threshold_mm"), censored=censored, std_dvars=dvars,
         std_dvars_threshold=denoising.get("std_dvars_threshold"), t_r=t_r), ".svg")
 
-    columns, tissue = select_carpet_voxels(mask_img)
-    sample = data[:, columns].astype(np.float64)
-    # Non-steady-state volumes (tens of % above the rest) would set the grey scale of the whole
-    # "before" panel: they are left blank there, as they are in "after".
-    first = min(int(censoring["n_non_steady_state"]), n_time - 3)
-    before = np.full((columns.size, n_time), np.nan)
-    detrend_only = build_cleaning_operator(n_time - first, t_r, None, None, None, None, detrend=True)
-    before[:, first:] = (detrend_only @ sample[first:]).T
-    before = zscore_rows(before)
-    after = None
-    confounds = pd.read_csv(confounds_file, sep="\t")
-    try:
-        operator = build_cleaning_operator(
-            n_time, t_r, None if confounds.shape[1] == 0 else confounds.to_numpy(float),
-            None if censoring["sample_mask"] is None else kept, task.get("high_pass"), task.get("low_pass"),
-            bool(denoising.get("detrend", True)), bool(denoising.get("standardize_confounds", True)),
-        )
-        cleaned = np.full((n_time, columns.size), np.nan)
-        cleaned[kept[: operator.shape[0]]] = operator @ sample
-        after = zscore_rows(cleaned.T)
-    except InputDataError:
-        pass  # too few volumes left to clean (an excluded run): the report shows "before" only
-    save("carpet", figures.plot_carpet(before, after, tissue, t_r=t_r))
-
-    tsnr = compute_tsnr(data)
+    tissue = [str(t) for t in arrays["carpet_tissue"]]
+    save("carpet", figures.plot_carpet(arrays["carpet_before"], arrays.get("carpet_after"), tissue, t_r=t_r))
+    tsnr = arrays["tsnr"]
     save("tsnr", figures.plot_tsnr(unmask(np.nan_to_num(tsnr), brain, mask_img.affine), title="tSNR (raw data)"))
 
     if timeseries_files:
@@ -196,18 +284,12 @@ def make_run_report(
         map_figures.append({"key": key, "seed": seed, "desc": desc})
 
     no_denoise = {}
-    if "correlation" in task.get("measures", ()) and not run_qc.get("excluded") and not censoring["excluded"]:
-        reference = load_run_confounds(bold_file, "none", censor=False)
-        sample_mask = reference.sample_mask if denoising.get("drop_nonsteady", True) else None
-        for name, img in seed_imgs.items():
-            cols = (np.asarray(img.dataobj).reshape(brain.shape) > 0)[brain]
-            conn = compute_rest_connectivity(
-                data, cols, t_r, None, sample_mask, high_pass=task.get("high_pass"), low_pass=task.get("low_pass"),
-                detrend=bool(denoising.get("detrend", True)), seed_method=seed_signal, seed_name=name,
-                run_name=run_name,
-            )
-            target = out / f"seed-{name}_desc-{NO_DENOISE_DESC}_stat-z.nii.gz"
-            no_denoise[name] = str(save_img(unmask(conn.z, brain, mask_img.affine), target))
+    if not run_qc.get("excluded") and not censoring["excluded"]:
+        for name in seed_names:
+            if f"nodenoise_z_{name}" in arrays:
+                target = out / f"seed-{name}_desc-{NO_DENOISE_DESC}_stat-z.nii.gz"
+                no_denoise[name] = str(save_img(unmask(arrays[f"nodenoise_z_{name}"], brain, mask_img.affine),
+                                                target))
 
     seeds_qc = run_qc.get("seeds") or {}
     report = {
@@ -232,7 +314,7 @@ def make_run_report(
         "figures": files,
         "maps": map_figures,
         "no_denoise_maps": no_denoise,
-        "carpet_rows": int(columns.size),
+        "carpet_rows": int(arrays["carpet_columns"].size),
     }
     return write_json(out / "run_report.json", report)
 

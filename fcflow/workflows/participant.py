@@ -122,7 +122,8 @@ def init_run_wf(
     seed_masks = pe.Node(BuildSeedMasks(atlas_dir=str(atlas_dir) if atlas_dir else None, seeds=seeds), name="seed_masks", mem_gb=0.3)
     confounds = pe.Node(SelectConfounds(denoising=denoising, run_name=run.name), name="confounds", mem_gb=0.2)
     run_maps = pe.Node(
-        ComputeRunMaps(seeds=seeds, task=_plain(task), denoising=denoising, run_name=run.name),
+        ComputeRunMaps(seeds=seeds, task=_plain(task), denoising=denoising, run_name=run.name,
+                       report_data=reports),
         name="run_maps", mem_gb=estimate_run_mem_gb(run.bold_file, run.mask_file),
     )
     provenance = {
@@ -153,20 +154,19 @@ def init_run_wf(
         (derivatives, outputnode, [("qc_row", "qc_row")]),
     ])
     if reports:
-        # Reads the run again (a report, not the analysis); as much memory as run_maps.
+        # Figures only: the run's data reach it as run_maps' report_data.npz (one read per run).
         report = pe.Node(
             ComputeRunReport(fmriprep_confounds_file=str(run.confounds_file), seeds=seeds, task=_plain(task),
                              denoising=denoising, entities={**run_entities(run), "group": run.group},
                              run_name=run.name),
-            name="report", mem_gb=estimate_run_mem_gb(run.bold_file, run.mask_file),
+            name="report", mem_gb=0.5,
         )
         workflow.connect([
-            (inputnode, report, [("bold_file", "bold_file"), ("mask_file", "mask_file"),
-                                 ("events_file", "events_file"), ("t_r", "t_r")]),
+            (inputnode, report, [("mask_file", "mask_file"), ("events_file", "events_file"), ("t_r", "t_r")]),
             (seed_masks, report, [("seed_files", "seed_files")]),
-            (confounds, report, [("confounds_file", "confounds_file"), ("censoring_file", "censoring_file")]),
+            (confounds, report, [("censoring_file", "censoring_file")]),
             (run_maps, report, [("map_files", "map_files"), ("timeseries_files", "timeseries_files"),
-                                ("qc_file", "qc_file")]),
+                                ("qc_file", "qc_file"), ("report_data_file", "report_data_file")]),
             (report, outputnode, [("report_file", "report_file")]),
         ])
     return workflow
