@@ -13,6 +13,7 @@ runs. Equal time per run at both sizes is the evidence that the scaling is linea
     python benchmarks/bench_study.py                    # 6 and 18 runs, about 10 min on 2 cores
     python benchmarks/bench_study.py --sizes 6 12 18    # more points
     python benchmarks/bench_study.py --no-reports       # the maps only
+    python benchmarks/bench_study.py --keep             # keep the work folders for node_times.py
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ def main() -> None:
                         help="fractions in runs, multiples of 6 up to 18 (default: 6 18)")
     parser.add_argument("--nprocs", type=int, default=2)
     parser.add_argument("--no-reports", action="store_true")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep each size's output and work folder (benchmarks/node_times.py reads the latter)")
     parser.add_argument("--data-dir", type=Path, default=Path(tempfile.gettempdir()) / "fcflow_bench_study")
     parser.add_argument("--json", type=Path, default=None, help="write the rows for run_all.py")
     args = parser.parse_args()
@@ -65,7 +68,10 @@ def main() -> None:
             wall, peak, _ = run_child(argv)
             n_maps = len(list((out / "out").rglob("*_statmap.nii.gz")))
         finally:
-            shutil.rmtree(out, ignore_errors=True)
+            if args.keep:
+                print(f"  kept {out} (python benchmarks/node_times.py {out / 'work'})", file=sys.stderr)
+            else:
+                shutil.rmtree(out, ignore_errors=True)
         results[n_runs] = wall
         print(f"  {n_runs} runs: {wall:.1f} s, {wall / n_runs:.2f} s per run, peak {peak:.0f} MiB, {n_maps} maps "
               f"(load {load_average()})", file=sys.stderr, flush=True)
