@@ -213,3 +213,33 @@ def test_group_report_shows_design_motion_qcfc_and_methods(reports):
     # the methods paragraph reports the permutations that ran, not the recipe's 5000
     methods = html[html.index('id="methods-paragraph"'):]
     assert "50 permutations" in methods and "5000" not in methods
+
+
+@pytest.mark.slow
+def test_pooled_qcfc_is_the_correlation_over_every_included_run(reports):
+    """The "all sessions" QC-FC equals numpy's correlation of each edge with mean FD over subject x session."""
+    import nibabel as nib
+
+    from fcflow.config import load_recipe
+    from fcflow.reports.group import collect_qcfc, read_qc_tables
+
+    out = reports["out"]
+    recipe = load_recipe(next(out.parent.glob("*.toml")))
+    qc = read_qc_tables(out)
+    pooled = collect_qcfc(out, recipe, qc, task="rest", seed="pgACC", session=None)
+    kept = qc[(qc["task"] == "rest") & ~qc["excluded"]]
+    assert pooled["n_runs"] == len(kept) and pooled["n_subjects"] == kept["participant"].nunique()
+    assert pooled["n_runs"] > pooled["n_subjects"]
+    fd, maps = [], []
+    for row in kept.sort_values(["participant", "session"]).itertuples():
+        (path,) = (out / f"sub-{row.participant}" / f"ses-{row.session}" / "func").glob(
+            "*task-rest*_seed-pgACC_desc-correlation_stat-z_statmap.nii.gz")
+        maps.append(np.asarray(nib.load(path).dataobj))
+        fd.append(float(row.mean_fd_mm))
+    maps = np.stack(maps)
+    support = np.all((maps != 0) & np.isfinite(maps), axis=0)
+    seed = np.asarray(nib.load(next(out.glob("sub-*/ses-*/func/*task-rest*_seed-pgACC_mask.nii.gz"))).dataobj) > 0
+    edges = maps[:, support & ~seed]
+    expected = np.array([np.corrcoef(edges[:, j], fd)[0, 1] for j in range(0, edges.shape[1], 97)])
+    ours = pooled["strategies"]["24P+aCompCor (recipe)"]["r"][::97]
+    np.testing.assert_allclose(ours, expected, atol=1e-5)

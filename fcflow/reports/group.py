@@ -165,19 +165,23 @@ def _map_files(output_dir: Path, task: str, seed: str, desc: str, space: str) ->
 
 
 def collect_qcfc(
-    output_dir: str | Path, recipe: Recipe, qc: pd.DataFrame, *, task: str, seed: str, session: str,
+    output_dir: str | Path, recipe: Recipe, qc: pd.DataFrame, *, task: str, seed: str, session: str | None,
 ) -> dict[str, Any]:
     """QC-FC of one task x seed x session without denoising and with the recipe's strategy.
 
     The subjects are those with an included run and both maps; a subject's map and mean FD are
-    the means over its included runs of the session. Edges are the brain voxels common to every
+    the means over its included runs of the session. ``session=None`` pools the sessions: every
+    subject x session with an included run is one observation (more spread of mean FD than one
+    session has, hence more power to see motion left in the data; the sessions of a subject are
+    not independent, so its p values are descriptive). Edges are the brain voxels common to every
     map read, minus the seed's own voxels; distances are from the seed mask's centroid.
 
     Returns
     -------
     dict
-        ``n_subjects``, ``subjects``, and per strategy label its :class:`~fcflow.reports.qc.QCFCSummary`
-        as a dict and its r (``r``), with ``distance_mm`` and ``note`` (why nothing was computed).
+        ``n_subjects``, ``n_runs`` (observations), ``subjects``, and per strategy label its
+        :class:`~fcflow.reports.qc.QCFCSummary` as a dict and its r (``r``), with ``distance_mm``
+        and ``note`` (why nothing was computed).
     """
     from fcflow.reports.participant import NO_DENOISE_DESC
     from fcflow.reports.qc import compute_qcfc, summarise_qcfc
@@ -185,31 +189,33 @@ def collect_qcfc(
     output_dir = Path(output_dir)
     labels = {"no denoising": NO_DENOISE_DESC, f"{recipe.denoising.strategy} (recipe)": "correlation"}
     files = {label: _map_files(output_dir, task, seed, desc, recipe.space) for label, desc in labels.items()}
-    included = qc[(qc["task"] == task) & (qc["session"] == session) & ~qc["excluded"]]
-    fd = included.groupby("participant")["mean_fd_mm"].mean()
-    subjects = sorted(s for s in fd.index
-                      if all((s, session) in f for f in files.values()) and np.isfinite(fd[s]))
-    out: dict[str, Any] = {"task": task, "seed": seed, "session": session, "n_subjects": len(subjects),
-                           "subjects": subjects, "strategies": {}, "note": ""}
-    if len(subjects) < 3 or fd[subjects].nunique() < 2:
-        out["note"] = (f"{len(subjects)} subject(s) with an included run and both maps (no-denoising maps are "
+    sessions = list(recipe.sessions) if session is None else [session]
+    included = qc[(qc["task"] == task) & qc["session"].isin(sessions) & ~qc["excluded"]]
+    fd = included.groupby(["participant", "session"])["mean_fd_mm"].mean()
+    keys = sorted(k for k in fd.index if all(k in f for f in files.values()) and np.isfinite(fd[k]))
+    subjects = sorted({subject for subject, _ in keys})
+    out: dict[str, Any] = {"task": task, "seed": seed, "session": session or "all sessions",
+                           "n_subjects": len(subjects), "n_runs": len(keys), "subjects": subjects,
+                           "strategies": {}, "note": ""}
+    if len(keys) < 3 or fd[keys].nunique() < 2:
+        out["note"] = (f"{len(keys)} subject(s) with an included run and both maps (no-denoising maps are "
                        "written with the participant reports): QC-FC needs at least 3 with different mean FD.")
         return out
     stacks = {}
     support = affine = shape = None
     for label, found in files.items():
         rows = []
-        for subject in subjects:
-            volumes = [np.asarray(nib.load(p).dataobj, dtype=np.float32) for p in found[(subject, session)]]
+        for key in keys:
+            volumes = [np.asarray(nib.load(p).dataobj, dtype=np.float32) for p in found[key]]
             if shape is None:
-                first = nib.load(found[(subject, session)][0])
+                first = nib.load(found[key][0])
                 shape, affine = first.shape[:3], first.affine
                 support = np.ones(shape, dtype=bool)
             mean = np.mean(volumes, axis=0)
             support &= np.isfinite(mean) & (mean != 0)
             rows.append(mean)
         stacks[label] = rows
-    masks = sorted(output_dir.glob(f"sub-{subjects[0]}/ses-{session}/func/sub-*_task-{task}_*seed-{seed}_mask.nii.gz"))
+    masks = sorted(output_dir.glob(f"sub-{keys[0][0]}/ses-{keys[0][1]}/func/sub-*_task-{task}_*seed-{seed}_mask.nii.gz"))
     seed_voxels = np.zeros(shape, dtype=bool)
     if masks:
         seed_voxels = np.asarray(nib.load(masks[0]).dataobj).reshape(shape) > 0
@@ -218,11 +224,11 @@ def collect_qcfc(
     centre = np.argwhere(seed_voxels).mean(axis=0) if seed_voxels.any() else ijk.mean(axis=0)
     distance = np.linalg.norm(nib.affines.apply_affine(affine, ijk) - nib.affines.apply_affine(affine, centre),
                               axis=1)
-    mean_fd = fd[subjects].to_numpy(float)
+    mean_fd = fd[keys].to_numpy(float)
     for label, rows in stacks.items():
         data = np.stack([row[edges] for row in rows])
         r, p = compute_qcfc(data, mean_fd)
-        summary = summarise_qcfc(r, p, distance, n_subjects=len(subjects))
+        summary = summarise_qcfc(r, p, distance, n_subjects=len(keys))
         out["strategies"][label] = {**dataclasses.asdict(summary), "r": r}
     out["distance_mm"] = distance
     return out
@@ -236,17 +242,20 @@ def _qcfc_section(output_dir: Path, recipe: Recipe, qc: pd.DataFrame) -> list[di
         if "correlation" not in task.measures:
             continue
         for seed in recipe.seeds:
-            for session in recipe.sessions:
+            pooled: list[str | None] = [None] if len(recipe.sessions) > 1 else []
+            for session in [*recipe.sessions, *pooled]:
                 result = collect_qcfc(output_dir, recipe, qc, task=task.name, seed=seed.name, session=session)
-                entry = {k: result[k] for k in ("task", "seed", "session", "n_subjects", "note")}
+                entry = {k: result[k] for k in ("task", "seed", "session", "n_subjects", "n_runs", "note")}
                 entry["strategies"] = {label: {k: v for k, v in s.items() if k != "r"}
                                        for label, s in result["strategies"].items()}
                 if result["strategies"]:
-                    name = f"ses-{session}_task-{task.name}_seed-{seed.name}_qcfc.png"
+                    name = (f"ses-{session}_" if session else "") + f"task-{task.name}_seed-{seed.name}_qcfc.png"
                     figures.save_figure(figures.plot_qcfc(
                         {label: s["r"] for label, s in result["strategies"].items()}, result["distance_mm"],
-                        title=f"QC-FC, task-{task.name} seed-{seed.name} ses-{session} "
-                              f"({result['n_subjects']} subjects)"), output_dir / _FIGURES / name)
+                        title=f"QC-FC, task-{task.name} seed-{seed.name} "
+                              + (f"ses-{session} ({result['n_subjects']} subjects)" if session else
+                                 f"all sessions ({result['n_runs']} runs of {result['n_subjects']} subjects)")),
+                        output_dir / _FIGURES / name)
                     entry["figure"] = f"{_FIGURES}/{name}"
                 sections.append(entry)
     return sections
