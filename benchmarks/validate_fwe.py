@@ -171,6 +171,7 @@ def run_null_study_validation(
         build_covariates,
         collect_first_level,
         compute_change_maps,
+        contrast_mean_fd,
         load_session_maps,
         select_measure_maps,
         session_analyses,
@@ -186,9 +187,7 @@ def run_null_study_validation(
     if dropped:
         print(f"dropped (incomplete): {dropped}", file=sys.stderr)
     groups = participants.loc[subjects, resolved.group_column].to_numpy()
-    used = [i for i, s in enumerate(maps.sessions) if dict(analysis.weights).get(s, 0)]
-    columns = [maps.subjects.index(s) for s in subjects]
-    mean_fd = {s: float(np.nanmean(maps.mean_fd_mm[used, c])) for s, c in zip(subjects, columns)}
+    mean_fd = contrast_mean_fd(maps, analysis.weights, subjects)
     pool = {g: np.flatnonzero(groups == g) for g in resolved.groups}
     short = {g: len(i) for g, i in pool.items() if len(i) < n_per_group}
     if short:
