@@ -219,6 +219,7 @@ def test_group_report_shows_design_motion_qcfc_and_methods(reports):
 def test_pooled_qcfc_is_the_correlation_over_every_included_run(reports):
     """The "all sessions" QC-FC equals numpy's correlation of each edge with mean FD over subject x session."""
     import nibabel as nib
+    import numpy as np
 
     from fcflow.config import load_recipe
     from fcflow.reports.group import collect_qcfc, read_qc_tables

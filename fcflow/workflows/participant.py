@@ -154,12 +154,13 @@ def init_run_wf(
         (derivatives, outputnode, [("qc_row", "qc_row")]),
     ])
     if reports:
-        # Figures only: the run's data reach it as run_maps' report_data.npz (one read per run).
+        # Figures only: the run's data reach it as run_maps' report_data.npz (one read per run);
+        # matplotlib, nilearn's 1 mm template and a few maps: the small nodes' 0.3 GB.
         report = pe.Node(
             ComputeRunReport(fmriprep_confounds_file=str(run.confounds_file), seeds=seeds, task=_plain(task),
                              denoising=denoising, entities={**run_entities(run), "group": run.group},
                              run_name=run.name),
-            name="report", mem_gb=0.5,
+            name="report", mem_gb=0.3,
         )
         workflow.connect([
             (inputnode, report, [("mask_file", "mask_file"), ("events_file", "events_file"), ("t_r", "t_r")]),

@@ -35,6 +35,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -195,13 +196,16 @@ def _assert_same(got: dict[str, bytes], expected: dict[str, bytes], what: str) -
     assert not differ, f"{what}: {len(differ)} files differ from the reference, e.g. {differ[:5]}"
 
 
-def _kill_and_resume(folder: Path, args: list[str], work_s: float, rng: random.Random) -> bool:
+def _kill_and_resume(folder: Path, args: list[str], work_s: float, rng: random.Random,
+                     expected: Sequence[str] = ()) -> bool:
     """Start, SIGKILL at a random time, repeat until N_KILLS kills landed; then complete.
 
-    Each kill comes a random fraction of the uninterrupted run's working time after the process took
-    its lock (before that it only imports and checks its inputs). A restart resumes, so it has less
-    left to do and may finish before its kill time: such a start does not count as a kill. Returns
-    whether a killed run left a (stale) lock behind.
+    Each kill comes a random fraction of the work still to do after the process took its lock
+    (before that it only imports and checks its inputs): the uninterrupted run's working time
+    times the share of the ``expected`` output files not written yet (all of it when
+    ``expected`` is empty), so kills keep landing on a run that resumes. A restart that finishes
+    before its kill time does not count as a kill. Returns whether a killed run left a (stale)
+    lock behind.
     """
     landed, attempts, logs = 0, 0, []
     lock_left = False
@@ -210,7 +214,9 @@ def _kill_and_resume(folder: Path, args: list[str], work_s: float, rng: random.R
         assert attempts <= 3 * N_KILLS, f"only {landed} of {attempts} kills landed on a running fcflow"
         log = folder / f"killed-{attempts}.log"
         proc = _start(folder, args, log)
-        delay = rng.uniform(0.05, 0.95) * work_s
+        written = sum((folder / "out" / name).is_file() for name in expected)
+        left = 1.0 - written / len(expected) if expected else 1.0
+        delay = rng.uniform(0.05, 0.95) * work_s * max(left, 0.1)
         if _wait_for_own_lock(proc, folder / "out") is None:
             assert proc.returncode == 0, log.read_text()[-4000:]
         try:
@@ -290,7 +296,8 @@ def test_participant_level_killed_five_times_then_resumed_equals_uninterrupted(s
     folder = _folder(study, "B")
     args = _args(study, "participant", "--nprocs", "2", "--work-dir", str(folder / "work"))
     # Seeded: several of the kill times fall after the lock is taken, so a stale lock is left behind.
-    assert _kill_and_resume(folder, args, reference["participant_s"], random.Random(20261122))
+    assert _kill_and_resume(folder, args, reference["participant_s"], random.Random(20261122),
+                            expected=list(reference["participant"]))
     _assert_same(_participant_files(folder / "out"), reference["participant"], "participant level after kills")
 
 
