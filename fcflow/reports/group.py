@@ -198,7 +198,8 @@ def collect_qcfc(
                            "n_subjects": len(subjects), "n_runs": len(keys), "subjects": subjects,
                            "strategies": {}, "note": ""}
     if len(keys) < 3 or fd[keys].nunique() < 2:
-        out["note"] = (f"{len(keys)} subject(s) with an included run and both maps (no-denoising maps are "
+        unit = "subject(s)" if session else "subject x session observation(s)"
+        out["note"] = (f"{len(keys)} {unit} with an included run and both maps (no-denoising maps are "
                        "written with the participant reports): QC-FC needs at least 3 with different mean FD.")
         return out
     stacks = {}

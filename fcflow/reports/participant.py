@@ -87,7 +87,7 @@ def compute_run_report_data(
     """The arrays of a run's report, from the in-mask data the first level has already read.
 
     The first level calls this in its own pass over the run (:func:`fcflow.firstlevel.run_maps_from_files`
-    with ``report_data_file``), so a report costs no second decompression of the BOLD file: on a
+    with ``report_data=True``), so a report costs no second decompression of the BOLD file: on a
     2 mm run that is the largest part of the report's cost (see benchmarks/bench_study.py).
 
     Parameters
@@ -121,7 +121,7 @@ def compute_run_report_data(
         the seed-to-voxel Fisher z without denoising (non-steady-state volumes removed, then
         only detrending and the task's filter: no confound regression, no censoring).
     """
-    from fcflow.connectivity import compute_rest_connectivity
+    from fcflow.connectivity import compute_multiseed_connectivity
     from fcflow.denoise import build_cleaning_operator, load_run_confounds
     from fcflow.reports.qc import compute_tsnr, select_carpet_voxels, zscore_rows
 
@@ -155,16 +155,19 @@ def compute_run_report_data(
     if "correlation" in task.get("measures", ()) and not censoring["excluded"]:
         reference = load_run_confounds(bold_file, "none", censor=False)
         sample_mask = reference.sample_mask if denoising.get("drop_nonsteady", True) else None
-        for name, img in seed_imgs.items():
-            cols = (np.asarray(img.dataobj).reshape(brain.shape) > 0)[brain]
-            if not cols.any():
-                continue  # no seed voxel in the brain mask: the run is excluded for coverage
-            conn = compute_rest_connectivity(
-                data, cols, t_r, None, sample_mask, high_pass=task.get("high_pass"), low_pass=task.get("low_pass"),
-                detrend=bool(denoising.get("detrend", True)), seed_method=seed_signal, seed_name=name,
-                run_name=run_name,
+        columns_by_seed = {name: (np.asarray(img.dataobj).reshape(brain.shape) > 0)[brain]
+                           for name, img in seed_imgs.items()}
+        # A seed without a voxel in the brain mask has excluded the run for coverage: no map.
+        columns_by_seed = {name: cols for name, cols in columns_by_seed.items() if cols.any()}
+        if columns_by_seed:
+            # One cleaning operator and one pass over the data for all seeds, as the first level.
+            connectivity = compute_multiseed_connectivity(
+                data, columns_by_seed, t_r, None, sample_mask, high_pass=task.get("high_pass"),
+                low_pass=task.get("low_pass"), detrend=bool(denoising.get("detrend", True)),
+                seed_method=seed_signal, run_name=run_name,
             )
-            arrays[f"nodenoise_z_{name}"] = conn.z.astype(np.float32)
+            for name, conn in connectivity.items():
+                arrays[f"nodenoise_z_{name}"] = conn.z.astype(np.float32)
     return arrays
 
 
