@@ -30,6 +30,8 @@ from fcflow.errors import RecipeError
 
 #: Denoising strategies a recipe may name (implemented with nilearn's ``load_confounds``).
 DENOISING_STRATEGIES = ("none", "24P", "24P+aCompCor", "36P", "ICA-AROMA")
+#: How the band is applied (:func:`fcflow.denoise.build_cleaning_operator`).
+FILTERS = ("dct", "butterworth")
 #: Measures per kind of task: resting state has correlation; a task with conditions may also
 #: have gPPI and task-regressed ("background") correlation.
 MEASURES = ("correlation", "gppi", "background")
@@ -126,6 +128,8 @@ class DenoisingConfig:
     detrend: bool = True
     standardize_confounds: bool = True
     smoothing_fwhm: float | None = None
+    filter: str = "dct"
+    min_dof: float = 20.0
 
 
 @dataclass(frozen=True)
@@ -423,6 +427,9 @@ def _read_denoising(table: _Table) -> DenoisingConfig:
         detrend=table.get("detrend", "bool", base.detrend),
         standardize_confounds=table.get("standardize_confounds", "bool", base.standardize_confounds),
         smoothing_fwhm=_positive_or_none(table, "smoothing_fwhm", base.smoothing_fwhm, "mm"),
+        filter=table.get("filter", "str", base.filter, choices=FILTERS),
+        min_dof=table.get("min_dof", "float", base.min_dof, check=lambda v: v >= 4,
+                          expectation="a number of at least 4 (Fisher z needs dof > 3)"),
     )
     table.finish()
     return config

@@ -32,7 +32,7 @@ from typing import Literal
 import numpy as np
 from numpy.typing import NDArray
 
-from fcflow.denoise import build_cleaning_operator, compute_effective_dof
+from fcflow.denoise import build_cleaning_operator, correlation_dof
 from fcflow.errors import InputDataError
 
 __all__ = [
@@ -283,8 +283,8 @@ class SeedConnectivity:
     n_volumes : int
         Volumes kept after censoring.
     dof : float
-        Effective degrees of freedom of the cleaned series
-        (:func:`fcflow.denoise.compute_effective_dof`).
+        Effective degrees of freedom of the correlation (:func:`fcflow.denoise.correlation_dof`):
+        the Fisher z of two independent cleaned series has SD ``1 / sqrt(dof - 3)``.
     """
 
     r: NDArray[np.float32]
@@ -307,6 +307,7 @@ def compute_rest_connectivity(
     standardize_confounds: bool = True,
     seed_method: Literal["mean", "eigenvariate"] = "mean",
     interpolation: Literal["spline", "nilearn"] = "spline",
+    filter: Literal["dct", "butterworth"] = "dct",
     seed_name: str = "seed",
     run_name: str = "",
 ) -> SeedConnectivity:
@@ -323,8 +324,8 @@ def compute_rest_connectivity(
     confounds, sample_mask :
         From :func:`fcflow.denoise.load_run_confounds`.
     high_pass, low_pass : float or None, default=0.01 and 0.08
-        Butterworth band in Hz (rest); set ``low_pass=None`` for a high-pass only.
-    detrend, standardize_confounds, interpolation :
+        Band in Hz (rest); set ``low_pass=None`` for a high-pass only.
+    detrend, standardize_confounds, interpolation, filter :
         See :func:`fcflow.denoise.build_cleaning_operator`.
     seed_method : {"mean", "eigenvariate"}, default="mean"
         See :func:`extract_seed_signal`; the eigenvariate is taken from the cleaned seed voxels.
@@ -336,7 +337,7 @@ def compute_rest_connectivity(
     return compute_multiseed_connectivity(
         data, {seed_name: seed_mask_in_brain}, t_r, confounds, sample_mask, high_pass=high_pass,
         low_pass=low_pass, detrend=detrend, standardize_confounds=standardize_confounds,
-        seed_method=seed_method, interpolation=interpolation, run_name=run_name,
+        seed_method=seed_method, interpolation=interpolation, filter=filter, run_name=run_name,
     )[seed_name]  # fmt: skip
 
 
@@ -353,6 +354,7 @@ def compute_multiseed_connectivity(
     standardize_confounds: bool = True,
     seed_method: Literal["mean", "eigenvariate"] = "mean",
     interpolation: Literal["spline", "nilearn"] = "spline",
+    filter: Literal["dct", "butterworth"] = "dct",
     run_name: str = "",
 ) -> dict[str, SeedConnectivity]:
     """:func:`compute_rest_connectivity` for several seeds of one run at once.
@@ -365,7 +367,7 @@ def compute_multiseed_connectivity(
     seed_masks_in_brain : mapping of str to ndarray of bool, shape (n_voxels,)
         Each seed's columns, by seed name.
     data, t_r, confounds, sample_mask, high_pass, low_pass, detrend, standardize_confounds,
-    seed_method, interpolation, run_name :
+    seed_method, interpolation, filter, run_name :
         As :func:`compute_rest_connectivity`.
 
     Returns
@@ -384,7 +386,7 @@ def compute_multiseed_connectivity(
     }
     operator = build_cleaning_operator(
         data.shape[0], t_r, confounds, sample_mask, high_pass, low_pass, detrend,
-        standardize_confounds, interpolation=interpolation,
+        standardize_confounds, interpolation=interpolation, filter=filter,
     )
     seeds = {}
     for name, cols in columns.items():
@@ -395,7 +397,7 @@ def compute_multiseed_connectivity(
             else _eigenvariate(cleaned_seed_voxels)
         )
     r = _correlate_cleaned_seeds(data, operator, np.column_stack(list(seeds.values())))
-    dof = compute_effective_dof(operator)
+    dof = correlation_dof(operator)
     return {
         name: SeedConnectivity(
             r=r[i], z=fisher_z(r[i]), seed_signal=seed, n_volumes=operator.shape[0], dof=dof

@@ -68,8 +68,10 @@ the spectrum outside the pass band, e.g. about 72 % for 0.01-0.08 Hz at a TR of 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -89,6 +91,9 @@ __all__ = [
     "build_cleaning_operator",
     "apply_cleaning_operator",
     "compute_effective_dof",
+    "correlation_dof",
+    "dct_basis",
+    "dct_frequencies",
 ]
 
 #: fcflow strategy name -> keyword arguments of nilearn's ``load_confounds`` (without scrub).
@@ -135,8 +140,14 @@ class RunConfounds:
     n_non_steady_state : int
         Volumes fMRIPrep flagged as non-steady-state.
     n_fd_outliers : int
-        Volumes whose FD exceeds ``fd_threshold_mm``.
+        Volumes whose FD exceeds ``fd_threshold_mm`` (whether or not censoring is on).
     strategy, fd_threshold_mm, std_dvars_threshold, scrub : settings in force
+    censored_by : dict of str to int
+        Why each removed volume was removed, each volume counted once, under the first reason
+        that applies in this order: ``non_steady_state`` (fMRIPrep's flag), ``fd`` (FD above
+        its threshold), ``std_dvars`` (std DVARS above its threshold, FD below), ``segment``
+        (the segment rule: too few kept volumes between two censored ones, or at an end).
+        The counts add up to ``n_timepoints - n_kept``.
     """
 
     confounds: pd.DataFrame | None
@@ -149,6 +160,7 @@ class RunConfounds:
     fd_threshold_mm: float
     std_dvars_threshold: float
     scrub: int
+    censored_by: dict[str, int] = dataclasses.field(default_factory=dict)
 
     @property
     def n_kept(self) -> int:
@@ -256,7 +268,14 @@ def load_run_confounds(
     if confounds is not None and confounds.shape[1] == 0:
         confounds = None
     fd = raw["framewise_displacement"].to_numpy(dtype=np.float64)
-    n_nss = sum(1 for c in raw.columns if c.startswith("non_steady_state"))
+    nss_columns = [c for c in raw.columns if c.startswith("non_steady_state")]
+    n_nss = len(nss_columns)
+    censored_by = count_censoring_reasons(
+        n_time, sample_mask, non_steady=raw[nss_columns].to_numpy(dtype=float).sum(axis=1) > 0,
+        fd=fd, std_dvars=raw["std_dvars"].to_numpy(dtype=np.float64) if "std_dvars" in raw else None,
+        fd_threshold_mm=fd_threshold_mm if censor else np.inf,
+        std_dvars_threshold=std_dvars_threshold if censor else np.inf,
+    )
     return RunConfounds(
         confounds=confounds,
         sample_mask=None if sample_mask is None else np.asarray(sample_mask, dtype=np.int64),
@@ -268,14 +287,64 @@ def load_run_confounds(
         fd_threshold_mm=fd_threshold_mm,
         std_dvars_threshold=std_dvars_threshold,
         scrub=scrub if censor else 0,
+        censored_by=censored_by,
     )
+
+
+#: The reasons a volume is removed, in the order they are attributed (see RunConfounds).
+CENSORING_REASONS = ("non_steady_state", "fd", "std_dvars", "segment")
+
+
+def count_censoring_reasons(
+    n_timepoints: int,
+    sample_mask: NDArray | None,
+    *,
+    non_steady: NDArray[np.bool_],
+    fd: NDArray[np.float64],
+    std_dvars: NDArray[np.float64] | None,
+    fd_threshold_mm: float,
+    std_dvars_threshold: float,
+) -> dict[str, int]:
+    """Count the removed volumes by reason (:data:`CENSORING_REASONS`), each volume once.
+
+    A removed volume is counted under the first reason that applies; one that none explains
+    was removed by the segment rule. The counts add up to the volumes not in ``sample_mask``.
+    """
+    removed = np.ones(n_timepoints, dtype=bool)
+    removed[np.arange(n_timepoints) if sample_mask is None else np.asarray(sample_mask)] = False
+    flags = {
+        "non_steady_state": np.asarray(non_steady, dtype=bool),
+        "fd": np.nan_to_num(fd, nan=0.0) > fd_threshold_mm,
+        "std_dvars": (np.zeros(n_timepoints, bool) if std_dvars is None
+                      else np.nan_to_num(std_dvars, nan=0.0) > std_dvars_threshold),
+    }
+    counts, explained = {}, np.zeros(n_timepoints, dtype=bool)
+    for reason, flag in flags.items():
+        counts[reason] = int(np.count_nonzero(removed & flag & ~explained))
+        explained |= flag
+    counts["segment"] = int(np.count_nonzero(removed & ~explained))
+    return counts
+
+
+def describe_censoring(censored_by: Mapping[str, int], n_timepoints: int, *, fd_threshold_mm: float | None = None,
+                       std_dvars_threshold: float | None = None, scrub: int | None = None) -> str:
+    """One phrase: how many volumes were removed and why, e.g. ``"96 of 240 volumes removed: ..."``."""
+    labels = {
+        "non_steady_state": "non-steady-state",
+        "fd": "FD" + (f" > {fd_threshold_mm:g} mm" if fd_threshold_mm is not None else ""),
+        "std_dvars": "std DVARS" + (f" > {std_dvars_threshold:g}" if std_dvars_threshold is not None else ""),
+        "segment": "segment rule" + (f" (< {scrub} kept in a row)" if scrub else ""),
+    }
+    total = sum(censored_by.values())
+    parts = [f"{count} {labels.get(reason, reason)}" for reason, count in censored_by.items() if count]
+    return f"{total} of {n_timepoints} volumes removed" + (f" ({', '.join(parts)})" if parts else "")
 
 
 def assess_run_exclusion(
     run_confounds: RunConfounds,
     *,
-    min_volumes: int = 120,
-    max_mean_fd_mm: float | None = 0.5,
+    min_volumes: int,
+    max_mean_fd_mm: float | None,
     run_name: str = "",
 ) -> tuple[bool, str]:
     """Decide whether a run is excluded for motion; say why, with the thresholds in force.
@@ -294,9 +363,12 @@ def assess_run_exclusion(
     prefix = f"{run_name}: " if run_name else ""
     reasons = []
     if rc.n_kept < min_volumes:
+        removed = describe_censoring(
+            rc.censored_by, rc.n_timepoints, fd_threshold_mm=rc.fd_threshold_mm,
+            std_dvars_threshold=rc.std_dvars_threshold, scrub=rc.scrub,
+        )
         reasons.append(
-            f"{rc.n_fd_outliers} of {rc.n_timepoints} volumes exceed FD {rc.fd_threshold_mm:g} mm; "
-            f"{rc.n_kept} volumes remain after censoring, below the minimum of {min_volumes} "
+            f"{removed}; {rc.n_kept} volumes remain, below the minimum of {min_volumes} "
             "(min_volumes)."
         )
     mean_fd = float(np.nanmean(rc.framewise_displacement)) if rc.n_timepoints > 1 else 0.0
@@ -393,6 +465,145 @@ def _filter_matrix(n: int, t_r: float, high_pass, low_pass) -> NDArray[np.float6
     )
 
 
+
+# Relative size below which a direction is taken as absent: a column of the band basis on the
+# kept volumes (singular value relative to the largest), or the part of a unit-norm nuisance
+# regressor left inside the band after the directions before it.
+_RANK_RTOL = 1e-6
+
+
+def dct_frequencies(n_timepoints: int, t_r: float) -> NDArray[np.float64]:
+    """Frequencies (Hz) of the DCT-II basis of a run: ``k / (2 n t_r)`` for ``k = 0..n-1``."""
+    return np.arange(n_timepoints) / (2.0 * n_timepoints * t_r)
+
+
+def dct_basis(n_timepoints: int, columns: NDArray[np.intp]) -> NDArray[np.float64]:
+    """Orthonormal DCT-II cosines ``k`` in ``columns``, at every volume: (n_timepoints, len(columns)).
+
+    The same cosines as nilearn's :func:`nilearn.glm.first_level.design_matrix.create_cosine_drift`
+    (and fMRIPrep's ``cosine_XX`` confounds) for ``k >= 1``; ``k = 0`` is the constant.
+    """
+    k = np.asarray(columns, dtype=np.float64)
+    t = np.arange(n_timepoints, dtype=np.float64) + 0.5
+    basis = np.sqrt(2.0 / n_timepoints) * np.cos(np.pi / n_timepoints * np.outer(t, k))
+    basis[:, k == 0] = 1.0 / np.sqrt(n_timepoints)
+    return basis
+
+
+def _orthonormal_span(matrix: NDArray[np.float64]) -> NDArray[np.float64]:
+    """Orthonormal basis of the column span, directions below ``_RANK_RTOL`` of the largest dropped."""
+    if matrix.shape[1] == 0:
+        return matrix
+    u, s, _ = linalg.svd(matrix, full_matrices=False)
+    return u[:, s > _RANK_RTOL * s[0]] if s.size and s[0] > 0 else u[:, :0]
+
+
+def _residual_span(
+    nuisance: NDArray[np.float64], space: NDArray[np.float64] | None
+) -> NDArray[np.float64]:
+    """Orthonormal basis of what the unit-norm ``nuisance`` columns add inside ``space``.
+
+    Each column is scaled to unit norm on the kept volumes *before* it is projected into the
+    band, so a regressor with (almost) nothing in the band (e.g. fMRIPrep's cosines under a
+    band-pass) is dropped instead of being blown up to unit variance, and costs no degree of
+    freedom. Pivoted QR keeps the columns in order of what they add.
+    """
+    if nuisance.shape[1] == 0:
+        return nuisance
+    norms = np.sqrt((nuisance**2).sum(axis=0))
+    nuisance = nuisance[:, norms > 0] / norms[norms > 0]
+    if space is not None:
+        nuisance = space @ (space.T @ nuisance)
+    if nuisance.shape[1] == 0:
+        return nuisance
+    q, r, _ = linalg.qr(nuisance, mode="economic", pivoting=True)
+    return q[:, np.abs(np.diag(r)) > _RANK_RTOL]
+
+
+def _dct_operator(
+    n_timepoints: int,
+    t_r: float,
+    confounds: NDArray[np.float64] | None,
+    kept: NDArray[np.int64] | None,
+    high_pass: float | None,
+    low_pass: float | None,
+    detrend: bool,
+) -> NDArray[np.float64]:
+    """The ``filter="dct"`` operator: band and nuisance fitted together on the kept volumes.
+
+    On the kept rows, the operator is the projection onto the band space ``S`` minus the
+    projection onto what the nuisance regressors ``N`` add inside ``S``:
+    ``P = Q_S Q_S^T - Q_N Q_N^T`` with ``Q_N`` an orthonormal basis of ``Q_S Q_S^T N``.
+
+    * ``S`` is the span of the in-band DCT cosines (``high_pass < f <= low_pass``; the cosines
+      of the stretch from the first to the last kept volume) sampled at the kept volumes when a
+      low-pass is asked for, else every kept volume.
+    * ``N`` holds the DCT cosines below ``high_pass`` (the constant included), the linear trend
+      (``detrend``) and the confounds, all at the kept volumes only.
+
+    Without censoring this is exactly the band-pass of the DCT and the regression of the
+    confounds' in-band part (the simultaneous fit that Lindquist et al. 2019 ask for). With
+    censoring the censored volumes are simply absent: nothing is interpolated, so nothing made
+    by the operator can be shared by all voxels (``P`` is an orthogonal projection: its
+    singular values are 0 or 1), and its rank is the number of degrees of freedom left.
+    """
+    rows = np.arange(n_timepoints) if kept is None else kept
+    n_kept = rows.size
+    # The cosines span the first to the last kept volume: a run whose head (non-steady-state
+    # volumes) or tail is removed keeps an orthogonal basis, and only censoring inside the span
+    # makes the kept samples irregular.
+    span = int(rows[-1] - rows[0] + 1)
+    inside = rows - rows[0]
+    frequencies = dct_frequencies(span, t_r)
+    low = frequencies <= high_pass if high_pass is not None else np.zeros(span, bool)
+    if high_pass is None and detrend:
+        low[0] = True  # the constant
+    nuisance_parts = [dct_basis(span, np.flatnonzero(low))[inside]]
+    if detrend:
+        trend = inside.astype(np.float64)
+        nuisance_parts.append(np.column_stack([np.ones(n_kept), trend - trend.mean()]))
+    if confounds is not None:
+        nuisance_parts.append(confounds[rows])
+    nuisance = np.hstack(nuisance_parts)
+    if low_pass is not None:
+        band = ~low & (frequencies <= low_pass)
+        band[0] = False
+        space = _orthonormal_span(dct_basis(span, np.flatnonzero(band))[inside])
+        projection = space @ space.T
+    else:
+        space = None
+        projection = np.eye(n_kept)
+    q = _residual_span(nuisance, space)
+    projection -= q @ q.T
+    operator = np.zeros((n_kept, n_timepoints))
+    operator[:, rows] = projection
+    return operator
+
+
+def correlation_dof(operator: NDArray[np.float64]) -> float:
+    """Effective degrees of freedom of a correlation between two series cleaned by ``operator``.
+
+    Returned as the number of volumes ``n`` of an ordinary Pearson correlation of white noise
+    with the same null spread: the Fisher z of two independent cleaned series has standard
+    deviation ``1 / sqrt(n - 3)``. It is ``1 +`` the Satterthwaite degrees of freedom
+    (:func:`compute_effective_dof`) of the centred operator; for a projection of rank ``k`` that
+    leaves no mean, exactly ``k + 1``. Never negative: 1 for an operator that leaves nothing.
+    """
+    centred = operator - operator.mean(axis=0)
+    # Eigenvalues of the centred M M^T; those at rounding level (a projection that removed
+    # everything leaves ~1e-16 entries) count as zero.
+    eigenvalues = np.linalg.eigvalsh(centred @ centred.T)
+    eigenvalues = eigenvalues[eigenvalues > _ZERO_EIGENVALUE]
+    if eigenvalues.size == 0:
+        return 1.0
+    return 1.0 + float(eigenvalues.sum() ** 2 / (eigenvalues**2).sum())
+
+
+#: An eigenvalue of M M^T below this is rounding (the operators' are O(0.01-1)).
+_ZERO_EIGENVALUE = 1e-10
+
+
+
 def build_cleaning_operator(
     n_timepoints: int,
     t_r: float,
@@ -405,6 +616,7 @@ def build_cleaning_operator(
     *,
     standardize: Literal["zscore_sample"] | None = None,
     interpolation: Literal["nilearn", "spline"] = "spline",
+    filter: Literal["dct", "butterworth"] = "dct",
 ) -> NDArray[np.float64]:
     """Build the whole cleaning of a run as one matrix ``M``: ``cleaned = M @ signals``.
 
@@ -428,12 +640,18 @@ def build_cleaning_operator(
         Include the centring of nilearn's final standardisation; divide by the standard
         deviation with :func:`apply_cleaning_operator`.
     interpolation : {"spline", "nilearn"}, default="spline"
-        How censored volumes are filled before filtering; see the module docstring.
+        ``filter="butterworth"`` only: how censored volumes are filled before filtering; see
+        the module docstring.
+    filter : {"dct", "butterworth"}, default="dct"
+        ``"dct"``: the band is a projection on the kept volumes, fitted simultaneously with the
+        confounds; censored volumes are never filled (see the module docstring).
+        ``"butterworth"``: nilearn's ``signal.clean`` (``filter="butterworth"``), step by step.
 
     Returns
     -------
     operator : ndarray of shape (n_kept, n_timepoints), float64
-        Columns of censored volumes are zero (with ``interpolation="spline"``).
+        Columns of censored volumes are zero (with ``filter="dct"`` or
+        ``interpolation="spline"``).
     """
     if n_timepoints < 3:
         raise InputDataError(f"'n_timepoints' must be at least 3. Got {n_timepoints!r}.")
@@ -441,6 +659,8 @@ def build_cleaning_operator(
         raise InputDataError(
             f"'interpolation' must be 'spline' or 'nilearn'. Got {interpolation!r}."
         )
+    if filter not in ("dct", "butterworth"):
+        raise InputDataError(f"'filter' must be 'dct' or 'butterworth'. Got {filter!r}.")
     if standardize not in (None, "zscore_sample"):
         raise InputDataError(
             f"'standardize' must be 'zscore_sample' or None. Got {standardize!r}."
@@ -470,7 +690,13 @@ def build_cleaning_operator(
             f"'high_pass' must be below 'low_pass'. Got {high_pass!r} and {low_pass!r}."
         )
 
-    # Step 1: censoring (no filter) or interpolation (filter).
+    if filter == "dct":
+        operator = _dct_operator(n_timepoints, t_r, confounds, kept, high_pass, low_pass, detrend)
+        if standardize is not None:
+            operator = operator - operator.mean(axis=0)
+        return operator
+
+    # Butterworth (nilearn's signal.clean). Step 1: censoring (no filter) or interpolation.
     operator = np.eye(n_timepoints)
     late_index = None
     if kept is not None:
@@ -553,3 +779,81 @@ def compute_effective_dof(operator: NDArray[np.float64]) -> float:
     """
     gram = operator @ operator.T
     return float(np.trace(gram) ** 2 / np.sum(gram * gram))
+
+
+# --------------------------------------------------------------------------------------------
+# Where the degrees of freedom go
+
+#: Confound blocks of the budget, by the prefixes of fMRIPrep's column names.
+_CONFOUND_BLOCKS = (
+    ("motion", ("trans_", "rot_")),
+    ("compcor", ("a_comp_cor", "c_comp_cor", "w_comp_cor", "t_comp_cor")),
+    ("cosine", ("cosine",)),
+    ("wm_csf", ("csf", "white_matter")),
+    ("global_signal", ("global_signal",)),
+    ("aroma", ("aroma_motion",)),
+)
+
+
+def confound_blocks(columns: Sequence[str]) -> dict[str, list[str]]:
+    """Group confound columns into the blocks of the DOF budget (motion, compcor, cosine, ...).
+
+    Columns of no known family go to ``"other"``. Blocks keep the order of first appearance.
+    """
+    blocks: dict[str, list[str]] = {}
+    for column in columns:
+        name = next((block for block, prefixes in _CONFOUND_BLOCKS
+                     if str(column).startswith(prefixes)), "other")
+        blocks.setdefault(name, []).append(str(column))
+    return blocks
+
+
+def dof_budget(
+    n_timepoints: int,
+    t_r: float,
+    *,
+    sample_mask: NDArray | None,
+    high_pass: float | None,
+    low_pass: float | None,
+    detrend: bool,
+    filter: Literal["dct", "butterworth"],
+    blocks: Mapping[str, NDArray | None],
+) -> dict[str, float]:
+    """Where the degrees of freedom of a run go, step by step.
+
+    Starts from the kept volumes (``n_kept``: what is left after non-steady-state removal and
+    censoring), then adds the band (detrending and filtering) and each block of regressors in
+    turn (the order of ``blocks``), and records what each step costs in the correlation's
+    degrees of freedom (:func:`correlation_dof`). What a block costs depends on what came
+    before it: regressors that share a direction are charged once, to the first.
+
+    Parameters
+    ----------
+    blocks : mapping of str to ndarray of shape (n_timepoints, k) or None
+        Named regressor blocks (e.g. from :func:`confound_blocks`, then the task regressors).
+
+    Returns
+    -------
+    dict
+        ``n_kept``, ``filter`` and one entry per block: the dof each step costs; ``dof``: what
+        is left (the ``correlation_dof`` of the whole operator).
+    """
+    n_kept = n_timepoints if sample_mask is None else int(np.asarray(sample_mask).size)
+    budget: dict[str, float] = {"n_kept": float(n_kept)}
+    settings = dict(sample_mask=sample_mask, high_pass=high_pass, low_pass=low_pass, detrend=detrend,
+                    filter=filter)
+    current = build_cleaning_operator(n_timepoints, t_r, None, **settings)
+    left = correlation_dof(current)
+    budget["filter"] = float(n_kept - left)
+    parts: list[NDArray] = []
+    for name, block in blocks.items():
+        if block is None or np.asarray(block).size == 0:
+            continue
+        block = np.asarray(block, dtype=np.float64)
+        parts.append(block[:, None] if block.ndim == 1 else block)
+        current = build_cleaning_operator(n_timepoints, t_r, np.hstack(parts), **settings)
+        after = correlation_dof(current)
+        budget[name] = float(left - after)
+        left = after
+    budget["dof"] = float(left)
+    return budget

@@ -173,7 +173,9 @@ def write_run_derivatives(
         "Denoising": provenance.get("denoising", {}),
         "Censoring": {k: censoring[k] for k in ("n_timepoints", "n_kept", "mean_fd_mm", "percent_censored",
                                                 "n_non_steady_state", "n_fd_outliers", "strategy",
-                                                "n_confounds", "confound_names")},
+                                                "n_confounds", "confound_names") if k in censoring},
+        "CensoredBy": censoring.get("censored_by"),
+        "DegreesOfFreedomBudget": qc.get("dof_budget"),
         "Recipe": provenance.get("recipe", {}),
         "RecipeSHA256": provenance.get("recipe_sha256"),
         **software_provenance(provenance.get("command")),
@@ -227,6 +229,12 @@ def write_run_derivatives(
         row[f"{seed}_tsnr"] = seed_qc.get("tsnr_median")
     for measure, dof in (qc.get("dof") or {}).items():
         row[f"dof_{measure}"] = dof
+    # Why volumes were removed, and where the degrees of freedom went (fcflow.denoise.dof_budget).
+    for reason, count in (censoring.get("censored_by") or {}).items():
+        row[f"censored_{reason}"] = count
+    for step, cost in (qc.get("dof_budget") or {}).items():
+        if step not in ("n_kept", "dof"):
+            row[f"dof_cost_{step}"] = cost
     return written, row
 
 

@@ -11,8 +11,20 @@ seed and measure:
   by the same operator built *without* confounds, and the confounds and task regressors are put
   through that same operator, so that every column of the model lives in the same filtered,
   censored time domain. gPPI fits task regressors, seed, one seed x condition interaction per
-  condition and the confounds by OLS (no deconvolution: see :mod:`fcflow.ppi`); background FC
-  correlates seed and voxels after regressing the task regressors and confounds out of both.
+  condition and the confounds by OLS (no deconvolution: see :mod:`fcflow.ppi`), with the
+  degrees of freedom and variances of Worsley & Friston (1995) for the filtered errors;
+  background FC correlates seed and voxels after regressing the task regressors and confounds
+  out of both.
+
+When the data cannot answer
+---------------------------
+Before any voxel is touched, a run's degrees-of-freedom budget is drawn up
+(:func:`fcflow.denoise.dof_budget`: kept volumes, what the band and each confound block cost,
+and for a task the task regressors). A run is excluded, with the numbers in its reason, when
+any of its measures would have fewer effective degrees of freedom than the recipe's
+``min_dof``, or when its condition regressors are empty after censoring, identical or collinear
+(:func:`fcflow.ppi.check_task_design`). An excluded run writes no map, so nothing below the
+minimum reaches the group level.
 
 Maps are vectors over the brain-mask voxels (C order of the grid); :func:`fcflow.niftiio.unmask`
 puts them back on the grid.
@@ -21,6 +33,7 @@ puts them back on the grid.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,9 +46,11 @@ from numpy.typing import NDArray
 
 from fcflow.atlas import SeedQC, seed_qc
 from fcflow.connectivity import compute_multiseed_connectivity, extract_seed_signal
-from fcflow.denoise import build_cleaning_operator, compute_effective_dof
+from fcflow.denoise import build_cleaning_operator, confound_blocks, correlation_dof, dof_budget
 from fcflow.errors import InputDataError
 from fcflow.niftiio import MaskedBoldInfo, read_masked_bold
+
+LOGGER = logging.getLogger("fcflow.firstlevel")
 
 
 @dataclass(frozen=True)
@@ -60,7 +75,11 @@ class RunMaps:
         Indices of the volumes behind ``seed_signals``.
     seed_qc : dict of str to SeedQC
     dof : dict of str to float
-        Effective degrees of freedom per measure (see the sidecars).
+        Effective degrees of freedom per measure (see the sidecars): for ``correlation`` and
+        ``background`` :func:`fcflow.denoise.correlation_dof` (Fisher z SD ``1/sqrt(dof - 3)``),
+        for ``gppi`` the t statistics' degrees of freedom.
+    dof_budget : dict of str to float
+        Where the degrees of freedom went (:func:`fcflow.denoise.dof_budget`).
     excluded : bool
     exclusion_reason : str
     """
@@ -70,6 +89,7 @@ class RunMaps:
     kept_volumes: NDArray[np.int64] = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     seed_qc: dict[str, SeedQC] = field(default_factory=dict)
     dof: dict[str, float] = field(default_factory=dict)
+    dof_budget: dict[str, float] = field(default_factory=dict)
     excluded: bool = False
     exclusion_reason: str = ""
 
@@ -98,6 +118,8 @@ def compute_run_maps(
     min_coverage: float = 0.8,
     detrend: bool = True,
     standardize_confounds: bool = True,
+    filter: str = "dct",
+    min_dof: float = 0.0,
     run_name: str = "",
     masked: tuple[NDArray[np.float32], MaskedBoldInfo] | None = None,
 ) -> RunMaps:
@@ -125,6 +147,10 @@ def compute_run_maps(
     min_coverage : float, default=0.8
         A seed with less of its volume inside the brain mask excludes the run.
     detrend, standardize_confounds : bool, default=True
+    filter : {"dct", "butterworth"}, default="dct"
+        See :func:`fcflow.denoise.build_cleaning_operator`.
+    min_dof : float, default=0
+        Exclude the run when a measure would have fewer effective degrees of freedom.
     run_name : str
         Used in messages.
     masked : (data, info) or None
@@ -150,6 +176,7 @@ def compute_run_maps(
     if result.excluded:
         return result
 
+    # Read first: a damaged run is an error even when its budget would exclude it.
     data, info = read_masked_bold(bold_file, mask_img) if masked is None else masked
     n_time = data.shape[0]
     if confounds is not None and len(confounds) != n_time:
@@ -157,6 +184,33 @@ def compute_run_maps(
             f"{run_name}: the confounds have {len(confounds)} rows but the BOLD run "
             f"{Path(bold_file).name} has {n_time} volumes. Use the confounds file of this run."
         )
+    # The budget, and the exclusions it implies, before any voxel is cleaned.
+    blocks = {} if confounds is None else {
+        block: confounds[cols].to_numpy(dtype=np.float64) for block, cols in confound_blocks(confounds.columns).items()
+    }
+    task_measures = [m for m in measures if m in ("gppi", "background")]
+    task = None
+    if task_measures:
+        from fcflow.ppi import build_task_regressors, check_task_design
+
+        if events is None:
+            raise InputDataError(f"{run_name}: task measures {list(measures)} need the run's events file.")
+        task = build_task_regressors(events, conditions, n_time, t_r, events_file=events_file)
+        blocks["task"] = task.to_numpy(dtype=np.float64)
+        preparation = build_cleaning_operator(n_time, t_r, None, sample_mask, high_pass, low_pass, detrend,
+                                              filter=filter)
+        task_prepared = pd.DataFrame(preparation @ task.to_numpy(dtype=np.float64), columns=task.columns)
+        reason = check_task_design(task, task_prepared, conditions, events_file=events_file, run_name=run_name)
+        if reason:
+            return _exclude(result, reason)
+    budget = dof_budget(n_time, t_r, sample_mask=sample_mask, high_pass=high_pass, low_pass=low_pass,
+                        detrend=detrend, filter=filter, blocks=blocks)
+    result.dof_budget = budget
+    reason = _dof_shortfall(budget, min_dof, measure=" / ".join(m for m in measures if m != "gppi") or "gppi",
+                            run_name=run_name)
+    if reason:
+        return _exclude(result, reason)
+
     for name in seed_imgs:
         # tSNR of the seed on the raw (preprocessed) data, before any cleaning.
         result.seed_qc[name] = seed_qc(
@@ -168,7 +222,7 @@ def compute_run_maps(
         connectivity = compute_multiseed_connectivity(
             data, columns, t_r, confounds, sample_mask, high_pass=high_pass, low_pass=low_pass,
             detrend=detrend, standardize_confounds=standardize_confounds, seed_method=seed_signal,
-            run_name=run_name,
+            filter=filter, run_name=run_name,
         )
         for name, conn in connectivity.items():
             result.maps[MapSpec(name, "correlation", "r")] = conn.r
@@ -176,13 +230,13 @@ def compute_run_maps(
             result.seed_signals[name] = conn.seed_signal
             result.dof["correlation"] = conn.dof
 
-    task_measures = [m for m in measures if m in ("gppi", "background")]
     if task_measures:
         _task_maps(result, data, columns, t_r=t_r, confounds=confounds, sample_mask=sample_mask,
                    high_pass=high_pass, low_pass=low_pass, measures=task_measures, conditions=conditions,
-                   condition_contrasts=condition_contrasts or {}, events=events, events_file=events_file,
-                   seed_signal=seed_signal, detrend=detrend, standardize_confounds=standardize_confounds,
-                   run_name=run_name)
+                   condition_contrasts=condition_contrasts or {}, task=task, seed_signal=seed_signal,
+                   detrend=detrend, filter=filter, min_dof=min_dof, run_name=run_name)
+        if result.excluded:
+            return result
 
     result.kept_volumes = np.arange(n_time) if sample_mask is None else np.asarray(sample_mask)
     return result
@@ -201,39 +255,52 @@ def _task_maps(
     measures: Sequence[str],
     conditions: Sequence[str],
     condition_contrasts: Mapping[str, str],
-    events: pd.DataFrame | None,
-    events_file: str,
+    task: pd.DataFrame,
     seed_signal: str,
     detrend: bool,
-    standardize_confounds: bool,
+    filter: str,
+    min_dof: float,
     run_name: str,
 ) -> None:
     # here, not at the top: fcflow.ppi imports scipy.stats (about 1 s), which rest runs never use
-    from fcflow.ppi import build_gppi_design, build_task_regressors, compute_background_fc, fit_gppi
+    from fcflow.ppi import (
+        background_operator,
+        build_gppi_design,
+        compute_background_fc,
+        fit_gppi,
+        gppi_model_dof,
+    )
 
-    if events is None:
-        raise InputDataError(f"{run_name}: task measures {list(measures)} need the run's events file.")
     n_time = data.shape[0]
     # Filter and censor everything with one operator and no confounds, so that the confounds can
     # enter the model as regressors (with honest degrees of freedom) instead of being projected
     # out of the data beforehand.
     operator = build_cleaning_operator(n_time, t_r, None, sample_mask, high_pass, low_pass, detrend,
-                                       standardize_confounds)
+                                       filter=filter)
+    # The errors of the prepared data are white noise put through the operator.
+    error_covariance = operator @ operator.T
     prepared = (operator.astype(np.float32) @ data).astype(np.float32, copy=False)
-    task = build_task_regressors(events, conditions, n_time, t_r, events_file=events_file)
     task_prepared = pd.DataFrame(operator @ task.to_numpy(dtype=np.float64), columns=task.columns)
     confounds_prepared = None
     if confounds is not None:
         confounds_prepared = pd.DataFrame(
             operator @ np.nan_to_num(confounds.to_numpy(dtype=np.float64)), columns=confounds.columns
         )
-    base_dof = compute_effective_dof(operator)
+    if "background" in measures:
+        residual = background_operator(task_prepared, confounds_prepared, operator.shape[0])
+        result.dof["background"] = correlation_dof(residual @ operator)
     for name, cols in columns.items():
         seed = extract_seed_signal(prepared, cols, seed_signal, seed_name=name, run_name=run_name)
         result.seed_signals[name] = seed
         if "gppi" in measures:
             design = build_gppi_design(seed, task_prepared, confounds_prepared, conditions=list(conditions))
-            fit = fit_gppi(prepared, design, dict(condition_contrasts))
+            dof = gppi_model_dof(design.to_numpy(dtype=np.float64), error_covariance)[3]
+            reason = _dof_shortfall({**result.dof_budget, "dof": dof}, min_dof, measure="gppi",
+                                    run_name=run_name)
+            if reason:
+                _exclude(result, reason)
+                return
+            fit = fit_gppi(prepared, design, dict(condition_contrasts), error_covariance=error_covariance)
             for cond in conditions:
                 key = f"ppi_{cond}"
                 result.maps[MapSpec(name, f"gppi{cond}", "beta")] = fit.beta[key]
@@ -246,8 +313,31 @@ def _task_maps(
             r, z = compute_background_fc(prepared, seed, task_prepared, confounds_prepared)
             result.maps[MapSpec(name, "background", "r")] = r
             result.maps[MapSpec(name, "background", "z")] = z
-            n_regressors = task_prepared.shape[1] + (0 if confounds_prepared is None else confounds_prepared.shape[1])
-            result.dof["background"] = float(base_dof - n_regressors)
+
+
+def _exclude(result: RunMaps, reason: str) -> RunMaps:
+    """Mark the run excluded (no map survives), log why, and return it."""
+    result.excluded, result.exclusion_reason = True, reason
+    result.maps.clear()
+    LOGGER.warning(reason)
+    return result
+
+
+def format_dof_budget(budget: Mapping[str, float]) -> str:
+    """``"300 volumes kept; filter -216.0, motion -24.0, compcor -5.0 -> 55.0 dof"``."""
+    costs = ", ".join(f"{name} -{cost:.1f}" for name, cost in budget.items() if name not in ("n_kept", "dof"))
+    return f"{budget['n_kept']:g} volumes kept; {costs} -> {budget['dof']:.1f} dof"
+
+
+def _dof_shortfall(budget: Mapping[str, float], min_dof: float, *, measure: str, run_name: str) -> str:
+    """The exclusion reason when ``budget["dof"]`` is below ``min_dof`` ("" otherwise)."""
+    if budget["dof"] >= min_dof:
+        return ""
+    prefix = f"{run_name}: " if run_name else ""
+    where = format_dof_budget(budget) if "n_kept" in budget else f"{budget['dof']:.1f} dof"
+    return (f"{prefix}{measure} would have {budget['dof']:.1f} effective degrees of freedom, below the "
+            f"minimum of {min_dof:g} (min_dof). Budget: {where}. Run excluded: its map would be mostly "
+            "noise. Longer runs, less censoring, a narrower confound set or a wider band leave more.")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -290,9 +380,11 @@ def select_run_confounds(
     if not denoising.get("drop_nonsteady", True) and sample_mask is not None and not censor:
         sample_mask = None
     excluded, reason = assess_run_exclusion(
-        selected, min_volumes=int(denoising.get("min_volumes", 50)),
-        max_mean_fd_mm=denoising.get("max_mean_fd_mm"), run_name=run_name,
+        selected, min_volumes=int(denoising["min_volumes"]),
+        max_mean_fd_mm=denoising["max_mean_fd_mm"], run_name=run_name,
     )
+    if excluded:
+        LOGGER.warning(reason)
     fd = selected.framewise_displacement
     censoring = {
         "sample_mask": None if sample_mask is None else [int(i) for i in sample_mask],
@@ -303,6 +395,7 @@ def select_run_confounds(
         "percent_censored": 100.0 * (1 - selected.n_kept / selected.n_timepoints),
         "n_non_steady_state": selected.n_non_steady_state,
         "n_fd_outliers": selected.n_fd_outliers,
+        "censored_by": dict(selected.censored_by),
         "excluded": bool(excluded),
         "exclusion_reason": reason,
         "strategy": selected.strategy,
@@ -380,7 +473,8 @@ def run_maps_from_files(
         condition_contrasts={c["name"]: c["expression"] for c in task.get("condition_contrasts", ())},
         events=events, events_file=str(events_file or ""), seed_signal=str(first.get("signal", "mean")),
         min_coverage=float(first.get("min_coverage", 0.8)), detrend=bool(denoising.get("detrend", True)),
-        standardize_confounds=bool(denoising.get("standardize_confounds", True)), run_name=run_name,
+        standardize_confounds=bool(denoising.get("standardize_confounds", True)),
+        filter=str(denoising["filter"]), min_dof=float(denoising["min_dof"]), run_name=run_name,
         masked=masked,
     )
     brain = np.asarray(mask_img.dataobj).reshape(mask_img.shape[:3]) > 0
@@ -393,6 +487,7 @@ def run_maps_from_files(
     qc.update(
         excluded=result.excluded, exclusion_reason=result.exclusion_reason,
         seeds={name: q.to_dict() for name, q in result.seed_qc.items()}, dof=result.dof,
+        dof_budget=result.dof_budget,
     )
     if report_data:
         add_report_data(result.excluded)

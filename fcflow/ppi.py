@@ -29,6 +29,7 @@ regions that merely respond to the same task blocks do not appear connected.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -46,6 +47,9 @@ __all__ = [
     "GppiResult",
     "fit_gppi",
     "compute_background_fc",
+    "background_operator",
+    "check_task_design",
+    "gppi_model_dof",
     "t_to_z",
 ]
 
@@ -152,9 +156,13 @@ def build_task_regressors(
         }
     )
     frame_times = (np.arange(n_timepoints) + slice_time_ref) * t_r
-    design = make_first_level_design_matrix(
-        frame_times, table, hrf_model=hrf_model, drift_model=None
-    )
+    with warnings.catch_warnings():
+        # Identical or collinear conditions: fcflow.ppi.check_task_design names them and
+        # excludes the run, instead of nilearn's bare "Matrix is singular" warning.
+        warnings.filterwarnings("ignore", message="Matrix is singular")
+        design = make_first_level_design_matrix(
+            frame_times, table, hrf_model=hrf_model, drift_model=None
+        )
     columns = [
         col
         for cond in conditions
@@ -255,8 +263,10 @@ class GppiResult:
     ----------
     beta, t, z : dict of str to ndarray of shape (n_voxels,), float32
         Keys ``ppi_<condition>`` for each interaction and the names of the contrasts.
-    dof : int
-        Residual degrees of freedom, ``n_volumes - rank(design)``.
+    dof : float
+        Residual degrees of freedom: ``n_volumes - rank(design)`` for white errors; with an
+        ``error_covariance`` ``V``, the effective degrees of freedom of Worsley & Friston
+        (1995), ``tr(RV)^2 / tr(RVRV)`` (``R`` the residual-forming matrix).
     columns : list of str
         Design columns.
     """
@@ -264,7 +274,7 @@ class GppiResult:
     beta: dict[str, NDArray[np.float32]]
     t: dict[str, NDArray[np.float32]]
     z: dict[str, NDArray[np.float32]]
-    dof: int
+    dof: float
     columns: list[str]
 
 
@@ -274,6 +284,7 @@ def fit_gppi(
     contrasts: Mapping[str, str] | None = None,
     *,
     sample_mask: NDArray | None = None,
+    error_covariance: NDArray | None = None,
 ) -> GppiResult:
     """Fit the gPPI model by OLS at every voxel; interaction betas, t and z maps.
 
@@ -288,6 +299,12 @@ def fit_gppi(
         ``{"2back-0back": "2back - 0back"}`` tests ``ppi_2back - ppi_0back``.
     sample_mask : ndarray of int or bool, optional
         Volumes to fit (censoring); rows of both the data and the design.
+    error_covariance : ndarray of shape (n_volumes, n_volumes), optional
+        ``V``, the covariance (up to scale) of the errors of white noise put through the data's
+        preparation ``F`` (``V = F F^T``: filtering and censoring make the residuals
+        dependent). The t statistics then use the variance ``c X^+ V X^+T c^T`` and the
+        residual variance ``rss / tr(RV)``, and their degrees of freedom are Worsley &
+        Friston's (1995), as SPM does for filtered data. Default: white errors (plain OLS).
 
     Returns
     -------
@@ -323,19 +340,29 @@ def fit_gppi(
         tests[name] = vector
 
     n_obs = x.shape[0]
-    rank = np.linalg.matrix_rank(x)
-    dof = n_obs - rank
+    v = None
+    if error_covariance is not None:
+        v = np.asarray(error_covariance, dtype=np.float64)
+        if sample_mask is not None:
+            v = v[np.ix_(sample_mask, sample_mask)]
+        if v.shape != (n_obs, n_obs):
+            raise InputDataError(
+                f"'error_covariance' must be ({n_obs}, {n_obs}), one row and column per volume. "
+                f"Got {v.shape!r}."
+            )
+    pinv, residual_forming, trace_rv, dof = gppi_model_dof(x, v)
     if dof < 1:
         raise InputDataError(
-            f"The gPPI design must have fewer independent columns ({rank}) than volumes "
-            f"({n_obs})."
+            f"The gPPI design must leave residual degrees of freedom. Got {dof:.2f} "
+            f"({np.linalg.matrix_rank(x)} independent columns for {n_obs} volumes)."
         )
-    pinv = np.linalg.pinv(x)  # (p, n)
     c_matrix = np.array(list(tests.values()))  # (k, p)
-    # Variance factor c (X^T X)^+ c^T = ||c X^+||^2.
+    # Variance factor c (X^T X)^+ c^T = ||c X^+||^2 (white), c X^+ V X^+T c^T (with V).
     effect_rows = c_matrix @ pinv  # (k, n)
-    variance_factor = (effect_rows**2).sum(axis=1)
-    residual_forming = np.eye(n_obs) - x @ pinv
+    if v is None:
+        variance_factor = (effect_rows**2).sum(axis=1)
+    else:
+        variance_factor = np.einsum("kn,nm,km->k", effect_rows, v, effect_rows)
     pinv32 = pinv.astype(np.float32)
     effects32 = effect_rows.astype(np.float32)
     x32 = x.astype(np.float32)
@@ -364,7 +391,7 @@ def fit_gppi(
         cross = (residual_ones32 @ residuals).astype(np.float64)
         rss[start : start + n] = np.einsum("ij,ij->j", residuals, residuals, dtype=np.float64)
         rss[start : start + n] += mean64 * (2.0 * cross + mean64 * ones_norm2)
-    sigma2 = rss / dof
+    sigma2 = rss / trace_rv
     with np.errstate(invalid="ignore", divide="ignore"):
         t_values = effects / np.sqrt(np.outer(variance_factor, sigma2))
     beta, t, z = {}, {}, {}
@@ -372,7 +399,126 @@ def fit_gppi(
         beta[name] = effects[i].astype(np.float32)
         t[name] = t_values[i].astype(np.float32)
         z[name] = t_to_z(t_values[i], dof).astype(np.float32)
-    return GppiResult(beta=beta, t=t, z=z, dof=int(dof), columns=columns)
+    return GppiResult(beta=beta, t=t, z=z, dof=float(dof), columns=columns)
+
+
+def gppi_model_dof(
+    design: NDArray[np.float64], error_covariance: NDArray[np.float64] | None = None
+) -> tuple[NDArray[np.float64], NDArray[np.float64], float, float]:
+    """Pseudo-inverse, residual-forming matrix, ``tr(RV)`` and degrees of freedom of a design.
+
+    ``V = I`` (``error_covariance=None``): ``tr(R) = dof = n - rank(X)``. Otherwise the
+    Satterthwaite degrees of freedom ``tr(RV)^2 / tr(RVRV)`` of Worsley & Friston (1995). Never
+    negative: 0 when the design leaves nothing.
+    """
+    x = np.asarray(design, dtype=np.float64)
+    n_obs = x.shape[0]
+    pinv = np.linalg.pinv(x)
+    residual_forming = np.eye(n_obs) - x @ pinv
+    if error_covariance is None:
+        dof = float(n_obs - np.linalg.matrix_rank(x))
+        return pinv, residual_forming, dof, dof
+    # R is idempotent, so tr(RV) = tr(RVR) and tr(RVRV) = tr((RVR)^2): the eigenvalues of the
+    # symmetric RVR, those at rounding level (a design that leaves nothing) counted as zero.
+    eigenvalues = np.linalg.eigvalsh(residual_forming @ error_covariance @ residual_forming.T)
+    scale = max(1.0, float(np.abs(np.diag(error_covariance)).max()))
+    eigenvalues = eigenvalues[eigenvalues > 1e-10 * scale]
+    if eigenvalues.size == 0:
+        return pinv, residual_forming, 0.0, 0.0
+    trace_rv = float(eigenvalues.sum())
+    return pinv, residual_forming, trace_rv, trace_rv**2 / float((eigenvalues**2).sum())
+
+
+#: Largest condition number of the unit-norm condition regressors (after filtering and
+#: censoring) that a gPPI or background model accepts. Above 30 Belsley, Kuh & Welsch (1980)
+#: speak of strong collinearity: the conditions' effects can no longer be told apart.
+MAX_CONDITION_NUMBER = 30.0
+#: A condition whose regressor keeps less than this fraction of its energy after censoring (and
+#: filtering) has lost its events.
+MIN_CONDITION_ENERGY = 0.05
+
+
+def check_task_design(
+    raw: pd.DataFrame,
+    prepared: pd.DataFrame,
+    conditions: Sequence[str],
+    *,
+    events_file: str = "",
+    run_name: str = "",
+) -> str:
+    """Why a run's condition regressors cannot be told apart ("" when they can).
+
+    Parameters
+    ----------
+    raw : DataFrame of shape (n_timepoints, n_regressors)
+        The HRF-convolved condition regressors (:func:`build_task_regressors`).
+    prepared : DataFrame of shape (n_kept, n_regressors)
+        The same after the data's filtering and censoring.
+    conditions : sequence of str
+
+    Returns
+    -------
+    reason : str
+        Names the events file and the conditions: a condition with (almost) no signal left
+        after censoring (below :data:`MIN_CONDITION_ENERGY` of its energy), two identical
+        conditions, or a condition number above :data:`MAX_CONDITION_NUMBER`.
+    """
+    where = f" in {events_file}" if events_file else ""
+    prefix = f"{run_name}: " if run_name else ""
+    columns = [c for c in conditions if c in prepared.columns]
+    energy_raw = {c: float(np.sum((raw[c] - raw[c].mean()) ** 2)) for c in columns}
+    energy = {c: float(np.sum(prepared[c] ** 2)) for c in columns}
+    empty = [c for c in columns if energy_raw[c] == 0 or energy[c] < MIN_CONDITION_ENERGY * energy_raw[c]]
+    if empty:
+        kept = ", ".join(f"{c} {100 * energy[c] / energy_raw[c]:.1f} %" if energy_raw[c] else f"{c} 0 %"
+                         for c in empty)
+        return (f"{prefix}condition(s) {empty}{where} have (almost) no signal left after censoring and "
+                f"filtering (energy kept: {kept}; minimum {100 * MIN_CONDITION_ENERGY:g} %). Run excluded.")
+    if len(columns) < 2:
+        return ""
+    matrix = prepared[columns].to_numpy(dtype=np.float64)
+    matrix = matrix / np.sqrt((matrix**2).sum(axis=0))
+    for i, a in enumerate(columns):
+        for j in range(i + 1, len(columns)):
+            if abs(float(matrix[:, i] @ matrix[:, j])) > 1 - 1e-6:
+                return (f"{prefix}conditions {a!r} and {columns[j]!r}{where} have identical regressors "
+                        "after convolution, filtering and censoring: their effects (and gPPI "
+                        "interactions) cannot be told apart. Check the events file. Run excluded.")
+    singular = np.linalg.svd(matrix, compute_uv=False)
+    condition = float(singular[0] / singular[-1]) if singular[-1] > 0 else np.inf
+    if condition > MAX_CONDITION_NUMBER:
+        return (f"{prefix}conditions {columns}{where} are collinear after filtering and censoring: "
+                f"condition number {condition:.1f}, above {MAX_CONDITION_NUMBER:g}. Check the events "
+                "file. Run excluded.")
+    return ""
+
+
+def background_operator(
+    task_regressors: pd.DataFrame | NDArray,
+    confounds: NDArray | pd.DataFrame | None,
+    n_timepoints: int,
+    *,
+    sample_mask: NDArray | None = None,
+) -> NDArray[np.float64]:
+    """The (n_kept, n_timepoints) matrix that censors and regresses task, confounds and a constant.
+
+    Its product with the data's preparation ``F`` gives the degrees of freedom of background FC:
+    ``fcflow.denoise.correlation_dof(background_operator(...) @ F)``.
+    """
+    parts = [np.asarray(task_regressors, dtype=np.float64)]
+    if confounds is not None:
+        conf = np.asarray(confounds, dtype=np.float64)
+        parts.append(conf[:, None] if conf.ndim == 1 else conf)
+    x = np.column_stack([*parts, np.ones(n_timepoints)])
+    if sample_mask is not None:
+        keep = np.zeros(n_timepoints, bool)
+        keep[sample_mask] = True
+        select = np.eye(n_timepoints)[keep]
+        x = x[keep]
+    else:
+        select = np.eye(n_timepoints)
+    residual_forming = np.eye(x.shape[0]) - x @ np.linalg.pinv(x)
+    return residual_forming @ select
 
 
 def compute_background_fc(
@@ -412,15 +558,6 @@ def compute_background_fc(
             f"'seed_signal', 'task_regressors' and 'confounds' must have one row per volume "
             f"({n_time}). Got {seed.shape[0]}, {[p.shape[0] for p in parts]}."
         )
-    x = np.column_stack([*parts, np.ones(n_time)])
-    if sample_mask is not None:
-        keep = np.zeros(n_time, bool)
-        keep[sample_mask] = True
-        select = np.eye(n_time)[keep]
-        x = x[keep]
-    else:
-        select = np.eye(n_time)
-    residual_forming = np.eye(x.shape[0]) - x @ np.linalg.pinv(x)
-    operator = residual_forming @ select  # (n_kept, n_timepoints)
+    operator = background_operator(task_regressors, confounds, n_time, sample_mask=sample_mask)
     r = _correlate_cleaned_seeds(y, operator, (operator @ seed)[:, None])[0]
     return r, fisher_z(r)

@@ -107,8 +107,7 @@ levels = ["baseline", "infusion", "24h"]
 
 [tasks.rest]
 measures = ["correlation"]
-high_pass = 0.01
-low_pass = 0.08
+high_pass = 0.01          # no low-pass: 60 volumes hold only 17 cosines of 0.01-0.08 Hz (min_dof)
 
 [tasks.nback]
 measures = ["gppi"]

@@ -16,6 +16,7 @@ from fcflow.denoise import (
     assess_run_exclusion,
     build_cleaning_operator,
     compute_effective_dof,
+    count_censoring_reasons,
     load_run_confounds,
 )
 from fcflow.errors import InputDataError
@@ -120,7 +121,7 @@ def test_load_run_confounds_errors(tmp_path):
         load_run_confounds(_bold_name(tmp_path), "24P", fd_threshold_mm=0)
 
 
-def _run_confounds(n_kept, n_time=300, n_fd=12, fd=0.1):
+def _run_confounds(n_kept, n_time=300, n_fd=12, fd=0.1, censored_by=None):
     return RunConfounds(
         confounds=None,
         sample_mask=np.arange(n_time - n_kept, n_time),
@@ -132,21 +133,55 @@ def _run_confounds(n_kept, n_time=300, n_fd=12, fd=0.1):
         fd_threshold_mm=0.5,
         std_dvars_threshold=1.5,
         scrub=5,
+        censored_by=censored_by or {},
     )
 
 
 def test_assess_run_exclusion():
-    excluded, reason = assess_run_exclusion(_run_confounds(60), min_volumes=120,
-                                            run_name="sub-07_ses-24h_task-rest")
+    by = {"non_steady_state": 2, "fd": 12, "std_dvars": 200, "segment": 26}
+    excluded, reason = assess_run_exclusion(_run_confounds(60, censored_by=by), min_volumes=120,
+                                            max_mean_fd_mm=None, run_name="sub-07_ses-24h_task-rest")
     assert excluded
     assert reason == (
-        "sub-07_ses-24h_task-rest: 12 of 300 volumes exceed FD 0.5 mm; 60 volumes remain after "
-        "censoring, below the minimum of 120 (min_volumes). Run excluded."
+        "sub-07_ses-24h_task-rest: 240 of 300 volumes removed (2 non-steady-state, 12 FD > 0.5 mm, "
+        "200 std DVARS > 1.5, 26 segment rule (< 5 kept in a row)); 60 volumes remain, below the "
+        "minimum of 120 (min_volumes). Run excluded."
     )
-    assert assess_run_exclusion(_run_confounds(200), min_volumes=120) == (False, "")
-    excluded, reason = assess_run_exclusion(_run_confounds(200, fd=0.7), max_mean_fd_mm=0.5)
+    assert assess_run_exclusion(_run_confounds(200), min_volumes=120, max_mean_fd_mm=None) == (False, "")
+    excluded, reason = assess_run_exclusion(_run_confounds(200, fd=0.7), min_volumes=10, max_mean_fd_mm=0.5)
     assert excluded
     assert reason == "mean FD is 0.700 mm, above the maximum of 0.5 mm (max_mean_fd_mm). Run excluded."
+
+
+def test_count_censoring_reasons_each_volume_once():
+    n = 20
+    nss = np.zeros(n, bool)
+    nss[:2] = True
+    fd = np.full(n, 0.1)
+    fd[[1, 5, 12]] = 0.9          # volume 1 is also non-steady: counted there
+    dvars = np.full(n, 1.0)
+    dvars[[5, 8, 15]] = 2.0       # volume 5 is also FD: counted there
+    removed = {0, 1, 5, 12, 8, 15, 9, 16}  # 9 and 16: segment rule
+    kept = np.array(sorted(set(range(n)) - removed))
+    counts = count_censoring_reasons(n, kept, non_steady=nss, fd=fd, std_dvars=dvars,
+                                     fd_threshold_mm=0.5, std_dvars_threshold=1.5)
+    assert counts == {"non_steady_state": 2, "fd": 2, "std_dvars": 2, "segment": 2}
+    assert sum(counts.values()) == n - kept.size
+
+
+def test_load_run_confounds_counts_std_dvars(tmp_path):
+    rng = np.random.default_rng(5)
+    _write_fmriprep_confounds(tmp_path, rng)
+    table_file = next(tmp_path.glob("*confounds_timeseries.tsv"))
+    table = pd.read_csv(table_file, sep="\t")
+    table["framewise_displacement"] = np.r_[np.nan, np.full(len(table) - 1, 0.1)]
+    table["std_dvars"] = np.r_[np.nan, np.full(len(table) - 1, 1.0)]
+    table.loc[40:49, "std_dvars"] = 3.0
+    table.to_csv(table_file, sep="\t", index=False, na_rep="n/a")
+    rc = load_run_confounds(_bold_name(tmp_path), "24P")
+    assert rc.censored_by["std_dvars"] == 10
+    assert rc.censored_by["fd"] == 0
+    assert sum(rc.censored_by.values()) == rc.n_timepoints - rc.n_kept
 
 
 # --------------------------------------------------------------------------------------------
@@ -189,7 +224,7 @@ def test_operator_reproduces_nilearn_clean(filters, with_mask, with_confounds, s
     )
     operator = build_cleaning_operator(
         len(signals), T_R, conf, sample_mask, high_pass, low_pass,
-        standardize=standardize, interpolation="nilearn",
+        standardize=standardize, interpolation="nilearn", filter="butterworth",
     )
     cleaned = operator @ signals
     if standardize:
@@ -230,7 +265,8 @@ def test_spline_interpolation_matches_fixed_nilearn(monkeypatch, filters):
         signals.copy(), confounds=confounds, sample_mask=sample_mask.copy(), t_r=T_R,
         high_pass=high_pass, low_pass=low_pass, standardize=None,
     )
-    operator = build_cleaning_operator(len(signals), T_R, confounds, sample_mask, high_pass, low_pass)
+    operator = build_cleaning_operator(len(signals), T_R, confounds, sample_mask, high_pass, low_pass,
+                                       filter="butterworth")
     np.testing.assert_allclose(operator @ signals, expected, atol=1e-9 * np.abs(expected).max())
     censored = np.setdiff1d(np.arange(len(signals)), sample_mask)
     assert np.abs(operator[:, censored]).max() == 0.0
@@ -242,15 +278,17 @@ def test_nilearn_interpolation_quirk_leaks_censored_volumes():
     # value, is not trimmed, and leaks through the filter into the kept volumes.
     n_time = 150
     sample_mask = _sample_mask(n_time)
-    quirky = build_cleaning_operator(n_time, T_R, None, sample_mask, 0.01, 0.08, interpolation="nilearn")
+    quirky = build_cleaning_operator(n_time, T_R, None, sample_mask, 0.01, 0.08, interpolation="nilearn",
+                                     filter="butterworth")
     assert np.abs(quirky[:, 0]).max() > 1e-3
-    spline = build_cleaning_operator(n_time, T_R, None, sample_mask, 0.01, 0.08)
+    spline = build_cleaning_operator(n_time, T_R, None, sample_mask, 0.01, 0.08, filter="butterworth")
     assert np.abs(spline[:, 0]).max() == 0.0
     # Nothing censored inside the run: both agree.
     head_only = np.arange(3, n_time)
     np.testing.assert_allclose(
-        build_cleaning_operator(n_time, T_R, None, head_only, 0.01, 0.08, interpolation="nilearn"),
-        build_cleaning_operator(n_time, T_R, None, head_only, 0.01, 0.08),
+        build_cleaning_operator(n_time, T_R, None, head_only, 0.01, 0.08, interpolation="nilearn",
+                                filter="butterworth"),
+        build_cleaning_operator(n_time, T_R, None, head_only, 0.01, 0.08, filter="butterworth"),
         atol=1e-12,
     )
 
@@ -266,7 +304,7 @@ def test_effective_dof_of_projection_is_exact():
 
 def test_effective_dof_of_band_pass():
     n_time = 600
-    operator = build_cleaning_operator(n_time, T_R, high_pass=0.01, low_pass=0.08)
+    operator = build_cleaning_operator(n_time, T_R, high_pass=0.01, low_pass=0.08, filter="butterworth")
     # Pass band 0.01-0.08 Hz of a 0.25 Hz Nyquist band: about 28 % of the spectrum.
     fraction = compute_effective_dof(operator) / n_time
     assert 0.22 < fraction < 0.34

@@ -178,7 +178,8 @@ def reported(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("reports")
     bids = root / "bids"
-    simulate_study(bids, n_per_group=1, resolution_mm=4, n_volumes=80, seed=5)
+    # 240 volumes: the rest run keeps more than the recipe's min_dof (80 would not).
+    simulate_study(bids, n_per_group=1, resolution_mm=4, n_volumes=240, seed=5)
     runs = collect_runs(bids, bids / "derivatives" / "fmriprep", space=RECIPE.space, group_column="group",
                         groups=RECIPE.groups, sessions=RECIPE.sessions, tasks_with_events=["nback"],
                         tasks=["rest", "nback"], participant_labels=["01"], session_labels=["infusion"]).runs
@@ -257,7 +258,23 @@ def test_report_figures_are_the_runs_own(reported):
 
 
 def test_no_denoise_map_is_the_plain_correlation_and_differs_from_the_recipes(reported):
-    from nilearn.signal import clean
+    import scipy.fft
+
+    def clean(x, *, high_pass, low_pass, t_r, **_):
+        """fcflow's default cleaning without confounds, computed independently: the orthonormal DCT
+        limited to the band, then the band's part of the linear trend regressed out; z-scored."""
+        n = x.shape[0]
+        frequencies = np.arange(n) / (2 * n * t_r)
+        band = (frequencies > high_pass) & (frequencies <= low_pass)
+
+        def limit(values):
+            coefficients = scipy.fft.dct(values, axis=0, norm="ortho")
+            coefficients[~band] = 0
+            return scipy.fft.idct(coefficients, axis=0, norm="ortho")
+
+        y, trend = limit(x.astype(np.float64)), limit(np.arange(n, dtype=np.float64))
+        y = y - np.outer(trend, trend @ y) / (trend @ trend)
+        return (y - y.mean(axis=0)) / y.std(axis=0, ddof=1)
 
     run = reported["runs"]["rest"]
     func = reported["out"] / "sub-01" / "ses-infusion" / "func"

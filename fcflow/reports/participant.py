@@ -145,6 +145,7 @@ def compute_run_report_data(
             n_time, t_r, None if confounds is None or confounds.shape[1] == 0 else confounds.to_numpy(float),
             None if censoring["sample_mask"] is None else kept, task.get("high_pass"), task.get("low_pass"),
             bool(denoising.get("detrend", True)), bool(denoising.get("standardize_confounds", True)),
+            filter=str(denoising["filter"]),
         )
         cleaned = np.full((n_time, columns.size), np.nan)
         cleaned[kept[: operator.shape[0]]] = operator @ sample
@@ -164,7 +165,7 @@ def compute_run_report_data(
             connectivity = compute_multiseed_connectivity(
                 data, columns_by_seed, t_r, None, sample_mask, high_pass=task.get("high_pass"),
                 low_pass=task.get("low_pass"), detrend=bool(denoising.get("detrend", True)),
-                seed_method=seed_signal, run_name=run_name,
+                seed_method=seed_signal, filter=str(denoising["filter"]), run_name=run_name,
             )
             for name, conn in connectivity.items():
                 arrays[f"nodenoise_z_{name}"] = conn.z.astype(np.float32)
