@@ -29,7 +29,7 @@ from typing import Any
 from fcflow.errors import RecipeError
 
 #: Denoising strategies a recipe may name (implemented with nilearn's ``load_confounds``).
-DENOISING_STRATEGIES = ("none", "24P", "24P+aCompCor", "36P", "ICA-AROMA")
+DENOISING_STRATEGIES = ("none", "24P", "24P+aCompCor", "6P+aCompCor", "36P", "ICA-AROMA")
 #: How the band is applied (:func:`fcflow.denoise.build_cleaning_operator`).
 FILTERS = ("dct", "butterworth")
 #: Measures per kind of task: resting state has correlation; a task with conditions may also
@@ -130,6 +130,7 @@ class DenoisingConfig:
     smoothing_fwhm: float | None = None
     filter: str = "dct"
     min_dof: float = 20.0
+    compare_strategies: tuple[str, ...] = ("none", "6P+aCompCor", "24P", "24P+aCompCor", "36P")
 
 
 @dataclass(frozen=True)
@@ -430,6 +431,9 @@ def _read_denoising(table: _Table) -> DenoisingConfig:
         filter=table.get("filter", "str", base.filter, choices=FILTERS),
         min_dof=table.get("min_dof", "float", base.min_dof, check=lambda v: v >= 4,
                           expectation="a number of at least 4 (Fisher z needs dof > 3)"),
+        compare_strategies=table.get("compare_strategies", "str_list", base.compare_strategies,
+                                     choices=DENOISING_STRATEGIES, check=lambda v: len(v) == len(set(v)),
+                                     expectation="a list of distinct strategies (empty: no comparison)"),
     )
     table.finish()
     return config

@@ -10,6 +10,10 @@ Denoising strategies
 ``"24P+aCompCor"``        motion="full" + compcor="anat_combined", ``n_compcor`` (5) + the
                           fMRIPrep cosines ("high_pass"; load_confounds requires them with
                           CompCor because fMRIPrep computes CompCor after that high-pass)
+``"6P+aCompCor"``         motion="basic" (6 motion parameters) + compcor="anat_combined",
+                          ``n_compcor`` (5) + the cosines: the lean CompCor model (Behzadi et
+                          al. 2007; Muschelli et al. 2014), about a third of 24P+aCompCor's
+                          degrees of freedom
 ``"36P"``                 motion="full" + wm_csf="full" + global_signal="full" (GSR: 36)
 ``"ICA-AROMA"``           ica_aroma="full" + wm_csf="basic" + the cosines, nilearn's
                           ``ica_aroma`` preset: the input must be fMRIPrep's
@@ -104,6 +108,11 @@ DENOISING_STRATEGIES: dict[str, dict] = {
         "motion": "full",
         "compcor": "anat_combined",
     },
+    "6P+aCompCor": {
+        "strategy": ("motion", "high_pass", "compcor"),
+        "motion": "basic",
+        "compcor": "anat_combined",
+    },
     "36P": {
         "strategy": ("motion", "wm_csf", "global_signal"),
         "motion": "full",
@@ -186,7 +195,7 @@ def load_run_confounds(
         fMRIPrep BOLD run (``*_desc-preproc_bold.nii[.gz]``, or
         ``*_desc-smoothAROMAnonaggr_bold.nii.gz`` for ``"ICA-AROMA"``); its
         ``*_desc-confounds_timeseries.tsv`` (and ``.json``) are found by name.
-    strategy : {"24P", "24P+aCompCor", "36P", "ICA-AROMA", "none"}
+    strategy : {"24P", "24P+aCompCor", "6P+aCompCor", "36P", "ICA-AROMA", "none"}
         See :data:`DENOISING_STRATEGIES`.
     censor : bool, default=True
         Censor high-motion volumes (load_confounds' ``scrub``).
@@ -498,25 +507,45 @@ def _orthonormal_span(matrix: NDArray[np.float64]) -> NDArray[np.float64]:
     return u[:, s > _RANK_RTOL * s[0]] if s.size and s[0] > 0 else u[:, :0]
 
 
-def _residual_span(
-    nuisance: NDArray[np.float64], space: NDArray[np.float64] | None
-) -> NDArray[np.float64]:
-    """Orthonormal basis of what the unit-norm ``nuisance`` columns add inside ``space``.
+#: A confound with less than this fraction of its energy (on the kept volumes) inside the band
+#: is left out: regressing it would cost a whole degree of freedom to remove almost nothing (e.g.
+#: fMRIPrep's 128 s cosines under a 0.01 Hz high-pass, which censoring makes not quite orthogonal).
+MIN_BAND_ENERGY = 0.01
 
-    Each column is scaled to unit norm on the kept volumes *before* it is projected into the
-    band, so a regressor with (almost) nothing in the band (e.g. fMRIPrep's cosines under a
-    band-pass) is dropped instead of being blown up to unit variance, and costs no degree of
-    freedom. Pivoted QR keeps the columns in order of what they add.
+
+def _residual_span(
+    nuisance: NDArray[np.float64], space: NDArray[np.float64] | None, n_always: int = 0
+) -> NDArray[np.float64]:
+    """Orthonormal basis of what the ``nuisance`` columns add inside ``space``.
+
+    The first ``n_always`` columns (the drift terms) are always regressed. Each further column
+    (a confound) is scaled to unit norm on the kept volumes, projected into the band, and
+    stripped of the drift directions; what is left is its own contribution. Below
+    :data:`MIN_BAND_ENERGY` of its energy it is dropped instead of being blown up to unit
+    variance, and costs no degree of freedom (e.g. fMRIPrep's 128 s cosines under a 0.01 Hz
+    high-pass: almost all drift, which the drift terms already remove). Pivoted QR then keeps
+    the columns in order of what they add.
     """
     if nuisance.shape[1] == 0:
         return nuisance
     norms = np.sqrt((nuisance**2).sum(axis=0))
-    nuisance = nuisance[:, norms > 0] / norms[norms > 0]
+    norms[norms == 0] = 1.0
+    nuisance = nuisance / norms
     if space is not None:
         nuisance = space @ (space.T @ nuisance)
-    if nuisance.shape[1] == 0:
-        return nuisance
-    q, r, _ = linalg.qr(nuisance, mode="economic", pivoting=True)
+    drift = _pivoted_basis(nuisance[:, :n_always])
+    confounds = nuisance[:, n_always:]
+    if confounds.shape[1]:
+        confounds = confounds - drift @ (drift.T @ confounds)
+        confounds = confounds[:, (confounds**2).sum(axis=0) >= MIN_BAND_ENERGY]
+    return np.hstack([drift, _pivoted_basis(confounds)])
+
+
+def _pivoted_basis(matrix: NDArray[np.float64]) -> NDArray[np.float64]:
+    """Orthonormal basis of the span of unit-or-smaller columns (pivoted QR, |R_ii| > 1e-6)."""
+    if matrix.shape[1] == 0:
+        return matrix
+    q, r, _ = linalg.qr(matrix, mode="economic", pivoting=True)
     return q[:, np.abs(np.diag(r)) > _RANK_RTOL]
 
 
@@ -562,6 +591,7 @@ def _dct_operator(
     if detrend:
         trend = inside.astype(np.float64)
         nuisance_parts.append(np.column_stack([np.ones(n_kept), trend - trend.mean()]))
+    n_drift = sum(part.shape[1] for part in nuisance_parts)
     if confounds is not None:
         nuisance_parts.append(confounds[rows])
     nuisance = np.hstack(nuisance_parts)
@@ -573,7 +603,7 @@ def _dct_operator(
     else:
         space = None
         projection = np.eye(n_kept)
-    q = _residual_span(nuisance, space)
+    q = _residual_span(nuisance, space, n_always=n_drift)
     projection -= q @ q.T
     operator = np.zeros((n_kept, n_timepoints))
     operator[:, rows] = projection
@@ -798,14 +828,16 @@ _CONFOUND_BLOCKS = (
 def confound_blocks(columns: Sequence[str]) -> dict[str, list[str]]:
     """Group confound columns into the blocks of the DOF budget (motion, compcor, cosine, ...).
 
-    Columns of no known family go to ``"other"``. Blocks keep the order of first appearance.
+    Columns of no known family go to ``"other"``. Blocks come in a fixed order (motion, compcor,
+    cosine, wm_csf, global_signal, aroma, other), the order in which the budget charges them.
     """
     blocks: dict[str, list[str]] = {}
     for column in columns:
         name = next((block for block, prefixes in _CONFOUND_BLOCKS
                      if str(column).startswith(prefixes)), "other")
         blocks.setdefault(name, []).append(str(column))
-    return blocks
+    order = [name for name, _ in _CONFOUND_BLOCKS] + ["other"]
+    return {name: blocks[name] for name in order if name in blocks}
 
 
 def dof_budget(

@@ -63,12 +63,15 @@ def _bold_name(folder, desc="preproc", ext=".nii.gz"):
 
 
 def test_strategy_names_are_fixed():
-    assert set(DENOISING_STRATEGIES) == {"24P", "24P+aCompCor", "36P", "ICA-AROMA", "none"}
+    assert set(DENOISING_STRATEGIES) == {"24P", "24P+aCompCor", "6P+aCompCor", "36P", "ICA-AROMA", "none"}
+    from fcflow import config
+
+    assert set(config.DENOISING_STRATEGIES) == set(DENOISING_STRATEGIES)
 
 
 @pytest.mark.parametrize(
     ("strategy", "n_columns"),
-    [("24P", 24), ("24P+aCompCor", 24 + 5 + 3), ("36P", 36), ("none", 0)],
+    [("24P", 24), ("24P+aCompCor", 24 + 5 + 3), ("6P+aCompCor", 6 + 5 + 3), ("36P", 36), ("none", 0)],
 )
 def test_load_run_confounds_columns_and_censoring(tmp_path, strategy, n_columns):
     _write_fmriprep_confounds(tmp_path, np.random.default_rng(0))

@@ -150,7 +150,7 @@ def test_every_number_of_the_methods_comes_from_the_recipe_or_the_software():
     defaults = {k: p.default for k, p in inspect.signature(permutation_test).parameters.items()}
     sources = " ".join([
         json.dumps(recipe.to_dict()), " ".join(versions.values()), atlas.version, str(atlas.n_areas),
-        STRATEGY_TEXT[recipe.denoising.strategy],
+        STRATEGY_TEXT[recipe.denoising.strategy], f"{recipe.denoising.min_dof:g}",
         " ".join(f"{defaults[k]:g}" for k in ("tfce_extent_exponent", "tfce_height_exponent", "connectivity")),
     ])
     allowed = set(_NUMBER.findall(sources))

@@ -155,13 +155,14 @@ def _fcflow(*args: str) -> str:
 
 @pytest.fixture(scope="module")
 def reports(tmp_path_factory) -> dict:
-    """A tiny study (2 per group, 80 volumes, 4 mm) through both levels with reports."""
+    """A tiny study (2 per group, 240 volumes, 4 mm) through both levels with reports."""
     from fcflow.cli.demo import _stand_in_recipe
     from fcflow.simulate import simulate_study
 
     root = tmp_path_factory.mktemp("browser")
     bids = root / "bids"
-    simulate_study(bids, n_per_group=2, resolution_mm=4, n_volumes=80, seed=5)
+    # 240 volumes: the rest runs keep more than the recipe's min_dof (80 would keep none).
+    simulate_study(bids, n_per_group=2, resolution_mm=4, n_volumes=240, seed=5)
     recipe = _stand_in_recipe(root, bids)
     text = recipe.read_text()
     # 6 subjects cannot carry age, sex and mean FD; a low mean-FD limit excludes a few runs.

@@ -429,7 +429,7 @@ def plot_qcfc(
     """
     figure = new_figure(8.0, 3.0)
     hist, scatter = figure.subplots(1, 2)
-    colours = ("#999999", "#d95f02", "#1b9e77", "#7570b3")
+    colours = ("#999999", "#d95f02", "#1b9e77", "#7570b3", "#e7298a", "#66a61e", "#e6ab02")
     bins = np.linspace(-1, 1, 81)
     step = max(1, distance_mm.size // max_points)
     for k, (label, r) in enumerate(qcfc_r.items()):

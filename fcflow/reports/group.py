@@ -152,6 +152,135 @@ def _motion(output_dir: Path, recipe: Recipe, qc: pd.DataFrame, participants: pd
 
 
 # ----------------------------------------------------------------------------------------------
+# Degrees of freedom
+# ----------------------------------------------------------------------------------------------
+#: A group x session whose median dof differs from the task's median by more than this fraction
+#: is flagged (a drug that makes people move also removes their degrees of freedom).
+DOF_DIFFERENCE_WARNING = 0.2
+
+
+def _dof(recipe: Recipe, qc: pd.DataFrame, participants: pd.DataFrame) -> list[dict]:
+    """Degrees of freedom by task x measure x group x session, their budget, and what they exclude."""
+    from scipy import stats
+
+    group_of = participants[recipe.group_column].to_dict()
+    out = []
+    min_dof = recipe.denoising.min_dof
+    for task in recipe.tasks:
+        runs = qc[qc["task"] == task.name].copy()
+        if runs.empty:
+            continue
+        runs["group"] = runs["participant"].map(group_of)
+        runs["dof_excluded"] = runs["exclusion_reason"].str.contains("(min_dof)", regex=False)
+        cost_columns = [c for c in runs.columns if c.startswith("dof_cost_")]
+        censor_columns = [c for c in runs.columns if c.startswith("censored_")]
+        for column in cost_columns + censor_columns:
+            runs[column] = pd.to_numeric(runs[column], errors="coerce")
+        budget = {"volumes": float(runs["n_timepoints"].median())}
+        budget.update({c.removeprefix("censored_").replace("_", " ") + " (censored)": float(runs[c].median())
+                       for c in censor_columns})
+        budget.update({c.removeprefix("dof_cost_"): float(runs[c].median()) for c in cost_columns})
+        measures = [c.removeprefix("dof_") for c in runs.columns
+                    if c.startswith("dof_") and not c.startswith("dof_cost_") and c != "dof_excluded"]
+        entry: dict[str, Any] = {"task": task.name, "min_dof": min_dof, "n_runs": len(runs),
+                                 "n_excluded": int(runs["excluded"].sum()),
+                                 "n_dof_excluded": int(runs["dof_excluded"].sum()), "budget": budget,
+                                 "cells": [], "warnings": []}
+        for measure in measures:
+            values = pd.to_numeric(runs[f"dof_{measure}"], errors="coerce")
+            overall = float(values.median()) if values.notna().any() else np.nan
+            for session in recipe.sessions:
+                samples = []
+                for group in recipe.groups:
+                    cell = runs[(runs["group"] == group) & (runs["session"] == session)]
+                    v = pd.to_numeric(cell[f"dof_{measure}"], errors="coerce").dropna()
+                    samples.append(v.to_numpy())
+                    median = float(v.median()) if len(v) else np.nan
+                    entry["cells"].append({
+                        "measure": measure, "group": group, "session": session, "n_runs": len(cell),
+                        "median_dof": median, "min_dof": float(v.min()) if len(v) else np.nan,
+                        "n_below": int((v < min_dof).sum()), "n_excluded": int(cell["excluded"].sum()),
+                    })
+                    if np.isfinite(median) and np.isfinite(overall) and overall > 0 \
+                            and abs(median - overall) > DOF_DIFFERENCE_WARNING * overall:
+                        entry["warnings"].append(
+                            f"task {task.name} {measure}: {group} at {session} has a median of {median:.1f} "
+                            f"degrees of freedom against {overall:.1f} over the task: its maps are noisier, and "
+                            "a group difference in dof can look like a group difference in connectivity.")
+                usable = [v for v in samples if len(v) >= 2]
+                if len(usable) >= 2 and np.unique(np.concatenate(usable)).size > 1:
+                    test = stats.kruskal(*usable)
+                    if test.pvalue < 0.05:
+                        entry["warnings"].append(
+                            f"task {task.name} {measure}, session {session}: degrees of freedom differ between "
+                            f"groups (Kruskal-Wallis H = {test.statistic:.2f}, p = {test.pvalue:.3g}).")
+        included = runs[~runs["excluded"]]
+        lacking = [f"{g} at {s}" for g in recipe.groups for s in recipe.sessions
+                   if len(included[(included["group"] == g) & (included["session"] == s)]) < 2]
+        if entry["n_dof_excluded"] and lacking:
+            entry["warnings"].insert(0, (
+                f"task {task.name}: {entry['n_dof_excluded']} of {len(runs)} runs have fewer effective degrees of "
+                f"freedom than min_dof = {min_dof:g} and are excluded; {', '.join(lacking)} keep(s) fewer than 2 "
+                "runs, so the tests that need them cannot be run: the study lacks the degrees of freedom to test "
+                "them. The budget below shows where they went."))
+        out.append(entry)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Denoising strategies compared on the study's own data
+# ----------------------------------------------------------------------------------------------
+def _strategies(output_dir: Path, recipe: Recipe, qc: pd.DataFrame) -> list[dict]:
+    """Per task x seed: QC-FC, distance dependence and dof of each candidate strategy (fcflow.strategies)."""
+    from fcflow.reports import figures
+    from fcflow.strategies import summarise_strategies
+
+    sections = []
+    for task in recipe.tasks:
+        if "correlation" not in task.measures:
+            continue
+        for seed in recipe.seeds:
+            files = sorted(output_dir.glob(f"sub-*/ses-*/func/sub-*_task-{task.name}_*seed-{seed.name}_"
+                                           "desc-denoisingStrategies_qc.tsv"))
+            tables, fds, dofs = [], [], []
+            for path in files:
+                meta_file = path.with_name(path.name.replace(".tsv", ".json"))
+                if not meta_file.is_file():
+                    continue
+                meta = json.loads(meta_file.read_text())
+                if meta.get("MeanFD") is None:
+                    continue
+                tables.append(pd.read_csv(path, sep="\t"))
+                fds.append(float(meta["MeanFD"]))
+                dofs.append({k: (np.nan if v is None else float(v)) for k, v in meta["DegreesOfFreedom"].items()})
+            entry: dict[str, Any] = {"task": task.name, "seed": seed.name, "n_runs": len(tables), "rows": [],
+                                     "note": ""}
+            if len(tables) < 3:
+                entry["note"] = (f"{len(tables)} run(s) with a strategy comparison (written with the participant "
+                                 "reports): it needs at least 3.")
+                sections.append(entry)
+                continue
+            masks = sorted(output_dir.glob(f"sub-*/ses-*/func/sub-*_task-{task.name}_*seed-{seed.name}_mask.nii.gz"))
+            centre = np.zeros(3)
+            if masks:
+                img = nib.load(masks[0])
+                centre = nib.affines.apply_affine(img.affine, np.argwhere(np.asarray(img.dataobj) > 0).mean(axis=0))
+            summaries, qcfc, distance = summarise_strategies(tables, fds, dofs, seed_centre_mm=centre,
+                                                             min_dof=recipe.denoising.min_dof)
+            entry["rows"] = [dataclasses.asdict(row) | {"recipe": row.strategy == recipe.denoising.strategy}
+                             for row in summaries]
+            entry["n_edges"] = int(distance.size)
+            name = f"task-{task.name}_seed-{seed.name}_desc-denoisingStrategies_qcfc.png"
+            figures.save_figure(figures.plot_qcfc(
+                {row.strategy: qcfc[row.strategy] for row in summaries}, distance,
+                title=f"QC-FC by strategy, task-{task.name} seed-{seed.name} ({len(tables)} runs, "
+                      f"{distance.size} probe edges)"), output_dir / _FIGURES / name)
+            entry["figure"] = f"{_FIGURES}/{name}"
+            sections.append(entry)
+    return sections
+
+
+# ----------------------------------------------------------------------------------------------
 # QC-FC
 # ----------------------------------------------------------------------------------------------
 def _map_files(output_dir: Path, task: str, seed: str, desc: str, space: str) -> dict[tuple[str, str], list[Path]]:
@@ -391,6 +520,8 @@ def write_group_report(
         "design": _design(output_dir, recipe, qc, participants, both),
         "motion": _motion(output_dir, recipe, qc, participants),
         "qcfc": _qcfc_section(output_dir, recipe, qc),
+        "dof": _dof(recipe, qc, participants),
+        "strategies": _strategies(output_dir, recipe, qc),
         "results": _results(output_dir, recipe, results, baseline=False),
         "baseline": _results(output_dir, recipe, baseline, baseline=True),
         "truth": _ground_truth(output_dir, bids_dir),

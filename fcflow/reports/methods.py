@@ -27,6 +27,8 @@ STRATEGY_TEXT = {
     "24P+aCompCor": "the 24-parameter motion model (the 6 rigid-body parameters, their temporal derivatives "
                     "and the squares of both), the first {n_compcor} anatomical CompCor components of the "
                     "combined white-matter and CSF mask, and fMRIPrep's discrete cosine regressors",
+    "6P+aCompCor": "the 6 rigid-body motion parameters, the first {n_compcor} anatomical CompCor components "
+                   "of the combined white-matter and CSF mask, and fMRIPrep's discrete cosine regressors",
     "36P": "the 36-parameter model (the 6 rigid-body parameters and the mean white-matter, CSF and global "
            "signals, with their temporal derivatives and the squares of all)",
     "ICA-AROMA": "the mean white-matter and CSF signals and fMRIPrep's discrete cosine regressors, on "
@@ -145,12 +147,26 @@ def _denoising_sentence(recipe: Recipe) -> str:
         else:
             filters.append(f"not filtered for task {task.name}")
     steps = ("linearly detrended, " if d.detrend else "") + _join(filters)
-    if any(t.high_pass is not None or t.low_pass is not None for t in recipe.tasks):
-        steps += (" (Butterworth filter, with censored volumes interpolated before and removed after filtering)"
-                  if censor else " (Butterworth filter)")
-    scaling = "z-scored" if d.standardize_confounds else "scaled by their maximum"
-    text += (f" Signals were {steps}, and the confounds ({scaling}) were put through the same steps and "
-             f"regressed out, the whole cleaning being applied as one linear operator.")
+    filtered = any(t.high_pass is not None or t.low_pass is not None for t in recipe.tasks)
+    if d.filter == "dct":
+        if filtered:
+            steps += (" (a projection onto the discrete cosines of the band, fitted on the "
+                      + ("uncensored volumes only, without interpolation" if censor else "kept volumes")
+                      + ")")
+        text += (f" Signals were {steps}; the in-band part of the confounds was regressed out in the same fit "
+                 "(simultaneous filtering and nuisance regression, as Lindquist et al. recommend), the whole cleaning "
+                 "being applied as one linear operator.")
+    else:
+        if filtered:
+            steps += (" (Butterworth filter, with censored volumes interpolated before and removed after filtering)"
+                      if censor else " (Butterworth filter)")
+        scaling = "z-scored" if d.standardize_confounds else "scaled by their maximum"
+        text += (f" Signals were {steps}, and the confounds ({scaling}) were put through the same steps and "
+                 f"regressed out, the whole cleaning being applied as one linear operator.")
+    text += (f" A run was also excluded when a measure kept fewer than {d.min_dof:g} effective degrees of "
+             "freedom (for a correlation, the number of independent volumes with the same null distribution; for "
+             "gPPI, the Worsley-Friston degrees of freedom of its t statistics), or when its task conditions "
+             "were empty after censoring, identical or collinear.")
     return text
 
 
@@ -250,4 +266,15 @@ def describe_methods(
                                  "connectivity": defaults["connectivity"]}),
     ])
     references = list(atlas.citation) if (atlas is not None and uses_atlas) else []
+    references += list(DENOISING_REFERENCES)
     return {"paragraph": paragraph, "references": references}
+
+
+#: The papers behind the first level's censoring, filtering and degrees of freedom.
+DENOISING_REFERENCES = (
+    "Power JD, Mitra A, Laumann TO, Snyder AZ, Schlaggar BL, Petersen SE (2014) Methods to detect, "
+    "characterize, and remove motion artifact in resting state fMRI. NeuroImage 84:320-341.",
+    "Lindquist MA, Geuter S, Wager TD, Caffo BS (2019) Modular preprocessing pipelines can reintroduce "
+    "artifacts into fMRI data. Human Brain Mapping 40:2358-2376.",
+    "Worsley KJ, Friston KJ (1995) Analysis of fMRI time-series revisited - again. NeuroImage 2:173-181.",
+)

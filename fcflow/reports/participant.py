@@ -34,7 +34,7 @@ import pandas as pd
 from numpy.typing import NDArray
 
 from fcflow.errors import InputDataError
-from fcflow.io import atomic_path, save_img, write_json, write_text
+from fcflow.io import atomic_path, save_img, write_json, write_text, write_tsv
 
 __all__ = ["NO_DENOISE_DESC", "compute_run_report_data", "write_run_report_data", "make_run_report",
            "write_participant_report"]
@@ -169,6 +169,36 @@ def compute_run_report_data(
             )
             for name, conn in connectivity.items():
                 arrays[f"nodenoise_z_{name}"] = conn.z.astype(np.float32)
+    if "correlation" in task.get("measures", ()) and denoising.get("compare_strategies"):
+        arrays.update(_strategy_arrays(data, mask_img, brain, seed_imgs, bold_file=bold_file, t_r=t_r, task=task,
+                                       denoising=denoising, seed_signal=seed_signal, run_name=run_name))
+    return arrays
+
+
+def _strategy_arrays(data, mask_img, brain, seed_imgs, *, bold_file, t_r, task, denoising, seed_signal,
+                     run_name) -> dict[str, NDArray]:
+    """The run's share of the strategy comparison (:mod:`fcflow.strategies`) as report arrays."""
+    from fcflow.strategies import compare_run_strategies
+
+    seeds = {name: (np.asarray(img.dataobj).reshape(brain.shape) > 0)[brain] for name, img in seed_imgs.items()}
+    seeds = {name: cols for name, cols in seeds.items() if cols.any()}
+    if not seeds:
+        return {}
+    names = list(dict.fromkeys([denoising["strategy"], *denoising["compare_strategies"]]))
+    result = compare_run_strategies(
+        data, mask_img, seeds, bold_file=bold_file, strategies=names, denoising=denoising, t_r=t_r,
+        high_pass=task.get("high_pass"), low_pass=task.get("low_pass"), seed_signal=seed_signal, run_name=run_name,
+    )
+    per = result["strategies"]
+    n_points = result["points_mm"].shape[0]
+    arrays = {"strategy_names": np.asarray(names, dtype=str), "strategy_points_mm": result["points_mm"],
+              "strategy_dof": np.array([per[n].get("dof", np.nan) for n in names], dtype=np.float64),
+              "strategy_n_kept": np.array([per[n].get("n_kept", -1) for n in names], dtype=np.int64),
+              "strategy_errors": np.asarray([per[n].get("error", "") for n in names], dtype=str)}
+    for seed in seeds:
+        arrays[f"strategy_z_{seed}"] = np.array(
+            [per[n]["z"][seed] if "z" in per[n] else np.full(n_points, np.nan, np.float32) for n in names],
+            dtype=np.float32)
     return arrays
 
 
@@ -295,6 +325,22 @@ def make_run_report(
                 no_denoise[name] = str(save_img(unmask(arrays[f"nodenoise_z_{name}"], brain, mask_img.affine),
                                                 target))
 
+    strategies = {}
+    if "strategy_names" in arrays:
+        names = [str(n) for n in arrays["strategy_names"]]
+        points = arrays["strategy_points_mm"]
+        strategies["dof"] = {n: (None if not np.isfinite(d) else float(d))
+                             for n, d in zip(names, arrays["strategy_dof"], strict=True)}
+        strategies["errors"] = {n: str(e) for n, e in zip(names, arrays["strategy_errors"], strict=True) if str(e)}
+        strategies["tables"] = {}
+        for name in seed_names:
+            if f"strategy_z_{name}" not in arrays:
+                continue
+            table = pd.DataFrame(points, columns=["x", "y", "z"])
+            for index, strategy in enumerate(names):
+                table[strategy] = arrays[f"strategy_z_{name}"][index]
+            strategies["tables"][name] = str(write_tsv(out / f"seed-{name}_desc-denoisingStrategies_qc.tsv", table))
+
     seeds_qc = run_qc.get("seeds") or {}
     report = {
         "run_name": run_name,
@@ -314,6 +360,9 @@ def make_run_report(
                          ("n_voxels_seed", "n_voxels", "coverage", "min_coverage", "tsnr_median")}
                   for name in seed_names},
         "dof": run_qc.get("dof") or {},
+        "dof_budget": run_qc.get("dof_budget") or {},
+        "censored_by": censoring.get("censored_by") or {},
+        "strategies": strategies,
         "median_tsnr_brain": float(np.nanmedian(tsnr)) if np.isfinite(tsnr).any() else None,
         "figures": files,
         "maps": map_figures,
@@ -379,6 +428,23 @@ def write_participant_report(
                                 "without denoising (non-steady-state volumes removed, then detrending and the "
                                 "task's filter; no confound regression, no censoring). The group report's "
                                 "QC-FC compares it with the recipe's strategy."),
+                "Software": software_versions(),
+            })
+        for seed, source in (report.get("strategies") or {}).get("tables", {}).items():
+            target = run_dir(output_dir, subject, ents.get("ses")) / bids_name(
+                {**{k: grid[k] for k in ("sub", "ses", "task", "acq", "run")}, "seed": seed,
+                 "desc": "denoisingStrategies"}, "qc", ".tsv")
+            with atomic_path(target) as tmp:
+                shutil.copyfile(source, tmp)
+            write_json(target.with_name(target.name.replace(".tsv", ".json")), {
+                "Description": ("Quality control only, not analysed: the seed's Fisher z with each probe point "
+                                "of an 8 mm MNI grid (x, y, z in mm) under each candidate denoising strategy "
+                                "(same censoring, band and filter as the recipe). The group report's strategy "
+                                "comparison reads it (fcflow.strategies)."),
+                "DegreesOfFreedom": report["strategies"]["dof"],
+                "Errors": report["strategies"].get("errors", {}),
+                "Recipe strategy": report["strategy"],
+                "MeanFD": report["mean_fd_mm"],
                 "Software": software_versions(),
             })
         report["links"] = links

@@ -59,8 +59,7 @@ levels = ["baseline", "infusion"]
 
 [tasks.rest]
 measures = ["correlation"]
-high_pass = 0.01
-low_pass = 0.08
+high_pass = 0.01          # no low-pass: 60 volumes hold only 17 cosines of 0.01-0.08 Hz (min_dof)
 
 [seeds.pgACC]
 mask = "{seed}"
