@@ -115,7 +115,14 @@ class SeedConfig:
 
 @dataclass(frozen=True)
 class DenoisingConfig:
-    """Confound regression, censoring and run exclusion (see :mod:`fcflow.denoise`)."""
+    """Confound regression, censoring and run exclusion (see :mod:`fcflow.denoise`).
+
+    ``min_dof`` (20): a run enters an unweighted group mean usefully only while its variance is
+    below about ``(2 + 1/N)`` times the average run's. Typical runs at 50 effective dof
+    (``1/47``) plus a between-subject variance of 0.02 (Fisher z SD 0.14) put that bound at a
+    sampling variance ``1/(dof - 3)`` of 0.062: about 19 dof. Below it a run's map adds more
+    noise than information.
+    """
 
     strategy: str = "24P+aCompCor"
     n_compcor: int = 5
