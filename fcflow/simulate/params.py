@@ -21,6 +21,8 @@ GROUPS: tuple[str, ...] = ("placebo", "ketamine", "lamotrigine_ketamine")
 SESSIONS: tuple[str, ...] = ("baseline", "infusion", "24h")
 TASKS: tuple[str, ...] = ("rest", "nback")
 PRESETS: tuple[str, ...] = ("weigner2025", "null")
+# only follow-up sessions can be missing: every subject keeps its baseline
+MAX_MISSING_SESSIONS: float = (len(SESSIONS) - 1) / len(SESSIONS)
 
 
 class SimulationError(FcflowError, ValueError):
@@ -140,6 +142,28 @@ class NoiseModel:
     motion_scale : tuple of (group, session, scale), default=drug groups at infusion 1.2
         Multiplies every motion amplitude and the spike rate of the matching runs; other
         runs use 1.
+    motion_level : float, default=1.0
+        Study-wide multiplier (>= 0) of every motion amplitude and the spike rate, on top of
+        ``motion_scale`` and each subject's propensity. Share of volumes fcflow censors at
+        its defaults (FD > 0.5 mm or std DVARS > 1.5, segment rule of 5, the 2
+        non-steady-state volumes included), mean over 216 runs (4 mm, 3 per group, seeds 1
+        and 2; TR 2 s with 100 volumes / TR 1.5 s with rest 240 and n-back 200):
+
+        =====  ===========  ===========  ============================================
+        level  TR 2.0 s     TR 1.5 s     flagged by FD / std DVARS (TR 2 s)
+        =====  ===========  ===========  ============================================
+        0.5    4 %          3 %          1 % / 2 %
+        1      8 %          7 %          3 % / 4 %
+        1.5    13 %         12 %         5 % / 7 %
+        2      24 %         22 %         11 % / 11 %
+        2.5    42 %         37 %         20 % / 14 %
+        3      59 %         53 %         31 % / 17 %
+        =====  ===========  ===========  ============================================
+
+        So about 0.5-0.75 gives ~5 %, 2 gives ~20 % and 2.75-3 gives ~50 %. Runs differ
+        widely at high levels (at 2.5, 10 % of runs lose <= 9 % and 10 % lose >= 81 %), as
+        subjects' motion propensity multiplies the level. Above ~3 the slow drift alone
+        exceeds 0.5 mm FD and nearly every volume is censored.
     subject_motion_sd : float, default=0.3
         SD of each subject's log motion propensity.
     drift_trans_mm, drift_rot_rad : float
@@ -174,6 +198,7 @@ class NoiseModel:
         ("ketamine", "infusion", 1.2),
         ("lamotrigine_ketamine", "infusion", 1.2),
     )
+    motion_level: float = 1.0
     subject_motion_sd: float = 0.3
     drift_trans_mm: float = 0.015
     drift_rot_rad: float = 0.0003
@@ -186,11 +211,16 @@ class NoiseModel:
     spike_carryover: float = 0.4
 
     def scale_for(self, group: str, session: str) -> float:
-        """Return the motion scale of a group at a session (1 when not listed)."""
+        """Return the motion scale of a group at a session times ``motion_level``.
+
+        The group x session scale is 1 when not listed in ``motion_scale``.
+        """
+        group_scale = 1.0
         for g, s, scale in self.motion_scale:
             if g == group and s == session:
-                return float(scale)
-        return 1.0
+                group_scale = float(scale)
+                break
+        return group_scale * float(self.motion_level)
 
 
 @dataclass(frozen=True)
@@ -208,12 +238,20 @@ class NbackDesign:
 
 @dataclass(frozen=True)
 class SimulationDefinition:
-    """A complete study definition (what a TOML like ``sample_data/sample_study.toml`` holds)."""
+    """A complete study definition (what a TOML like ``sample_data/sample_study.toml`` holds).
+
+    ``n_volumes_rest`` and ``n_volumes_nback`` (None: ``n_volumes``) give each task its own
+    run length; ``missing_sessions`` is the fraction of (subject, session) pairs left out (see
+    :func:`fcflow.simulate.simulate_study`).
+    """
 
     n_per_group: int = 3
     resolution_mm: float = 4.0
     n_volumes: int = 100
+    n_volumes_rest: int | None = None
+    n_volumes_nback: int | None = None
     t_r: float = 2.0
+    missing_sessions: float = 0.0
     seed: int = 0
     preset: str = "weigner2025"
     name: str = "fcflow synthetic study"
@@ -266,6 +304,7 @@ def _check(condition: bool, name: str, expectation: str, value: Any, where: str 
 
 def validate_design(
     *, n_per_group: Any, resolution_mm: Any, n_volumes: Any, t_r: Any, seed: Any, preset: Any,
+    n_volumes_rest: Any = None, n_volumes_nback: Any = None, missing_sessions: Any = 0.0,
     where: str = "",
 ) -> None:
     """Raise :class:`SimulationError` for a design value out of range."""
@@ -278,12 +317,20 @@ def validate_design(
            resolution_mm, where)
     _check(isinstance(n_volumes, int) and not isinstance(n_volumes, bool) and n_volumes >= 30,
            "n_volumes", "an integer >= 30", n_volumes, where)
+    for name, value in (("n_volumes_rest", n_volumes_rest), ("n_volumes_nback", n_volumes_nback)):
+        _check(value is None or (isinstance(value, int) and not isinstance(value, bool)
+                                 and value >= 30),
+               name, "an integer >= 30 (or unset: n_volumes)", value, where)
     _check(isinstance(t_r, (int, float)) and not isinstance(t_r, bool) and math.isfinite(t_r)
            and 0.2 <= t_r <= 10, "t_r", "a repetition time in seconds between 0.2 and 10",
            t_r, where)
     _check(isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0,
            "seed", "a non-negative integer", seed, where)
     _check(preset in PRESETS, "preset", f"one of {PRESETS}", preset, where)
+    _check(isinstance(missing_sessions, (int, float)) and not isinstance(missing_sessions, bool)
+           and 0 <= missing_sessions <= MAX_MISSING_SESSIONS, "missing_sessions",
+           f"a fraction from 0 to {MAX_MISSING_SESSIONS:.4g} (every subject keeps its baseline)",
+           missing_sessions, where)
 
 
 def validate_effects(effects: SimulationEffects, noise: NoiseModel, where: str = "") -> None:
@@ -312,6 +359,9 @@ def validate_effects(effects: SimulationEffects, noise: NoiseModel, where: str =
            "control", labels, where)
     _check(0 <= noise.noise_ar1 < 1, "noise_ar1", "in [0, 1)", noise.noise_ar1, where)
     _check(0 <= noise.spike_rate <= 0.5, "spike_rate", "in [0, 0.5]", noise.spike_rate, where)
+    _check(isinstance(noise.motion_level, (int, float)) and not isinstance(noise.motion_level, bool)
+           and math.isfinite(noise.motion_level) and noise.motion_level >= 0,
+           "motion_level", "a number >= 0 (1 for the default motion)", noise.motion_level, where)
     _check(0 <= noise.n_non_steady <= len(noise.non_steady_gain), "n_non_steady",
            f"between 0 and len(non_steady_gain) = {len(noise.non_steady_gain)}",
            noise.n_non_steady, where)
@@ -389,7 +439,8 @@ def load_simulation_definition(path: str | os.PathLike[str]) -> SimulationDefini
     """Read a study definition from TOML.
 
     The file has a ``[study]`` table (``name``, ``preset``, ``n_per_group``, ``resolution_mm``,
-    ``n_volumes``, ``t_r``, ``seed``, optional ``julich_dir``) and optional ``[effects]``,
+    ``n_volumes``, ``t_r``, ``seed``, optional ``n_volumes_rest``, ``n_volumes_nback``,
+    ``missing_sessions`` and ``julich_dir``) and optional ``[effects]``,
     ``[noise]`` and ``[nback]`` tables that override the preset's defaults field by field
     (see :class:`SimulationEffects`, :class:`NoiseModel`, :class:`NbackDesign`).
 
@@ -423,6 +474,8 @@ def load_simulation_definition(path: str | os.PathLike[str]) -> SimulationDefini
         kwargs["resolution_mm"] = float(kwargs["resolution_mm"])
     if isinstance(kwargs.get("t_r"), int):
         kwargs["t_r"] = float(kwargs["t_r"])
+    if isinstance(kwargs.get("missing_sessions"), int):
+        kwargs["missing_sessions"] = float(kwargs["missing_sessions"])
     julich = study.get("julich_dir")
     definition = SimulationDefinition(
         **kwargs, effects=effects, noise=noise, nback=nback,
@@ -432,7 +485,10 @@ def load_simulation_definition(path: str | os.PathLike[str]) -> SimulationDefini
         validate_design(n_per_group=definition.n_per_group,
                         resolution_mm=definition.resolution_mm,
                         n_volumes=definition.n_volumes, t_r=definition.t_r,
-                        seed=definition.seed, preset=definition.preset)
+                        seed=definition.seed, preset=definition.preset,
+                        n_volumes_rest=definition.n_volumes_rest,
+                        n_volumes_nback=definition.n_volumes_nback,
+                        missing_sessions=definition.missing_sessions)
         validate_effects(effects, noise)
     except SimulationError as exc:
         raise RecipeError(f"{exc} ({file})") from exc

@@ -37,6 +37,7 @@ from fcflow.simulate.signals import (
     StudyRegions,
     build_regions,
     draw_subject_traits,
+    make_nback_events,
     simulate_run,
 )
 from fcflow.templates import MNI_SPACE
@@ -64,8 +65,12 @@ class SimulationResult:
         ``participants.tsv``.
     runs : DataFrame
         One row per run with its planted values and motion summary (``runs.tsv``).
+    effects : DataFrame
+        ``effects.tsv``.
     seed_source : str
         ``"julich-brain"`` or ``"stand-in"``.
+    missing_sessions : DataFrame
+        (participant_id, group, session) left out (``missing_sessions.tsv`` when not empty).
     """
 
     bids_dir: Path
@@ -75,6 +80,8 @@ class SimulationResult:
     runs: pd.DataFrame
     effects: pd.DataFrame
     seed_source: str
+    missing_sessions: pd.DataFrame = dataclasses.field(
+        default_factory=lambda: pd.DataFrame(columns=["participant_id", "group", "session"]))
 
     @property
     def n_runs(self) -> int:
@@ -94,6 +101,43 @@ def assign_groups(n_per_group: int, seed: int) -> list[tuple[str, str]]:
     groups = list(np.repeat(GROUPS, n_per_group))
     order = rng.permutation(n)
     return [(f"{i + 1:0{width}d}", str(groups[order[i]])) for i in range(n)]
+
+
+def choose_missing_sessions(subjects: list[tuple[str, str]], fraction: float, seed: int
+                            ) -> list[tuple[str, str]]:
+    """(subject, session) pairs to leave out: ``round(fraction * n_pairs)``, seeded.
+
+    Only follow-up sessions are drawn, so every subject keeps its baseline (the reference of
+    every change score); a subject may lose both follow-ups.
+    """
+    n_pairs = len(subjects) * len(SESSIONS)
+    n_missing = int(round(fraction * n_pairs))
+    if n_missing == 0:
+        return []
+    candidates = [(sub, ses) for sub, _ in subjects for ses in SESSIONS[1:]]
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0x6D697373]))  # "miss"
+    chosen = rng.choice(len(candidates), size=min(n_missing, len(candidates)), replace=False)
+    return [candidates[i] for i in sorted(chosen)]
+
+
+def check_nback_fits(n_volumes: int, t_r: float, nback: NbackDesign) -> None:
+    """Log a warning when an n-back run is too short for one 0back and one 2back block.
+
+    Blocks that would not end within the run are left out (events never pass the run's end),
+    so a short run silently loses its 2-back blocks and with them the PPI effect.
+    """
+    events = make_nback_events(n_volumes, t_r, nback)
+    counts = events["trial_type"].value_counts()
+    n_0back, n_2back = int(counts.get("0back", 0)), int(counts.get("2back", 0))
+    if n_0back and n_2back:
+        return
+    needed_s = nback.lead_in_s + 2 * nback.block_s + nback.fixation_s
+    LOGGER.warning(
+        "The n-back runs of %d volumes at TR %g s (%g s) hold %d 0back and %d 2back blocks: "
+        "'n_volumes_nback' must give at least lead_in_s + 2 x block_s + fixation_s = %g s "
+        "(%d volumes) for one block of each; the PPI effect is not planted.",
+        n_volumes, t_r, n_volumes * t_r, n_0back, n_2back, needed_s,
+        int(np.ceil(needed_s / t_r)))
 
 
 def _julich_seed(julich_dir: Path, anatomy: Anatomy) -> NDArray[np.bool_]:
@@ -216,6 +260,9 @@ def simulate_study(
     nback: NbackDesign | None = None,
     julich_dir: str | os.PathLike[str] | None = None,
     name: str = "fcflow synthetic study",
+    n_volumes_rest: int | None = None,
+    n_volumes_nback: int | None = None,
+    missing_sessions: float = 0.0,
 ) -> SimulationResult:
     """Write a synthetic BIDS study with fMRIPrep-style derivatives and its ground truth.
 
@@ -228,6 +275,7 @@ def simulate_study(
     resolution_mm : float, default=4
         Whole mm; the MNI152NLin2009cAsym grid of :func:`fcflow.templates.mni_grid`.
     n_volumes : int, default=100
+        Volumes per run.
     t_r : float, default=2.0
         Repetition time in seconds.
     seed : int, default=0
@@ -243,6 +291,14 @@ def simulate_study(
         hemispheres, maximum probability map) instead of the stand-in sphere.
     name : str
         ``Name`` in ``dataset_description.json``.
+    n_volumes_rest, n_volumes_nback : int, optional
+        Run length of each task (default ``n_volumes``), e.g. rest 240 and n-back 200 at
+        TR 1.5 s. n-back blocks that would not end within the run are left out; a warning is
+        logged when a run holds no 2-back block.
+    missing_sessions : float, default=0
+        Fraction of the (subject, session) pairs left out at random (seeded; only infusion
+        and 24h, so everyone keeps the baseline; at most 2/3). They are listed in
+        ``derivatives/ground_truth/missing_sessions.tsv``.
 
     Returns
     -------
@@ -253,7 +309,9 @@ def simulate_study(
         return _simulate_study(
             out_dir, n_per_group=n_per_group, resolution_mm=resolution_mm,
             n_volumes=n_volumes, t_r=t_r, seed=seed, preset=preset, effects=effects,
-            noise=noise, nback=nback, julich_dir=julich_dir, name=name)
+            noise=noise, nback=nback, julich_dir=julich_dir, name=name,
+            n_volumes_rest=n_volumes_rest, n_volumes_nback=n_volumes_nback,
+            missing_sessions=missing_sessions)
 
 
 def _single_threaded_blas() -> contextlib.AbstractContextManager[Any]:
@@ -278,11 +336,15 @@ def _simulate_study(
     nback: NbackDesign | None,
     julich_dir: str | os.PathLike[str] | None,
     name: str,
+    n_volumes_rest: int | None,
+    n_volumes_nback: int | None,
+    missing_sessions: float,
 ) -> SimulationResult:
     if isinstance(resolution_mm, int) and not isinstance(resolution_mm, bool):
         resolution_mm = float(resolution_mm)
     validate_design(n_per_group=n_per_group, resolution_mm=resolution_mm, n_volumes=n_volumes,
-                    t_r=t_r, seed=seed, preset=preset)
+                    t_r=t_r, seed=seed, preset=preset, n_volumes_rest=n_volumes_rest,
+                    n_volumes_nback=n_volumes_nback, missing_sessions=missing_sessions)
     effects = effects if effects is not None else preset_effects(preset)
     noise = noise if noise is not None else NoiseModel()
     nback = nback if nback is not None else NbackDesign()
@@ -293,12 +355,25 @@ def _simulate_study(
         raise SimulationError(f"'julich_dir' must be a folder with the Julich-Brain 3.1 maps. "
                               f"Got {str(julich)!r}.")
     res_label = f"{int(resolution_mm)}"
+    task_volumes = {"rest": n_volumes_rest if n_volumes_rest is not None else n_volumes,
+                    "nback": n_volumes_nback if n_volumes_nback is not None else n_volumes}
+    check_nback_fits(task_volumes["nback"], t_r, nback)
+    noise_json = _jsonable(noise)
+    # Options added after the first release are recorded only when set, so a study made at
+    # the defaults keeps the bytes (simulation.json) it had before they existed.
+    if noise.motion_level == 1.0:
+        del noise_json["motion_level"]
     parameters = {
         "name": name, "n_per_group": n_per_group, "resolution_mm": resolution_mm,
         "n_volumes": n_volumes, "t_r": t_r, "seed": seed, "preset": preset,
-        "effects": _jsonable(effects), "noise": _jsonable(noise), "nback": _jsonable(nback),
+        "effects": _jsonable(effects), "noise": noise_json, "nback": _jsonable(nback),
         "julich_dir": str(julich) if julich else None,
     }
+    for task in TASKS:
+        if task_volumes[task] != n_volumes:
+            parameters[f"n_volumes_{task}"] = task_volumes[task]
+    if missing_sessions:
+        parameters["missing_sessions"] = missing_sessions
     _check_out_dir(out, parameters)
     started = time.monotonic()
 
@@ -331,7 +406,7 @@ def _simulate_study(
         "HowToAcknowledge": "Synthetic data; no participants were scanned.",
     })
     write_text(out / "README", _readme(name, preset, seed_text, n_per_group, resolution_mm,
-                                       n_volumes, t_r, seed))
+                                       task_volumes, t_r, seed))
     traits = {sub: draw_subject_traits(seed, sub, effects, noise) for sub, _ in subjects}
     participants = pd.DataFrame({
         "participant_id": [f"sub-{s}" for s, _ in subjects],
@@ -375,14 +450,27 @@ def _simulate_study(
     write_json(gt_dir / "effects.json", _EFFECTS_JSON)
 
     # --- runs
-    jobs = [(sub, grp, ses, task) for sub, grp in subjects for ses in SESSIONS for task in TASKS]
+    missing = set(choose_missing_sessions(subjects, missing_sessions, seed))
+    group_of = dict(subjects)
+    missing_table = pd.DataFrame(
+        [{"participant_id": f"sub-{sub}", "group": group_of[sub], "session": ses}
+         for sub, ses in sorted(missing)], columns=["participant_id", "group", "session"])
+    if missing:
+        write_tsv(gt_dir / "missing_sessions.tsv", missing_table)
+        write_json(gt_dir / "missing_sessions.json", {
+            "participant_id": {"Description": "Subject whose session was left out."},
+            "group": {"Description": "The subject's group."},
+            "session": {"Description": "Session with no runs (both tasks left out)."},
+        })
+    jobs = [(sub, grp, ses, task) for sub, grp in subjects for ses in SESSIONS for task in TASKS
+            if (sub, ses) not in missing]
     rows = []
     brain_mask = anatomy.brain_mask_img()
     for k, (sub, grp, ses, task) in enumerate(jobs, start=1):
         LOGGER.info("Simulating run %d of %d: sub-%s ses-%s task-%s (%s); %d left",
                     k, len(jobs), sub, ses, task, grp, len(jobs) - k)
         run = simulate_run(anatomy, regions, subject=sub, session=ses, task=task, group=grp,
-                           n_volumes=n_volumes, t_r=t_r, seed=seed, effects=effects,
+                           n_volumes=task_volumes[task], t_r=t_r, seed=seed, effects=effects,
                            noise=noise, nback=nback, traits=traits[sub])
         ent = _entities(sub, ses, task)
         raw_func = out / f"sub-{sub}" / f"ses-{ses}" / "func"
@@ -423,7 +511,7 @@ def _simulate_study(
                 out)
     return SimulationResult(bids_dir=out, fmriprep_dir=prep_dir, ground_truth_dir=gt_dir,
                             participants=participants, runs=runs, effects=effects_table,
-                            seed_source=seed_source)
+                            seed_source=seed_source, missing_sessions=missing_table)
 
 
 def _write_truth_masks(gt_dir: Path, anatomy: Anatomy, regions: StudyRegions,
@@ -456,13 +544,17 @@ def _write_truth_masks(gt_dir: Path, anatomy: Anatomy, regions: StudyRegions,
 
 
 def _readme(name: str, preset: str, seed_text: str, n_per_group: int, resolution_mm: float,
-            n_volumes: int, t_r: float, seed: int) -> str:
+            task_volumes: dict[str, int], t_r: float, seed: int) -> str:
+    if task_volumes["rest"] == task_volumes["nback"]:
+        volumes = f"{task_volumes['rest']} volumes"
+    else:
+        volumes = f"rest {task_volumes['rest']} / nback {task_volumes['nback']} volumes"
     return f"""# {name}
 
 Synthetic data written by `fcflow simulate` (preset `{preset}`, seed {seed}). No one was scanned.
 
 Design: 3 groups (placebo, ketamine, lamotrigine_ketamine) x {n_per_group} subjects, sessions
-baseline / infusion / 24h, tasks rest and nback, {n_volumes} volumes at TR {t_r:g} s.
+baseline / infusion / 24h, tasks rest and nback, {volumes} at TR {t_r:g} s.
 
 Only the metadata of the raw data are here (sidecars, events); the images are the
 fMRIPrep-style derivatives in `derivatives/fmriprep/` ({MNI_SPACE}, {resolution_mm:g} mm).
