@@ -863,6 +863,19 @@ def confound_blocks(columns: Sequence[str]) -> dict[str, list[str]]:
     return {name: blocks[name] for name in order if name in blocks}
 
 
+def order_budget(budget: Mapping[str, float]) -> dict[str, float]:
+    """A budget (or a row of its costs) in the order it is charged: kept volumes, the band, the
+    confound blocks in :func:`confound_blocks`' order, the task, anything else, and ``dof``."""
+    order = ["n_kept", "filter", *(name for name, _ in _CONFOUND_BLOCKS), "other", "task"]
+    keys = [k for k in order if k in budget] + [k for k in budget if k not in order and k != "dof"]
+    return {k: budget[k] for k in keys} | ({"dof": budget["dof"]} if "dof" in budget else {})
+
+
+def order_censoring(censored_by: Mapping[str, int]) -> dict[str, int]:
+    """Censoring counts in the order of :data:`CENSORING_REASONS`."""
+    return {k: censored_by[k] for k in CENSORING_REASONS if k in censored_by}
+
+
 def dof_budget(
     n_timepoints: int,
     t_r: float,

@@ -163,6 +163,8 @@ def _dof(recipe: Recipe, qc: pd.DataFrame, participants: pd.DataFrame) -> list[d
     """Degrees of freedom by task x measure x group x session, their budget, and what they exclude."""
     from scipy import stats
 
+    from fcflow.denoise import order_budget, order_censoring
+
     group_of = participants[recipe.group_column].to_dict()
     out = []
     min_dof = recipe.denoising.min_dof
@@ -177,11 +179,13 @@ def _dof(recipe: Recipe, qc: pd.DataFrame, participants: pd.DataFrame) -> list[d
         for column in cost_columns + censor_columns:
             runs[column] = pd.to_numeric(runs[column], errors="coerce")
         budget = {"volumes": float(runs["n_timepoints"].median())}
-        budget.update({c.removeprefix("censored_").replace("_", " ") + " (censored)": float(runs[c].median())
-                       for c in censor_columns})
-        budget.update({c.removeprefix("dof_cost_"): float(runs[c].median()) for c in cost_columns})
+        censored = order_censoring({c.removeprefix("censored_"): float(runs[c].median()) for c in censor_columns})
+        budget.update({f"censored: {reason.replace('_', ' ')}": value for reason, value in censored.items()})
+        costs = order_budget({c.removeprefix("dof_cost_"): float(runs[c].median()) for c in cost_columns})
+        budget.update({f"{step} costs": value for step, value in costs.items()})
         measures = [c.removeprefix("dof_") for c in runs.columns
-                    if c.startswith("dof_") and not c.startswith("dof_cost_") and c != "dof_excluded"]
+                    if c.startswith("dof_") and not c.startswith("dof_cost_") and c != "dof_excluded"
+                    and pd.to_numeric(runs[c], errors="coerce").notna().any()]
         entry: dict[str, Any] = {"task": task.name, "min_dof": min_dof, "n_runs": len(runs),
                                  "n_excluded": int(runs["excluded"].sum()),
                                  "n_dof_excluded": int(runs["dof_excluded"].sum()), "budget": budget,

@@ -401,6 +401,7 @@ def write_participant_report(
     Path
         ``OUTPUT_DIR/sub-<label>.html``.
     """
+    from fcflow.denoise import order_budget, order_censoring
     from fcflow.derivatives import bids_name, run_dir
     from fcflow.reports.methods import software_versions
     from fcflow.reports.render import render
@@ -447,6 +448,9 @@ def write_participant_report(
                 "MeanFD": report["mean_fd_mm"],
                 "Software": software_versions(),
             })
+        # JSON sorted the keys: back to the order the budget charges them
+        report["dof_budget"] = order_budget(report.get("dof_budget") or {})
+        report["censored_by"] = order_censoring(report.get("censored_by") or {})
         report["links"] = links
         report["maps"] = [{**m, "link": links[m["key"]]} for m in report["maps"]]
         runs.append(report)
