@@ -21,11 +21,15 @@ RECIPE = load_recipe("weigner2025_pgacc")
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory) -> Path:
-    """A tiny simulated study: 3 subjects (one per group), 3 sessions, rest + n-back, 4 mm."""
+    """A small simulated study: 3 subjects (one per group), 3 sessions, rest + n-back, 4 mm.
+
+    240 volumes at TR 2 s: enough for the shipped recipe's band and 29 confounds to leave more
+    than min_dof (100 would be excluded; tests/workflows/test_dof_study.py checks that).
+    """
     from fcflow.simulate import simulate_study
 
     root = tmp_path_factory.mktemp("study") / "bids"
-    simulate_study(root, n_per_group=1, resolution_mm=4, n_volumes=100, seed=11)
+    simulate_study(root, n_per_group=1, resolution_mm=4, n_volumes=240, seed=11)
     return root
 
 
@@ -101,6 +105,7 @@ def test_rest_maps_equal_nilearn_recipe(study, tmp_path, julich_dir):
     text = recipe_file("weigner2025_pgacc").read_text()
     text = text.replace("fd_threshold_mm = 0.5", "fd_threshold_mm = 0")
     text = text.replace("std_dvars_threshold = 1.5", "std_dvars_threshold = 0")
+    text = text.replace('filter = "dct"', 'filter = "butterworth"')  # nilearn's filter, not the default projection
     recipe = tmp_path / "no_censoring.toml"
     recipe.write_text(text)
     out = tmp_path / "out"

@@ -21,7 +21,7 @@ def small_study(tmp_path_factory) -> Path:
     from fcflow.simulate import simulate_study
 
     root = tmp_path_factory.mktemp("slurm_study") / "bids"
-    simulate_study(root, n_per_group=1, resolution_mm=4, n_volumes=60, seed=5)
+    simulate_study(root, n_per_group=1, resolution_mm=4, n_volumes=240, seed=5)
     return root
 
 
