@@ -1,32 +1,49 @@
 """Family-wise false-positive rate of fcflow's permutation inference, on pure noise or a null study.
 
-Two sources of change maps with no group effect:
+Scenarios (``--scenario NAME``, repeatable, or ``all``): each repetition draws a fresh, independent
+data set of pure-noise smooth Gaussian random fields in a brain-like ellipsoid mask, one per
+subject, scaled by its group's standard deviation, and tests ``ketamine - placebo`` (cell-means
+design, groups placebo / ketamine / lamotrigine_ketamine) with
+``fcflow.permutation.permutation_test`` (voxel max-T, cluster mass, cluster size, TFCE):
 
-* **pure noise** (default): smooth Gaussian random fields in a brain-like ellipsoid mask;
-* **a null study** (``--null-study OUTPUT_DIR``): the participant level's maps of a study
-  simulated with ``fcflow simulate --preset null``. Each repetition draws ``--n-per-group``
-  subjects per group from the study's pool (their true groups kept, so the drug groups' larger
-  motion at infusion is kept too) and analyses the recipe's session contrast with the recipe's
-  covariates, exactly as ``fcflow ... group`` does. Draws share subjects, so repetitions are
-  not independent: the binomial CI is then optimistic; a pool several times ``--n-per-group``
-  keeps the overlap small.
+==========================  ==============  ===========================  ==========================
+scenario                    n per group     SD per group                 covariates
+==========================  ==============  ===========================  ==========================
+balanced                    6 / 6 / 6       1 / 1 / 1                    none
+heteroscedastic             6 / 6 / 6       1 / 1.5 / 1                  none
+heteroscedastic-unbalanced  10 / 4 / 6      1 / 2.5 / 1                  none
+covariates                  6 / 6 / 6       1 / 1 / 1                    age, sex, mean_fd (higher
+                                                                         in the drug groups)
+==========================  ==============  ===========================  ==========================
 
-Each repetition tests ``ketamine - placebo`` (cell-means design) with
-``fcflow.permutation.permutation_test`` (voxel max-T, cluster mass, cluster size, TFCE), and
-counts the repetitions in which any voxel reaches FWE p <= alpha. A valid procedure has a
-rate <= alpha; the table gives the count, the rate and its exact (Clopper-Pearson) 95% CI.
+Every repetition is analysed with each ``--variance-groups`` setting on the same data, so "before"
+and "after" are paired: ``auto`` (the recipe default, ``variance_groups = "auto"`` with
+``group_variances = "brain"``): one variance group per study group, one variance ratio per group
+for the whole map, weighted least-squares t, sign flips; ``voxel`` (``group_variances = "voxel"``):
+each group's variance at every voxel, Winkler's v on z, sign flips of weighted Freedman-Lane
+residuals; ``none``: one common variance, t, free permutation (fcflow before issue 16). A repetition counts as a rejection for an inference
+when any voxel reaches FWE p <= alpha; the table gives the count, the rate and its exact
+(Clopper-Pearson) 95% CI. A valid procedure has a rate near alpha (here 5 %).
 
-Reduced run (about a minute, used by tests/test_permutation.py, marked slow)::
+Output columns: ``scenario, inference, repetitions, rejections, rate, ci_low, ci_high``, then
+``variance_groups, alpha, n_permutations, n_per_group, sd_per_group, covariates, n_voxels, shape,
+smoothing_sigma, cluster_forming_p, seed``.
 
-    python benchmarks/validate_fwe.py --n-repetitions 30 --n-permutations 100 --shape 12 14 12
+Stored results and the commands that made them: ``benchmarks/results/README.md``. Reduced run
+(used by tests/test_variance_groups_fwe.py, marked slow)::
 
-Full runs for the closing note (>= 200 repetitions)::
+    python benchmarks/validate_fwe.py --scenario heteroscedastic-unbalanced --repetitions 200 \
+        --n-permutations 100 --shape 12 14 12 --out fwe.tsv
 
-    python benchmarks/validate_fwe.py --n-repetitions 200 --n-permutations 200 --out fwe.tsv
+Null-study mode (``--null-study OUTPUT_DIR``): the participant level's maps of a study simulated
+with ``fcflow simulate --preset null``; each repetition draws ``--n-per-group`` subjects per group
+from the study's pool and analyses the recipe's session contrast with the recipe's covariates.
+Draws share subjects, so repetitions are not independent and the binomial CI is optimistic::
+
     fcflow simulate null_bids --preset null --n-per-group 20 --n-volumes 200 --seed 7
     fcflow null_bids null_out participant --task rest --session-label baseline infusion
-    python benchmarks/validate_fwe.py --null-study null_out --bids-dir null_bids \\
-        --n-repetitions 200 --n-permutations 200 --n-per-group 8 --out fwe_null.tsv
+    python benchmarks/validate_fwe.py --null-study null_out --bids-dir null_bids \
+        --repetitions 200 --n-permutations 200 --n-per-group 8 --out fwe_null.tsv
 """
 
 from __future__ import annotations
@@ -34,6 +51,8 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -67,53 +86,129 @@ def simulate_noise_maps(
     return maps
 
 
-def run_validation(
+@dataclass(frozen=True)
+class Scenario:
+    """A null scenario: group sizes, group standard deviations and covariates."""
+
+    name: str
+    n_per_group: tuple[int, int, int]
+    sd_per_group: tuple[float, float, float]
+    covariates: bool = False
+
+
+SCENARIOS = {
+    s.name: s
+    for s in (
+        Scenario("balanced", (6, 6, 6), (1.0, 1.0, 1.0)),
+        Scenario("heteroscedastic", (6, 6, 6), (1.0, 1.5, 1.0)),
+        Scenario("heteroscedastic-unbalanced", (10, 4, 6), (1.0, 2.5, 1.0)),
+        Scenario("covariates", (6, 6, 6), (1.0, 1.0, 1.0), covariates=True),
+    )
+}
+VARIANCE_GROUPS = ("auto", "voxel", "none")
+
+
+def simulate_covariates(rng: np.random.Generator, groups: np.ndarray) -> pd.DataFrame:
+    """age, sex and a mean_fd that is higher in the drug groups (as measured at infusion)."""
+    shift = np.where(groups == LEVELS[0], 0.0, 0.08)
+    return pd.DataFrame({
+        "age": rng.uniform(20, 50, groups.size),
+        "sex": rng.choice(["F", "M"], groups.size),
+        "mean_fd": 0.15 + shift + rng.gamma(2.0, 0.04, groups.size),
+    })
+
+
+def run_scenario(
+    scenario: Scenario | str,
     *,
-    n_repetitions: int,
-    n_permutations: int,
-    n_per_group: int,
-    shape: tuple[int, int, int],
-    seed: int,
+    repetitions: int,
+    n_permutations: int = 250,
+    variance_groups: tuple[str, ...] = ("auto",),
+    shape: tuple[int, int, int] = (20, 24, 20),
+    seed: int = 0,
     alpha: float = 0.05,
     smoothing_sigma: float = 1.5,
     cluster_forming_p: float = 0.001,
+    n_jobs: int | None = 1,
     verbose: bool = False,
+    checkpoint: Callable[[pd.DataFrame], None] | None = None,
+    checkpoint_every: int = 50,
+    residuals: str = "auto",
 ) -> pd.DataFrame:
-    """Count family-wise false positives per inference over pure-noise repetitions.
+    """Count family-wise false positives per inference over independent pure-noise data sets.
+
+    ``checkpoint``, if given, receives the table of the repetitions done so far every
+    ``checkpoint_every`` repetitions (a long run killed early keeps what it measured).
 
     Returns
     -------
     table : DataFrame
-        One row per inference: inference, n_repetitions, n_false_positive, rate, ci_low,
-        ci_high (exact binomial 95% CI), alpha, plus the run's settings.
+        One row per variance-group setting x inference (columns in the module docstring).
     """
+    if isinstance(scenario, str):
+        if scenario not in SCENARIOS:
+            raise ValueError(f"'scenario' must be one of {sorted(SCENARIOS)}. Got {scenario!r}.")
+        scenario = SCENARIOS[scenario]
+    unknown = [v for v in variance_groups if v not in VARIANCE_GROUPS]
+    if unknown or not variance_groups:
+        raise ValueError(f"'variance_groups' must be a non-empty subset of {VARIANCE_GROUPS}. Got {variance_groups!r}.")
     mask = make_brain_mask(shape)
-    groups = np.repeat(LEVELS, n_per_group)
-    design = make_group_design(groups, LEVELS)
-    children = np.random.SeedSequence(seed).spawn(n_repetitions)
-    hits = {name: 0 for name in INFERENCE}
+    groups = np.repeat(LEVELS, scenario.n_per_group)
+    sd = np.repeat(scenario.sd_per_group, scenario.n_per_group).astype(np.float32)
+    children = np.random.SeedSequence(seed).spawn(repetitions)
+    hits = {(setting, name): 0 for setting in variance_groups for name in INFERENCE}
     started = time.perf_counter()
     for repetition, child in enumerate(children):
         rng = np.random.default_rng(child)
-        data = simulate_noise_maps(rng, groups.size, mask, smoothing_sigma)
-        result = permutation_test(
-            data,
-            design,
-            "ketamine - placebo",
-            n_permutations=n_permutations,
-            random_state=rng,
-            inference=INFERENCE,
-            mask=mask,
-            cluster_forming_p=cluster_forming_p,
-        )
-        _count(hits, result, alpha)
+        data = simulate_noise_maps(rng, groups.size, mask, smoothing_sigma) * sd[:, None]
+        covariates = simulate_covariates(rng, groups) if scenario.covariates else None
+        design = make_group_design(groups, LEVELS, covariates)
+        permutation_seed = int(rng.integers(2**32))
+        for setting in variance_groups:
+            result = permutation_test(
+                data, design, "ketamine - placebo", n_permutations=n_permutations,
+                random_state=permutation_seed, inference=INFERENCE, mask=mask,
+                cluster_forming_p=cluster_forming_p, n_jobs=n_jobs,
+                variance_groups=None if setting == "none" else groups,
+                variance_estimate="voxel" if setting == "voxel" else "brain", residuals=residuals,
+            )  # fmt: skip
+            for name in INFERENCE:
+                min_p = 10.0 ** -result.logp_fwe[name].max()
+                # p = k / n_permutations; the tolerance only absorbs the float round trip
+                hits[(setting, name)] += bool(min_p <= alpha * (1 + 1e-9))
         if verbose:
-            _progress(repetition, n_repetitions, started, hits)
-    return _summary(hits, n_repetitions, alpha, {
-        "source": "pure noise", "n_permutations": n_permutations, "n_per_group": n_per_group,
-        "shape": "x".join(map(str, shape)), "n_voxels": int(mask.sum()),
-        "smoothing_sigma": smoothing_sigma, "cluster_forming_p": cluster_forming_p, "seed": seed,
-    })
+            elapsed = time.perf_counter() - started
+            print(f"{scenario.name} {repetition + 1}/{repetitions} ({elapsed:.0f} s): "
+                  + ", ".join(f"{s}/{n}={v}" for (s, n), v in hits.items()), file=sys.stderr, flush=True)
+        if checkpoint is not None and (repetition + 1) % checkpoint_every == 0 and repetition + 1 < repetitions:
+            checkpoint(_scenario_table(scenario, hits, repetition + 1, alpha=alpha, n_permutations=n_permutations,
+                                       mask=mask, shape=shape, smoothing_sigma=smoothing_sigma,
+                                       cluster_forming_p=cluster_forming_p, seed=seed, residuals=residuals))
+    return _scenario_table(scenario, hits, repetitions, alpha=alpha, n_permutations=n_permutations, mask=mask,
+                           shape=shape, smoothing_sigma=smoothing_sigma, cluster_forming_p=cluster_forming_p,
+                           seed=seed, residuals=residuals)
+
+
+def _scenario_table(
+    scenario: Scenario, hits: dict, repetitions: int, *, alpha: float, n_permutations: int, mask: np.ndarray,
+    shape: tuple[int, int, int], smoothing_sigma: float, cluster_forming_p: float, seed: int, residuals: str,
+) -> pd.DataFrame:
+    """One row per variance-group setting x inference: counts, rate, exact 95% CI, settings."""
+    rows = []
+    for (setting, name), count in hits.items():
+        ci = stats.binomtest(count, repetitions, alpha).proportion_ci(confidence_level=0.95, method="exact")
+        rows.append({
+            "scenario": scenario.name, "inference": name, "repetitions": repetitions, "rejections": count,
+            "rate": count / repetitions, "ci_low": ci.low, "ci_high": ci.high, "variance_groups": setting,
+            "alpha": alpha, "n_permutations": n_permutations,
+            "n_per_group": "/".join(map(str, scenario.n_per_group)),
+            "sd_per_group": "/".join(f"{v:g}" for v in scenario.sd_per_group),
+            "covariates": "age,sex,mean_fd" if scenario.covariates else "",
+            "n_voxels": int(mask.sum()), "shape": "x".join(map(str, shape)),
+            "smoothing_sigma": smoothing_sigma, "cluster_forming_p": cluster_forming_p, "seed": seed,
+            "residuals": residuals,
+        })  # fmt: skip
+    return pd.DataFrame(rows)
 
 
 def _count(hits: dict[str, int], result, alpha: float) -> None:
@@ -221,14 +316,22 @@ def run_null_study_validation(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--n-repetitions", type=int, default=200)
-    parser.add_argument("--n-permutations", type=int, default=200)
-    parser.add_argument("--n-per-group", type=int, default=10)
+    parser.add_argument("--scenario", action="append", default=None,
+                        choices=[*SCENARIOS, "all"], help="repeatable; default all")
+    parser.add_argument("--repetitions", "--n-repetitions", type=int, default=500, dest="repetitions")
+    parser.add_argument("--n-permutations", type=int, default=250)
+    parser.add_argument("--variance-groups", nargs="+", default=["auto"], choices=VARIANCE_GROUPS,
+                        help="settings to analyse every repetition with (default: auto, the recipe default)")
+    parser.add_argument("--n-per-group", type=int, default=8, help="null-study mode only")
     parser.add_argument("--shape", type=int, nargs=3, default=(20, 24, 20), metavar=("X", "Y", "Z"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--alpha", type=float, default=0.05)
     parser.add_argument("--smoothing-sigma", type=float, default=1.5, help="voxels")
     parser.add_argument("--cluster-forming-p", type=float, default=0.001)
+    parser.add_argument("--n-jobs", type=int, default=1, help="threads for the cluster and TFCE statistics")
+    parser.add_argument("--residuals", default="auto", choices=("auto", "freedman_lane", "weighted_freedman_lane",
+                                                                "ter_braak"),
+                        help="permutation_test's residuals (comparisons of the 'voxel' statistic)")
     parser.add_argument("--out", type=Path, default=None, help="TSV file (default: stdout)")
     parser.add_argument("--null-study", type=Path, default=None, metavar="OUTPUT_DIR",
                         help="participant-level outputs of a `fcflow simulate --preset null` study "
@@ -243,21 +346,30 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--null-study needs --bids-dir")
         table = run_null_study_validation(
             args.null_study, args.bids_dir, recipe=args.recipe, task=args.task,
-            n_repetitions=args.n_repetitions, n_permutations=args.n_permutations,
+            n_repetitions=args.repetitions, n_permutations=args.n_permutations,
             n_per_group=args.n_per_group, seed=args.seed, alpha=args.alpha, verbose=True,
         )
     else:
-        table = run_validation(
-            n_repetitions=args.n_repetitions,
-            n_permutations=args.n_permutations,
-            n_per_group=args.n_per_group,
-            shape=tuple(args.shape),
-            seed=args.seed,
-            alpha=args.alpha,
-            smoothing_sigma=args.smoothing_sigma,
-            cluster_forming_p=args.cluster_forming_p,
-            verbose=True,
-        )
+        names = args.scenario or ["all"]
+        names = list(SCENARIOS) if "all" in names else list(dict.fromkeys(names))
+        done: list[pd.DataFrame] = []
+
+        def checkpoint(partial: pd.DataFrame) -> None:
+            if args.out is not None:
+                snapshot = pd.concat([*done, partial], ignore_index=True)
+                snapshot["wall_s"] = round(time.perf_counter() - started, 1)
+                snapshot.to_csv(args.out, sep="\t", index=False)
+
+        for name in names:
+            done.append(run_scenario(
+                name, repetitions=args.repetitions, n_permutations=args.n_permutations,
+                variance_groups=tuple(args.variance_groups), shape=tuple(args.shape), seed=args.seed,
+                alpha=args.alpha, smoothing_sigma=args.smoothing_sigma,
+                cluster_forming_p=args.cluster_forming_p, n_jobs=args.n_jobs, verbose=True,
+                checkpoint=checkpoint, residuals=args.residuals,
+            ))  # fmt: skip
+            checkpoint(done[-1].iloc[:0])  # every scenario finished so far
+        table = pd.concat(done, ignore_index=True)
     table["wall_s"] = round(time.perf_counter() - started, 1)
     if args.out is None:
         table.to_csv(sys.stdout, sep="\t", index=False)

@@ -153,6 +153,19 @@ class InferenceConfig:
     random_seed: int = 0
     covariates: tuple[str, ...] = ()
     min_cluster_voxels: int = 1
+    #: "auto": one variance group per study group (sign flips; see group_variances);
+    #: "none": one common variance (t / F, free permutation)
+    variance_groups: str = "auto"
+    #: with variance groups, "brain": one variance ratio per group for the whole map (weighted
+    #: least-squares t / F); "voxel": each group's variance at every voxel (Winkler's v / G)
+    group_variances: str = "brain"
+    #: design diagnostics: warn when a covariate's variance inflation factor exceeds this
+    max_vif: float = 5.0
+    #: p values the "fdr" method corrects: "parametric" or "permutation" (voxel-wise permutation p)
+    fdr_p: str = "parametric"
+    #: "contrasts": also correct every permutation p over all group tests of a map and session
+    #: contrast (same permutations, on z); "none": per test only
+    family_wise: str = "contrasts"
 
 
 @dataclass(frozen=True)
@@ -470,6 +483,12 @@ def _read_inference(table: _Table, covariate_choices: Sequence[str] | None = Non
         covariates=table.get("covariates", "str_list", base.covariates),
         min_cluster_voxels=table.get("min_cluster_voxels", "int", base.min_cluster_voxels,
                                      check=lambda v: v >= 1, expectation="a positive integer"),
+        variance_groups=table.get("variance_groups", "str", base.variance_groups, choices=("auto", "none")),
+        group_variances=table.get("group_variances", "str", base.group_variances, choices=("brain", "voxel")),
+        max_vif=table.get("max_vif", "float", base.max_vif, check=lambda v: v >= 1,
+                          expectation="a variance inflation factor of at least 1"),
+        fdr_p=table.get("fdr_p", "str", base.fdr_p, choices=("parametric", "permutation")),
+        family_wise=table.get("family_wise", "str", base.family_wise, choices=("contrasts", "none")),
     )
     table.finish()
     return config

@@ -35,6 +35,7 @@ their group, dropped subjects and why, inference settings, permutations, seed an
         stat-{t,F}_statmap.nii.gz                          statistic
         stat-z_statmap.nii.gz                              z of the same tail probability
         stat-logpFWE_inference-<m>_statmap.nii.gz          -log10 corrected p, per inference
+        stat-logpFamilyFWE_inference-<m>_statmap.nii.gz    the same, corrected over all group tests too
         stat-{t,F}_alpha-0p05_inference-<primary>_statmap.nii.gz   statistic where significant
         alpha-0p05_inference-<primary>_clusters.tsv        cluster table (Julich-Brain areas)
         alpha-0p05_cluster-<k>_inference-<primary>_clustermeans.{tsv,png}
@@ -50,6 +51,19 @@ Inference methods: ``tfce``, ``maxt``, ``cluster_mass`` and ``cluster_size`` by 
 ``min_cluster_voxels`` voxels, as ``threshold_stats_img(height_control="fpr",
 cluster_threshold=...)`` does. That last one is an extent rule of thumb, not a family-wise error
 control: use a permutation method as ``primary``.
+
+Unequal group variances (``inference.variance_groups = "auto"``, the default): the study groups
+are variance groups, subjects are sign-flipped instead of permuted, and the statistic is the
+weighted least-squares t (or F) with one variance ratio per group for the whole map
+(``group_variances = "brain"``) or Winkler's v (or G) with each group's variance at every voxel
+(``"voxel"``); see :mod:`fcflow.permutation`. F tests run their permutation inferences on z.
+Every test's sidecars name the statistic (``StatisticComputed``) and, when the design has
+covariates, the design diagnostics (``DesignDiagnostics``: each covariate's variance inflation
+factor and correlation with each group, the inflation of the contrast's variance; a warning
+above ``inference.max_vif``). With ``inference.family_wise = "contrasts"`` (default) the
+permutation p maps are also corrected over all group tests of a map and session contrast
+(:func:`fcflow.permutation.combine_family_wise`), written beside the per-test maps and indexed in
+``results.tsv`` (``logp_family_map``, ``min_p_family``).
 """
 
 from __future__ import annotations
@@ -468,7 +482,12 @@ def build_tests(recipe: Recipe, columns: Sequence[str]) -> list[GroupTest]:
 # ----------------------------------------------------------------------------------------------
 @dataclass
 class InferenceResult:
-    """Statistic, z and -log10 p maps (in-mask vectors) of one test."""
+    """Statistic, z and -log10 p maps (in-mask vectors) of one test.
+
+    ``stat_type`` is the test's kind (t or F); ``statistic`` the statistic computed: t, F, or
+    with variance groups Winkler's v (Welch-type t) or G, whose approximate dof differs
+    between voxels (``dof_map``; ``dof`` stays the model's residual dof).
+    """
 
     stat: NDArray[np.float64]
     stat_type: str
@@ -476,6 +495,9 @@ class InferenceResult:
     z: NDArray[np.float64]
     logp: dict[str, NDArray[np.float64]]
     settings: dict[str, Any] = field(default_factory=dict)
+    statistic: str = ""
+    dof_map: NDArray[np.float64] | None = None
+    permutation: Any = field(default=None, repr=False)  # the PermutationResult, for family-wise correction
 
 
 def _parametric_logp(z: NDArray[np.float64], two_sided: bool) -> NDArray[np.float64]:
@@ -502,13 +524,24 @@ def fdr_logq(logp: NDArray[np.float64]) -> NDArray[np.float64]:
 def run_inference(
     data: NDArray[np.floating], design: pd.DataFrame, test: GroupTest, mask: NDArray[np.bool_], *,
     methods: Sequence[str], n_permutations: int, two_sided: bool, random_seed: int,
-    cluster_forming_p: float, min_cluster_voxels: int = 1,
+    cluster_forming_p: float, min_cluster_voxels: int = 1, variance_groups: Sequence[str] | None = None,
+    fdr_p: str = "parametric", zstat: bool = False, group_variances: str = "brain",
 ) -> InferenceResult:
     """Fit and test one contrast with every requested inference.
 
     Returns -log10 p maps: family-wise corrected for the permutation methods and
     ``bonferroni``, FDR q for ``fdr``, and for ``cluster_extent`` the uncorrected p inside the
     clusters that pass the extent (0 elsewhere).
+
+    With ``variance_groups`` (a label per subject, two or more distinct) the subjects are
+    sign-flipped and, for ``group_variances="brain"``, the statistic is the weighted
+    least-squares t or F with one variance ratio per group for the whole map, or for
+    ``"voxel"`` Winkler's v or G, whose parametric p (``fdr``, ``bonferroni``,
+    ``cluster_extent``) uses its per-voxel dof (:func:`fcflow.permutation.permutation_test`).
+    F and G tests run every permutation inference on z (TFCE's E = 0.5, H = 2 are tuned for
+    t and z maps, not for F). ``fdr_p="permutation"`` corrects the voxel-wise permutation p
+    (needs a permutation method) instead of the parametric one. ``zstat=True`` runs t tests on z
+    too (tests corrected as a family must share one scale, :func:`fcflow.permutation.combine_family_wise`).
     """
     from fcflow.permutation import permutation_test
     from fcflow.stats import compute_f, compute_t, f_to_z, fit_ols, t_to_z
@@ -518,26 +551,54 @@ def run_inference(
     logp: dict[str, NDArray[np.float64]] = {}
     settings: dict[str, Any] = {}
     perm_methods = [m for m in methods if m in PERMUTATION_INFERENCES]
-    if perm_methods:
-        result = permutation_test(
-            data, design, contrast, n_permutations=n_permutations, two_sided=two_sided,
-            random_state=random_seed, inference=perm_methods, mask=mask, cluster_forming_p=cluster_forming_p,
+    if fdr_p not in ("parametric", "permutation"):
+        raise ValueError(f"'fdr_p' must be 'parametric' or 'permutation'. Got {fdr_p!r}.")
+    if "fdr" in methods and fdr_p == "permutation" and not perm_methods:
+        raise ValueError(
+            f"'fdr_p' = 'permutation' needs a permutation method in 'methods'. Got methods {list(methods)!r}: "
+            "add 'maxt' (or another permutation method) or set fdr_p = 'parametric'."
         )
-        stat, dof = result.stat, result.dof
+    welch = variance_groups is not None and len(set(variance_groups)) > 1
+    dof_map = None
+    p_permutation = None
+    statistic = test.kind
+    if perm_methods or welch:
+        result = permutation_test(
+            data, design, contrast, n_permutations=n_permutations if perm_methods else 1,
+            two_sided=two_sided, random_state=random_seed, inference=perm_methods or ("maxt",),
+            mask=mask, cluster_forming_p=cluster_forming_p,
+            variance_groups=list(variance_groups) if welch else None,
+            zstat=True if (welch or test.kind == "F" or zstat) else None, variance_estimate=group_variances,
+        )  # fmt: skip
+        stat, dof, z = result.stat, result.dof, result.z
+        dof_map, statistic = result.dof_map, result.settings.get("statistic", result.stat_type)
         for method in perm_methods:
             logp[method] = result.logp_fwe[method]
-        settings = {"n_permutations": int(result.n_permutations), "scheme": result.scheme,
-                    "cluster_forming_threshold": result.cluster_forming_threshold, **result.settings}
+        if perm_methods:
+            p_permutation = result.p_uncorrected
+            settings = {"n_permutations": int(result.n_permutations), "scheme": result.scheme,
+                        "cluster_forming_threshold": result.cluster_forming_threshold,
+                        "inference_on": "z" if result.zstat else statistic, **result.settings}
+        else:
+            settings = {"statistic": statistic, "variance_groups": list(result.variance_groups)}
     else:
         fit = fit_ols(data, design)
         stat = compute_t(fit, contrast) if test.kind == "t" else compute_f(fit, contrast)
         dof = fit.dof
-    q = test.matrix.shape[0]
-    z = t_to_z(stat, dof) if test.kind == "t" else f_to_z(stat, q, dof)
+        q = test.matrix.shape[0]
+        z = t_to_z(stat, dof) if test.kind == "t" else f_to_z(stat, q, dof)
+        settings = {"statistic": statistic, "variance_groups": []}
+    if dof_map is not None and dof_map.size:
+        settings["welch_dof"] = {"min": float(np.min(dof_map)), "median": float(np.median(dof_map)),
+                                 "max": float(np.max(dof_map))}
     if any(m in methods for m in ("fdr", "bonferroni", "cluster_extent")):
         logp_unc = _parametric_logp(z, two_sided)
         if "fdr" in methods:
-            logp["fdr"] = fdr_logq(logp_unc)
+            if fdr_p == "permutation":
+                logp["fdr"] = fdr_logq(-np.log10(p_permutation))
+            else:
+                logp["fdr"] = fdr_logq(logp_unc)
+            settings["fdr_p"] = fdr_p
         if "bonferroni" in methods:
             logp["bonferroni"] = np.clip(logp_unc - math.log10(logp_unc.size), 0.0, None)
         if "cluster_extent" in methods:
@@ -551,7 +612,8 @@ def run_inference(
             logp["cluster_extent"] = np.where(big[mask], logp_unc, 0.0)
             settings["cluster_extent_min_voxels"] = int(min_cluster_voxels)
     return InferenceResult(stat=np.asarray(stat, dtype=float), stat_type=test.kind, dof=int(dof), z=z,
-                           logp=logp, settings=settings)
+                           logp=logp, settings=settings, statistic=statistic, dof_map=dof_map,
+                           permutation=result if perm_methods else None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -624,7 +686,8 @@ def _n_per_group_text(counts: Mapping[str, int]) -> str:
 RESULT_COLUMNS = [
     "task", "measure", "seed", "desc", "session_contrast", "group_contrast", "stat_type", "n_per_group",
     "dof", "primary_inference", "stat_map", "z_map", "logp_fwe_map", "thresholded_map", "cluster_table",
-    "n_significant_clusters", "min_p", "peak_stat",
+    "n_significant_clusters", "min_p", "peak_stat", "statistic", "variance_groups", "design_warnings",
+    "logp_family_map", "min_p_family",
 ]
 
 
@@ -734,13 +797,21 @@ def run_group_level(
                 try:
                     design = make_group_design(list(group_of), recipe.groups, covariates)
                 except ValueError as exc:
-                    raise InputDataError(f"{where}: cannot build the group design: {exc}") from None
+                    # The subjects left (exclusions, missing sessions) cannot carry the covariates,
+                    # e.g. one constant within groups: this test is skipped with why, the others run.
+                    skip_reason = f"cannot build the group design of {len(subjects)} subjects: {exc}"
+            if design is not None:
                 design.index = pd.Index([f"sub-{s}" for s in subjects], name="participant_id")
                 rank = int(np.linalg.matrix_rank(design.to_numpy()))
                 if len(subjects) - rank < 1:
                     skip_reason = (f"{len(subjects)} subjects leave no residual degree of freedom for the "
                                    f"{rank} design columns {list(design.columns)}")
             tests = build_tests(recipe, design.columns if design is not None else list(recipe.groups))
+            variance_labels, variance_note = _variance_group_labels(inference.variance_groups, group_of, where)
+            family = inference.family_wise == "contrasts" and not skip_reason and len(tests) > 1 and bool(
+                set(inference.methods) & set(PERMUTATION_INFERENCES))
+            computed: dict[str, InferenceResult] = {}
+            family_rows: dict[str, dict[str, Any]] = {}
             for test in tests:
                 done += 1
                 row = {**base_row, "group_contrast": test.expression if test.kind == "t" else test.name,
@@ -753,27 +824,56 @@ def run_group_level(
                 LOGGER.info("[%d/%d] %s: %s (%s)", done, n_total, where, test.expression,
                             f"{n_perm} permutations" if set(inference.methods) & set(PERMUTATION_INFERENCES)
                             else "parametric")
+                diagnostics = None
+                if len(design.columns) > len(recipe.groups):
+                    from fcflow.stats import compute_design_diagnostics
 
-                def compute() -> dict[str, Any]:
-                    result = run_inference(
+                    diagnostics = compute_design_diagnostics(design, recipe.groups, test.matrix,
+                                                             max_vif=inference.max_vif)
+                    for message in diagnostics.warnings:
+                        LOGGER.warning("%s: %s: %s.", where, test.expression, message)
+
+                def infer(test: GroupTest = test) -> InferenceResult:
+                    return run_inference(
                         data, design, test, maps.mask, methods=inference.methods, n_permutations=n_perm,
                         two_sided=inference.two_sided, random_seed=inference.random_seed,
                         cluster_forming_p=inference.cluster_forming_p,
-                        min_cluster_voxels=inference.min_cluster_voxels,
+                        min_cluster_voxels=inference.min_cluster_voxels, variance_groups=variance_labels,
+                        fdr_p=inference.fdr_p, zstat=family, group_variances=inference.group_variances,
                     )
+
+                def compute() -> dict[str, Any]:
+                    result = computed[test.name] = infer()
                     return _write_test_outputs(
                         group_dir, output_dir, recipe, measure, analysis, test, result, maps, subjects, group_of,
                         design, dropped, counts, lookup, provenance, recipe_sha, n_perm,
+                        diagnostics=diagnostics, variance_note=variance_note,
                     )
 
                 row.update(_reuse_or_compute_test(
                     group_dir, f"ses-{analysis.label}_task-{measure.task}_seed-{measure.seed}_contrast-{test.name}_"
                                f"desc-{measure.desc}",
                     [recipe_sha, n_perm, provenance, str(atlas_dir), measure, analysis, test, subjects,
-                     list(group_of), design, dropped, counts, maps, data],
+                     list(group_of), design, dropped, counts, maps, data, variance_labels],
                     compute,
                 ))
                 rows.append(row)
+                family_rows[test.name] = row
+            if family:
+                def compute_family() -> dict[str, Any]:
+                    results = [computed.get(t.name) or infer(t) for t in tests]
+                    return _write_family_outputs(group_dir, output_dir, recipe, measure, analysis, tests, results,
+                                                 maps, where)
+
+                update = _reuse_or_compute_test(
+                    group_dir, f"ses-{analysis.label}_task-{measure.task}_seed-{measure.seed}_desc-{measure.desc}_"
+                               "family",
+                    [recipe_sha, n_perm, provenance, measure, analysis, tests, subjects, list(group_of), design,
+                     maps, data, variance_labels],
+                    compute_family,
+                )
+                for name, values in update.items():
+                    family_rows[name].update(values)
     results = pd.DataFrame(rows)
     for column in RESULT_COLUMNS + ["is_reference"]:
         if column not in results:
@@ -891,7 +991,8 @@ def _write_test_outputs(
     group_dir: Path, output_dir: Path, recipe: Recipe, measure: MeasureMap, analysis: SessionAnalysis,
     test: GroupTest, result: InferenceResult, maps: SessionMaps, subjects: list[str], group_of: pd.Series,
     design: pd.DataFrame, dropped: Mapping[str, str], counts: Mapping[str, int],
-    lookup: Callable | None, provenance: Mapping[str, Any], recipe_sha: str, n_perm: int,
+    lookup: Callable | None, provenance: Mapping[str, Any], recipe_sha: str, n_perm: int, *,
+    diagnostics: Any = None, variance_note: str = "",
 ) -> dict[str, Any]:
     inference = recipe.inference
     space_res = _space_res(maps, output_dir)
@@ -922,6 +1023,14 @@ def _write_test_outputs(
         "NPerGroup": dict(counts),
         "Dropped": [{"participant_id": f"sub-{s}", "reason": r} for s, r in dropped.items()],
         "DegreesOfFreedom": result.dof,
+        "StatisticComputed": {"name": result.statistic, "description": _STATISTIC_DESCRIPTION[result.statistic],
+                              "VarianceGroups": result.settings.get("variance_groups", []),
+                              "VarianceGroupsSetting": inference.variance_groups,
+                              "Note": variance_note or None,
+                              "WelchDegreesOfFreedom": result.settings.get("welch_dof"),
+                              "GroupVariances": inference.group_variances,
+                              "GroupWeights": result.settings.get("group_weights")},
+        "DesignDiagnostics": diagnostics.to_dict() if diagnostics is not None else None,
         "AnalysisMaskVoxels": int(maps.mask.sum()),
         "Inference": {"methods": list(inference.methods), "primary": inference.primary, "alpha": inference.alpha,
                       "n_permutations": n_perm, "random_seed": inference.random_seed,
@@ -930,25 +1039,31 @@ def _write_test_outputs(
         "RecipeSHA256": recipe_sha,
         **provenance,
     }
-    out: dict[str, Any] = {"dof": result.dof}
+    out: dict[str, Any] = {
+        "dof": result.dof, "statistic": result.statistic,
+        "variance_groups": "auto" if len(result.settings.get("variance_groups", [])) > 1 else "none",
+        "design_warnings": " | ".join(diagnostics.warnings) if diagnostics is not None else "",
+    }
     stat_file = path("statmap", ".nii.gz", stat=test.kind)
     save_img(_volume(result.stat, maps.mask, maps.affine), stat_file)
     sources = sorted(f for s in subjects for ses in maps.sessions
                      if dict(analysis.weights).get(ses, 0) != 0 for f in maps.files.get((s, ses), []))
     write_json(stat_file.with_name(stat_file.name.replace(".nii.gz", ".json")),
-               {**meta, "Statistic": test.kind, "Sources": sources})
+               {**meta, "Statistic": result.statistic, "Sources": sources})
     z_file = path("statmap", ".nii.gz", stat="z")
     save_img(_volume(result.z, maps.mask, maps.affine), z_file)
     write_json(z_file.with_name(z_file.name.replace(".nii.gz", ".json")),
-               {**meta, "Statistic": "z", "Description": f"z with the same tail probability as {test.kind} "
-                                                         f"({result.dof} dof)."})
+               {**meta, "Statistic": "z", "Description": _z_description(result)})
     logp_files = {}
     for method, values in result.logp.items():
         f = path("statmap", ".nii.gz", stat=_LOGP_STAT[method], inference=method)
         save_img(_volume(values, maps.mask, maps.affine), f)
         write_json(f.with_name(f.name.replace(".nii.gz", ".json")),
                    {**meta, "Statistic": _LOGP_STAT[method], "InferenceMethod": method,
-                    "Description": _LOGP_DESCRIPTION[method]})
+                    "Description": (_LOGP_DESCRIPTION[method] if not (method == "fdr" and
+                                    result.settings.get("fdr_p") == "permutation")
+                                    else "-log10 Benjamini-Hochberg q of the voxel-wise permutation p "
+                                         "(over the analysis mask).")})
         logp_files[method] = f
     out.update(stat_map=rel(stat_file), z_map=rel(z_file))
     primary = inference.primary
@@ -988,6 +1103,94 @@ def _write_test_outputs(
         _write_cluster_values(path, table, volume, two_sided, maps, subjects, group_of, meta, measure, test,
                               primary, alpha)
     return out
+
+
+def _write_family_outputs(
+    group_dir: Path, output_dir: Path, recipe: Recipe, measure: MeasureMap, analysis: SessionAnalysis,
+    tests: Sequence[GroupTest], results: Sequence[InferenceResult], maps: SessionMaps, where: str,
+) -> dict[str, dict[str, Any]]:
+    """-log10 p corrected over voxels and over every group test of one map and session analysis.
+
+    Writes ``stat-logpFamilyFWE_inference-<m>`` maps beside each test's own ``stat-logpFWE`` maps
+    and returns, per test name, the primary inference's family-wise map and smallest p
+    (``logp_family_map``, ``min_p_family`` in ``results.tsv``). Tests whose permutations differ
+    (e.g. a one-group mean, sign-flipped, beside permuted group differences) cannot share one
+    null: a warning, and no family-wise maps.
+    """
+    from fcflow.derivatives import bids_name
+    from fcflow.permutation import combine_family_wise
+
+    try:
+        family = combine_family_wise([r.permutation for r in results])
+    except ValueError as exc:
+        LOGGER.warning("%s: no family-wise correction over %d tests: %s", where, len(tests), exc)
+        return {}
+    inference = recipe.inference
+    ents = {"ses": analysis.label, "task": measure.task, "space": recipe.space, "res": _space_res(maps, output_dir),
+            "seed": measure.seed, "desc": measure.desc}
+    names = [t.name for t in tests]
+    out: dict[str, dict[str, Any]] = {}
+    for test, logps in zip(tests, family):
+        entry: dict[str, Any] = {}
+        for method, values in logps.items():
+            f = group_dir / bids_name({**ents, "contrast": test.name, "stat": "logpFamilyFWE", "inference": method},
+                                      "statmap", ".nii.gz")
+            save_img(_volume(values, maps.mask, maps.affine), f)
+            write_json(f.with_name(f.name.replace(".nii.gz", ".json")), {
+                "Task": measure.task, "Measure": measure.measure, "Seed": measure.seed,
+                "SessionContrast": analysis.expression, "GroupTest": test.name, "InferenceMethod": method,
+                "Family": names, "Statistic": "logpFamilyFWE",
+                "Description": f"-log10 p of {method}, family-wise corrected over the voxels and over the {len(names)} "
+                               f"group tests {names} of this map and session contrast: every permutation's largest "
+                               "statistic over all of them (same permutations, all on z; Winkler et al. 2016, "
+                               "PALM -corrcon).",
+            })  # fmt: skip
+            if method == inference.primary:
+                entry["logp_family_map"] = str(f.relative_to(output_dir))
+                entry["min_p_family"] = float(f"{10.0 ** -np.max(values):.10g}") if values.size else np.nan
+        out[test.name] = entry
+    return out
+
+
+_STATISTIC_DESCRIPTION = {
+    "t": "t of the OLS fit, one residual variance for all subjects.",
+    "F": "F of the OLS fit, one residual variance for all subjects.",
+    "wls-t": "t of the weighted least-squares fit with one variance ratio per variance group for the whole map "
+             "(the median over voxels of each group's share of the residual sum of squares); subjects sign-flipped.",
+    "wls-F": "F of the weighted least-squares fit with one variance ratio per variance group for the whole map "
+             "(the median over voxels of each group's share of the residual sum of squares); subjects sign-flipped.",
+    "v": "Welch-type v (Winkler et al. 2014, NeuroImage 92:381): OLS contrast over its standard error with one "
+         "residual variance per variance group; approximate dof per voxel by Welch-Satterthwaite.",
+    "G": "Winkler's G (Winkler et al. 2014, NeuroImage 92:381), the F generalised to one residual variance per "
+         "variance group (Welch's ANOVA for a one-way design); approximate dof per voxel by Winkler's formula.",
+}
+
+
+def _z_description(result: InferenceResult) -> str:
+    if result.dof_map is None:
+        return f"z with the same tail probability as {result.statistic} ({result.dof} dof)."
+    low, median, high = (result.settings["welch_dof"][k] for k in ("min", "median", "max"))
+    return (f"z with the same tail probability as {result.statistic} under its approximate dof at each voxel "
+            f"(min {low:.1f}, median {median:.1f}, max {high:.1f}).")
+
+
+def _variance_group_labels(setting: str, group_of: pd.Series, where: str) -> tuple[list[str] | None, str]:
+    """One variance group per study group for "auto"; None (one common variance) otherwise.
+
+    A study group with fewer than two subjects cannot estimate its own variance: the test then
+    falls back to one common variance, with a warning and a note in its sidecars.
+    """
+    if setting != "auto":
+        return None, ""
+    labels = [str(g) for g in group_of]
+    sizes = pd.Series(labels).value_counts()
+    small = sorted(sizes[sizes < 2].index)
+    if small:
+        note = (f"variance_groups 'auto' fell back to one common variance: group(s) {small} have fewer than 2 "
+                "subjects, too few to estimate a variance of their own")
+        LOGGER.warning("%s: %s.", where, note)
+        return None, note
+    return (labels if len(sizes) > 1 else None), ""
 
 
 _LOGP_DESCRIPTION = {

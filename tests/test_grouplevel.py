@@ -190,7 +190,7 @@ def test_counts_per_group_are_reported(study):
     assert sidecar["Inference"]["n_permutations"] == 200 and sidecar["Inference"]["random_seed"] == 3
 
 
-def test_t_map_matches_statsmodels_ols(study):
+def test_default_map_is_wls_t_with_brain_wide_group_weights(study):
     import statsmodels.api as sm
 
     row = study["results"].query("session_contrast == 'infusion - baseline' and "
@@ -215,10 +215,73 @@ def test_t_map_matches_statsmodels_ols(study):
     rng = np.random.default_rng(5)
     voxels = np.argwhere(mask)[rng.choice(int(mask.sum()), 25, replace=False)]
     voxels = np.vstack([voxels, BLOB_CENTER])
+    # the default: variance_groups = "auto", group_variances = "brain": one weight per group for the whole
+    # map (residual dof over the median share of the full model's residual sum of squares), then the
+    # weighted least-squares t of statsmodels
+    assert row["statistic"] == "wls-t" and row["stat_type"] == "t"
+    sidecar = json.loads((study["out"] / row["stat_map"].replace(".nii.gz", ".json")).read_text())
+    assert sidecar["Statistic"] == "wls-t" and sidecar["StatisticComputed"]["VarianceGroups"] == sorted(GROUPS)
+    change = np.stack([study["maps"][(s, "infusion")][mask] - study["maps"][(s, "baseline")][mask]
+                       for s in subjects]).astype(float)
+    full = change - exog @ np.linalg.lstsq(exog, change, rcond=None)[0]
+    full /= np.linalg.norm(full, axis=0)
+    free = 1.0 - np.diag(exog @ np.linalg.pinv(exog))
+    weights = np.zeros(len(subjects))
+    for g in GROUPS:
+        m = (frame["group"] == g).to_numpy()
+        weights[m] = free[m].sum() / np.median((full[m] ** 2).sum(axis=0))
+    for ijk in map(tuple, voxels):
+        y = np.array([study["maps"][(s, "infusion")][ijk] - study["maps"][(s, "baseline")][ijk] for s in subjects])
+        fit = sm.WLS(y.astype(float), exog, weights=weights).fit()
+        expected = float(fit.t_test([-1, 1, 0, 0, 0, 0]).tvalue.squeeze())
+        assert abs(t_map[ijk] - expected) < 1e-4, (ijk, t_map[ijk], expected)
+
+
+def test_voxel_group_variances_give_winkler_v(tmp_path):
+    truth = write_first_level(tmp_path, seed=0)
+    results = pd.read_csv(run_group_level(truth["out"], _recipe(group_variances="voxel", methods=["maxt"], primary="maxt"),
+                                          bids_dir=truth["bids"]), sep="\t", keep_default_na=False)
+    study = {**truth, "results": results}
+    import statsmodels.api as sm
+
+    row = study["results"].query("session_contrast == 'infusion - baseline' and "
+                                 "group_contrast == 'ketamine - placebo'").iloc[0]
+    t_img = nib.load(study["out"] / row["stat_map"])
+    t_map = np.asarray(t_img.dataobj)
+    mask = np.logical_and.reduce(list(study["brain"].values()))
+    people = study["participants"].set_index("participant_id")
+    subjects = [f"{i:02d}" for i in range(1, 19) if f"{i:02d}" != "09"]
+    qc = pd.concat(pd.read_csv(p, sep="\t") for p in sorted(study["out"].glob("sub-*/*_qc.tsv")))
+    # the change map's motion covariate is the change in mean FD (infusion - baseline)
+    fd_by = qc.set_index(["participant_id", "session"])["mean_fd_mm"]
+    qc = pd.Series({p: fd_by[(p, "infusion")] - fd_by[(p, "baseline")] for p in qc["participant_id"].unique()})
+    frame = pd.DataFrame({
+        "group": [people.loc[f"sub-{s}", "group"] for s in subjects],
+        "age": [float(people.loc[f"sub-{s}", "age"]) for s in subjects],
+        "male": [float(people.loc[f"sub-{s}", "sex"] == "M") for s in subjects],
+        "fd": [qc[f"sub-{s}"] for s in subjects],
+    })
+    exog = np.column_stack([(frame["group"] == g).to_numpy(float) for g in GROUPS]
+                           + [frame[c] - frame[c].mean() for c in ("age", "male", "fd")])
+    rng = np.random.default_rng(5)
+    voxels = np.argwhere(mask)[rng.choice(int(mask.sum()), 25, replace=False)]
+    voxels = np.vstack([voxels, BLOB_CENTER])
+    # group_variances = "voxel": Winkler's v with one residual variance per group, i.e. the
+    # OLS contrast over its standard error from statsmodels WLS weighted by the groups' variances
+    assert row["statistic"] == "v" and row["stat_type"] == "t"
+    sidecar = json.loads((study["out"] / row["stat_map"].replace(".nii.gz", ".json")).read_text())
+    assert sidecar["Statistic"] == "v" and sidecar["StatisticComputed"]["VarianceGroups"] == sorted(GROUPS)
+    contrast = np.array([-1.0, 1, 0, 0, 0, 0])
+    free = 1.0 - np.diag(exog @ np.linalg.pinv(exog))
+    members = [(frame["group"] == g).to_numpy() for g in GROUPS]
     for ijk in map(tuple, voxels):
         y = np.array([study["maps"][(s, "infusion")][ijk] - study["maps"][(s, "baseline")][ijk] for s in subjects])
         fit = sm.OLS(y.astype(float), exog).fit()
-        expected = float(fit.t_test([-1, 1, 0, 0, 0, 0]).tvalue.squeeze())
+        weights = np.zeros(len(y))
+        for m in members:
+            weights[m] = free[m].sum() / np.sum(fit.resid[m] ** 2)
+        cov = sm.WLS(y.astype(float), exog, weights=weights).fit().normalized_cov_params
+        expected = float(contrast @ fit.params / np.sqrt(contrast @ cov @ contrast))
         assert abs(t_map[ijk] - expected) < 1e-4, (ijk, t_map[ijk], expected)
 
 
@@ -356,7 +419,7 @@ def test_end_to_end_simulated_study(tmp_path, julich_dir):
     from fcflow.simulate import simulate_study
 
     bids = tmp_path / "study"
-    simulate_study(bids, n_per_group=3, resolution_mm=4, n_volumes=80, seed=4, preset="weigner2025")
+    simulate_study(bids, n_per_group=3, resolution_mm=4, n_volumes=240, seed=4, preset="weigner2025")
     out = bids / "derivatives" / "fcflow"
     assert main([str(bids), str(out), "participant", "--julich-dir", str(julich_dir), "-q"]) == 0
     assert main([str(bids), str(out), "group", "--julich-dir", str(julich_dir), "--n-permutations", "20",
@@ -391,3 +454,83 @@ def test_group_without_subjects_is_skipped_with_a_warning(tmp_path, caplog):
     assert set(skipped["stat_map"]) == {"n/a"}
     later = results[results["session_contrast"] == "24h - baseline"]
     assert all((truth["out"] / p).is_file() for p in later["stat_map"])
+
+
+def test_variance_groups_none_gives_ols_t_and_a_collinear_covariate_is_flagged(tmp_path, caplog):
+    import statsmodels.api as sm
+
+    truth = write_first_level(tmp_path, seed=2)
+    people = pd.read_csv(truth["bids"] / "participants.tsv", sep="\t")
+    # a covariate that is the ketamine group in disguise (r ~ 0.99)
+    noise = np.random.default_rng(0).normal(0, 0.05, len(people))
+    people["dose"] = (people["group"] == "ketamine").astype(float) + noise
+    people.to_csv(truth["bids"] / "participants.tsv", sep="\t", index=False)
+    recipe = _recipe(primary="maxt", methods=["maxt", "fdr"], covariates=["dose"], variance_groups="none",
+                     fdr_p="permutation", n_permutations=100)
+    with caplog.at_level("WARNING", logger="fcflow.group"):
+        results = pd.read_csv(run_group_level(truth["out"], recipe, bids_dir=truth["bids"]), sep="\t",
+                              keep_default_na=False)
+    assert "covariate 'dose' has a variance inflation factor of" in caplog.text
+    row = results.query("session_contrast == 'infusion - baseline' and "
+                        "group_contrast == 'ketamine - placebo'").iloc[0]
+    assert row["statistic"] == "t" and row["variance_groups"] == "none"
+    assert "'dose' has a variance inflation factor" in row["design_warnings"]
+    sidecar = json.loads((truth["out"] / row["stat_map"].replace(".nii.gz", ".json")).read_text())
+    diagnostics = sidecar["DesignDiagnostics"]
+    assert diagnostics["VarianceInflationFactor"]["dose"] > 5 and diagnostics["MaxVIF"] == 5.0
+    assert diagnostics["CorrelationWithGroups"]["dose"]["ketamine"] > 0.9
+    fdr_sidecar = json.loads((truth["out"] / row["logp_fwe_map"].replace("inference-maxt", "inference-fdr")
+                              .replace("logpFWE", "logpFDR").replace(".nii.gz", ".json")).read_text())
+    assert "permutation p" in fdr_sidecar["Description"]
+    # one common variance: the map is statsmodels OLS's t
+    t_map = np.asarray(nib.load(truth["out"] / row["stat_map"]).dataobj)
+    subjects = [f"{i:02d}" for i in range(1, 19) if f"{i:02d}" != "09"]
+    frame = people.set_index("participant_id").loc[[f"sub-{s}" for s in subjects]]
+    exog = np.column_stack([(frame["group"] == g).to_numpy(float) for g in GROUPS]
+                           + [frame["dose"] - frame["dose"].mean()])
+    mask = np.logical_and.reduce(list(truth["brain"].values()))
+    for ijk in map(tuple, np.argwhere(mask)[::37]):
+        y = np.array([truth["maps"][(s, "infusion")][ijk] - truth["maps"][(s, "baseline")][ijk] for s in subjects])
+        expected = float(sm.OLS(y.astype(float), exog).fit().t_test([-1, 1, 0, 0]).tvalue.squeeze())
+        assert abs(t_map[ijk] - expected) < 1e-4, (ijk, t_map[ijk], expected)
+
+
+def test_fdr_on_permutation_p_needs_a_permutation_method():
+    from fcflow.grouplevel import GroupTest, run_inference
+
+    design = pd.DataFrame({"a": [1.0, 1, 0, 0], "b": [0.0, 0, 1, 1]})
+    test = GroupTest("d", "a - b", "t", np.array([[1.0, -1.0]]))
+    with pytest.raises(ValueError, match="'fdr_p' = 'permutation' needs a permutation method"):
+        run_inference(np.zeros((4, 3)), design, test, np.ones((3, 1, 1), bool), methods=["fdr"],
+                      n_permutations=10, two_sided=True, random_seed=0, cluster_forming_p=0.01,
+                      fdr_p="permutation")
+
+
+def test_family_wise_maps_beside_per_test_maps(study):
+    results = study["results"]
+    change = results[results["session_contrast"] == "infusion - baseline"]
+    assert len(change) == 3 and (change["logp_family_map"] != "").all()
+    for row in change.itertuples():
+        family = np.asarray(nib.load(study["out"] / row.logp_family_map).dataobj)
+        own = np.asarray(nib.load(study["out"] / row.logp_fwe_map).dataobj)
+        # a family of three tests can only raise each p (float32 maps: compare with a tolerance)
+        assert np.all(family <= own + 1e-5)
+        assert float(row.min_p_family) >= float(row.min_p) - 1e-12
+        sidecar = json.loads((study["out"] / row.logp_family_map.replace(".nii.gz", ".json")).read_text())
+        assert sidecar["Family"] == ["ketamineMinusPlacebo", "lamotrigineKetamineMinusPlacebo", "groups"]
+    # the planted ketamine effect survives the family-wise correction
+    hit = change[change["group_contrast"] == "ketamine - placebo"].iloc[0]
+    assert float(hit["min_p_family"]) <= 0.05
+
+
+def test_a_group_of_one_falls_back_to_one_common_variance(caplog):
+    from fcflow.grouplevel import _variance_group_labels
+
+    groups = pd.Series(["placebo"] * 4 + ["ketamine"] + ["lamotrigine_ketamine"] * 3)
+    with caplog.at_level("WARNING", logger="fcflow.group"):
+        labels, note = _variance_group_labels("auto", groups, "task-rest")
+    assert labels is None and "group(s) ['ketamine'] have fewer than 2 subjects" in note
+    assert "fell back to one common variance" in caplog.text
+    labels, note = _variance_group_labels("auto", groups.replace("ketamine", "placebo"), "task-rest")
+    assert labels == list(groups.replace("ketamine", "placebo")) and note == ""
+    assert _variance_group_labels("none", groups, "task-rest") == (None, "")

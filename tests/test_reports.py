@@ -134,6 +134,14 @@ def test_methods_paragraph_follows_the_recipe():
     no_censoring = describe_methods(_with(RECIPE, "denoising", fd_threshold_mm=None, std_dvars_threshold=None))
     assert "censored" not in no_censoring["paragraph"]
     assert describe_methods(RECIPE)["references"][0].startswith("Amunts K")
+    # variance groups and the correction over tests follow the recipe too
+    assert "sign-flipped" in base and "over all group tests" in base and "ordinary least squares" not in base
+    pooled = describe_methods(_with(RECIPE, "inference", variance_groups="none", family_wise="none"))
+    assert "ordinary least squares" in pooled["paragraph"] and "Freedman-Lane" in pooled["paragraph"]
+    assert "sign-flipped" not in pooled["paragraph"] and "over all group tests" not in pooled["paragraph"]
+    assert not any(r.startswith("Winkler AM") for r in pooled["references"])
+    voxel = describe_methods(_with(RECIPE, "inference", group_variances="voxel"))["paragraph"]
+    assert "Winkler's v" in voxel and "weighted least-squares" not in voxel
 
 
 def test_every_number_of_the_methods_comes_from_the_recipe_or_the_software():
@@ -152,6 +160,7 @@ def test_every_number_of_the_methods_comes_from_the_recipe_or_the_software():
         json.dumps(recipe.to_dict()), " ".join(versions.values()), atlas.version, str(atlas.n_areas),
         STRATEGY_TEXT[recipe.denoising.strategy], f"{recipe.denoising.min_dof:g}",
         " ".join(f"{defaults[k]:g}" for k in ("tfce_extent_exponent", "tfce_height_exponent", "connectivity")),
+        " ".join(methods["references"]),  # a citation's year
     ])
     allowed = set(_NUMBER.findall(sources))
     found = set(_NUMBER.findall(methods["paragraph"]))

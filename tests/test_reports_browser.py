@@ -216,6 +216,13 @@ def test_group_report_shows_design_motion_qcfc_and_methods(reports):
     # the methods paragraph reports the permutations that ran, not the recipe's 5000
     methods = html[html.index('id="methods-paragraph"'):]
     assert "50 permutations" in methods and "5000" not in methods
+    # each test names the statistic it computed (t, wls-t, v, ...) and its p corrected over all tests
+    import pandas as pd
+
+    results = pd.read_csv(reports["out"] / "group" / "results.tsv", sep="\t", keep_default_na=False)
+    for statistic in set(results.loc[results["stat_map"] != "n/a", "statistic"]):
+        assert f"statistic {statistic};" in html
+    assert "<th>min p (all tests)</th>" in html
 
 
 @pytest.mark.slow

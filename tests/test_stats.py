@@ -189,3 +189,16 @@ def test_parametric_thresholds():
         compute_t_threshold(1.5, 10)
     with pytest.raises(ValueError, match="'p' must be in \\(0, 1\\)"):
         compute_f_threshold(0.0, 1, 10)
+
+
+def test_t_and_f_to_z_take_a_dof_per_element():
+    rng = np.random.default_rng(0)
+    t = rng.normal(0, 3, 200)
+    dof = rng.uniform(2.5, 40, 200)
+    np.testing.assert_allclose(t_to_z(t, dof), np.sign(t) * stats.norm.isf(stats.t.sf(np.abs(t), dof)), rtol=1e-9,
+                               atol=1e-12)
+    f = rng.uniform(0, 30, 200)
+    np.testing.assert_allclose(f_to_z(f, 2, dof), stats.norm.isf(stats.f.sf(f, 2, dof)), rtol=1e-9, atol=1e-12)
+    # far tails stay finite with their own dof
+    far = t_to_z(np.array([1e20, -1e20]), np.array([5.0, 30.0]))
+    assert np.all(np.isfinite(far)) and far[0] > 8 and far[1] < -30

@@ -423,6 +423,9 @@ def _results(output_dir: Path, recipe: Recipe, results: pd.DataFrame, *, baselin
                  "session_contrast": row.session_contrast, "group_contrast": row.group_contrast,
                  "stat_type": row.stat_type, "n_per_group": row.n_per_group, "dof": row.dof,
                  "primary_inference": row.primary_inference, "min_p": row.min_p, "peak_stat": row.peak_stat,
+                 "statistic": getattr(row, "statistic", "") or row.stat_type,
+                 "min_p_family": getattr(row, "min_p_family", None),
+                 "design_warnings": [w for w in str(getattr(row, "design_warnings", "") or "").split(" | ") if w],
                  "n_clusters": None if pd.isna(row.n_significant_clusters) else int(row.n_significant_clusters),
                  "skipped": not row.stat_map, "figures": {}, "clusters": [], "cluster_plots": []}
         if entry["n_clusters"] and row.thresholded_map and row.cluster_table:
@@ -452,7 +455,7 @@ def _read_results(path: Path) -> pd.DataFrame:
     if not path.is_file():
         return pd.DataFrame()
     table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, na_values=["n/a"])
-    numeric = ("min_p", "peak_stat", "dof", "n_significant_clusters")
+    numeric = ("min_p", "min_p_family", "peak_stat", "dof", "n_significant_clusters")
     for column in table.columns:
         if column in numeric:
             table[column] = pd.to_numeric(table[column], errors="coerce")

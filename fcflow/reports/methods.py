@@ -205,8 +205,24 @@ def _group_sentence(recipe: Recipe, inference: Mapping[str, Any]) -> str:
     inf = recipe.inference
     primary = INFERENCE_TEXT[inf.primary]
     others = [INFERENCE_TEXT[m] for m in inf.methods if m != inf.primary]
+    if inf.variance_groups == "auto":
+        if inf.group_variances == "brain":
+            text += (" Each group was its own variance group: the statistic was the weighted least-squares t (F for "
+                     "F tests) with one residual variance ratio per group for the whole map, and subjects were "
+                     "sign-flipped rather than permuted between groups, which keeps the error rate when groups "
+                     "differ in variance (Winkler et al. 2014).")
+        else:
+            text += (" Each group was its own variance group: the statistic was Winkler's v (G for F tests), with "
+                     "each group's residual variance at every voxel, and subjects were sign-flipped rather than "
+                     "permuted between groups (Winkler et al. 2014).")
+    else:
+        text += " All subjects shared one residual variance (ordinary least squares)."
+    if covariates:
+        text += (f" Covariates with a variance inflation factor above {inf.max_vif:g} were flagged in the "
+                 "results.")
+    scheme = "sign flipping" if inf.variance_groups == "auto" else "Freedman-Lane"
     if inf.primary in _PERMUTATION:
-        text += (f" Family-wise error was controlled with {primary} by permutation (Freedman-Lane, "
+        text += (f" Family-wise error was controlled with {primary} by permutation ({scheme}, "
                  f"{inf.n_permutations} permutations, random seed {inf.random_seed}")
         if inf.primary == "tfce":
             text += (f"; E = {inference['tfce_extent_exponent']:g}, H = {inference['tfce_height_exponent']:g}, "
@@ -219,6 +235,11 @@ def _group_sentence(recipe: Recipe, inference: Mapping[str, Any]) -> str:
         if {"cluster_mass", "cluster_size", "cluster_extent"} & set(inf.methods):
             text += f" (cluster-forming p = {inf.cluster_forming_p:g})"
         text += "."
+    if inf.family_wise == "contrasts" and set(inf.methods) & set(_PERMUTATION):
+        text += (" Permutation p values were also corrected over all group tests of a map and session contrast, "
+                 "each permutation's largest statistic taken over the tests on the z scale (Winkler et al. 2016).")
+    if "fdr" in inf.methods and inf.fdr_p == "permutation":
+        text += " The false discovery rate was controlled on the voxel-wise permutation p values."
     return text
 
 
@@ -267,6 +288,8 @@ def describe_methods(
     ])
     references = list(atlas.citation) if (atlas is not None and uses_atlas) else []
     references += list(DENOISING_REFERENCES)
+    if recipe.inference.variance_groups == "auto" or recipe.inference.family_wise == "contrasts":
+        references += list(INFERENCE_REFERENCES)
     return {"paragraph": paragraph, "references": references}
 
 
@@ -277,4 +300,12 @@ DENOISING_REFERENCES = (
     "Lindquist MA, Geuter S, Wager TD, Caffo BS (2019) Modular preprocessing pipelines can reintroduce "
     "artifacts into fMRI data. Human Brain Mapping 40:2358-2376.",
     "Worsley KJ, Friston KJ (1995) Analysis of fMRI time-series revisited - again. NeuroImage 2:173-181.",
+)
+
+#: The papers behind the group level's variance groups and family-wise correction over tests.
+INFERENCE_REFERENCES = (
+    "Winkler AM, Ridgway GR, Webster MA, Smith SM, Nichols TE (2014) Permutation inference for the general "
+    "linear model. NeuroImage 92:381-397.",
+    "Winkler AM, Webster MA, Brooks JC, Tracey I, Smith SM, Nichols TE (2016) Non-parametric combination and "
+    "related permutation tests for neuroimaging. Human Brain Mapping 37:1486-1511.",
 )

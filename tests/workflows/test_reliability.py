@@ -287,7 +287,10 @@ def test_reference_outputs_are_complete(reference, group_reference):
     assert not [f for f in files if ".tmp-" in f or f.endswith(".lock")]
     group = group_reference["group"]
     assert "group/results.tsv" in group and "group/baseline_results.tsv" in group
-    assert len([f for f in group if f.startswith("group/.fcflow-resume/")]) == 4
+    # one record per test (2 group contrasts x the session contrast and the baseline) and one per
+    # family of tests corrected together (family_wise = "contrasts"): 2 x (2 + 1)
+    resume = [f for f in group if f.startswith("group/.fcflow-resume/")]
+    assert len(resume) == 6 and len([f for f in resume if f.endswith("_family.json")]) == 2
     assert not [f for f in group if ".tmp-" in f]
 
 
