@@ -76,7 +76,7 @@ else:
                   condition_contrasts={"2backMinus0back": "2back - 0back"}, events=pd.read_csv(events, sep="\\t"),
                   events_file=events)
 maps = compute_run_maps(bold, mask, {"pgACC": nib.load(seed)}, t_r=2.0, confounds=sel.confounds,
-                        sample_mask=sel.sample_mask, run_name="bench", **kwargs)
+                        sample_mask=sel.sample_mask, smoothing_fwhm=None, run_name="bench", **kwargs)
 mask_img = nib.load(mask)
 brain = np.asarray(mask_img.dataobj) > 0
 Path(out).mkdir(parents=True, exist_ok=True)

@@ -149,7 +149,9 @@ def write_run_derivatives(
     Images and tables are written first, then every JSON sidecar, each atomically, so a sidecar
     exists only beside a complete file. Sidecars hold the inputs with their SHA-256, the seed's
     provenance, the denoising settings in force, the volumes kept, mean FD, the degrees of
-    freedom, the resolved recipe and the software versions.
+    freedom, the resolved recipe and the software versions; a map's sidecar also holds
+    ``SmoothingFWHM``, the FWHM in mm of the Gaussian kernel it was smoothed with (null: not
+    smoothed).
 
     Returns
     -------
@@ -203,6 +205,8 @@ def write_run_derivatives(
             **common, "Measure": measure, "Statistic": ents["stat"], "Seed": seed_meta.get(ents["seed"], {}),
             "SeedQC": qc.get("seeds", {}).get(ents["seed"]),
             "DegreesOfFreedom": qc.get("dof", {}).get(measure),
+            # what the map was computed with (run_qc.json), not what the recipe asks for now
+            "SmoothingFWHM": qc.get("smoothing_fwhm"),
         }))
     for path in timeseries_files:
         seed = _parse_node_name(Path(path))["seed"]

@@ -26,6 +26,12 @@ any of its measures would have fewer effective degrees of freedom than the recip
 (:func:`fcflow.ppi.check_task_design`). An excluded run writes no map, so nothing below the
 minimum reaches the group level.
 
+Spatial smoothing
+-----------------
+With the recipe's ``smoothing_fwhm`` every map of the run is smoothed last, on the run's grid,
+with nilearn's Gaussian kernel (:func:`fcflow.niftiio.smooth_map`, which says why the maps and
+not the BOLD data); the seed signals and the degrees of freedom are those of the unsmoothed data.
+
 Maps are vectors over the brain-mask voxels (C order of the grid); :func:`fcflow.niftiio.unmask`
 puts them back on the grid.
 """
@@ -48,7 +54,7 @@ from fcflow.atlas import SeedQC, seed_qc
 from fcflow.connectivity import compute_multiseed_connectivity, extract_seed_signal
 from fcflow.denoise import build_cleaning_operator, confound_blocks, correlation_dof, dof_budget
 from fcflow.errors import InputDataError
-from fcflow.niftiio import MaskedBoldInfo, read_masked_bold
+from fcflow.niftiio import MaskedBoldInfo, read_masked_bold, smooth_map
 
 LOGGER = logging.getLogger("fcflow.firstlevel")
 
@@ -69,6 +75,9 @@ class RunMaps:
     Attributes
     ----------
     maps : dict of MapSpec to ndarray of shape (n_voxels,), float32
+        Smoothed when ``smoothing_fwhm`` is set.
+    smoothing_fwhm : float or None
+        FWHM in mm of the Gaussian kernel the maps were smoothed with; None: not smoothed.
     seed_signals : dict of str to ndarray of shape (n_kept,)
         Each seed's cleaned time series (kept volumes only).
     kept_volumes : ndarray of int
@@ -85,6 +94,7 @@ class RunMaps:
     """
 
     maps: dict[MapSpec, NDArray[np.float32]] = field(default_factory=dict)
+    smoothing_fwhm: float | None = None
     seed_signals: dict[str, NDArray[np.float64]] = field(default_factory=dict)
     kept_volumes: NDArray[np.int64] = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     seed_qc: dict[str, SeedQC] = field(default_factory=dict)
@@ -110,6 +120,7 @@ def compute_run_maps(
     sample_mask: NDArray[np.int64] | None,
     high_pass: float | None,
     low_pass: float | None,
+    smoothing_fwhm: float | None,
     conditions: Sequence[str] = (),
     condition_contrasts: Mapping[str, str] | None = None,
     events: pd.DataFrame | None = None,
@@ -140,6 +151,10 @@ def compute_run_maps(
         Kept volumes (censoring, non-steady-state removal); None keeps all.
     high_pass, low_pass : float or None
         Butterworth band in Hz.
+    smoothing_fwhm : float or None
+        FWHM in mm of the Gaussian kernel every map is smoothed with (the recipe's
+        ``[denoising] smoothing_fwhm``; :func:`fcflow.niftiio.smooth_map`); None leaves the maps
+        as computed. Required, so that no caller forgets the recipe's value.
     conditions, condition_contrasts, events, events_file :
         For task measures: the modelled conditions, named contrasts over them
         (``{"2backMinus0back": "2back - 0back"}``), the events table and its file name.
@@ -238,6 +253,10 @@ def compute_run_maps(
         if result.excluded:
             return result
 
+    if smoothing_fwhm is not None:
+        for spec, values in result.maps.items():
+            result.maps[spec] = smooth_map(values, brain, mask_img.affine, smoothing_fwhm)
+        result.smoothing_fwhm = float(smoothing_fwhm)
     result.kept_volumes = np.arange(n_time) if sample_mask is None else np.asarray(sample_mask)
     return result
 
@@ -469,7 +488,8 @@ def run_maps_from_files(
     result = compute_run_maps(
         bold_file, mask_file, seed_imgs, t_r=t_r, measures=list(task["measures"]),
         confounds=confounds, sample_mask=sample_mask, high_pass=task.get("high_pass"),
-        low_pass=task.get("low_pass"), conditions=list(task.get("conditions", ())),
+        low_pass=task.get("low_pass"), smoothing_fwhm=denoising["smoothing_fwhm"],
+        conditions=list(task.get("conditions", ())),
         condition_contrasts={c["name"]: c["expression"] for c in task.get("condition_contrasts", ())},
         events=events, events_file=str(events_file or ""), seed_signal=str(first.get("signal", "mean")),
         min_coverage=float(first.get("min_coverage", 0.8)), detrend=bool(denoising.get("detrend", True)),
@@ -487,7 +507,7 @@ def run_maps_from_files(
     qc.update(
         excluded=result.excluded, exclusion_reason=result.exclusion_reason,
         seeds={name: q.to_dict() for name, q in result.seed_qc.items()}, dof=result.dof,
-        dof_budget=result.dof_budget,
+        dof_budget=result.dof_budget, smoothing_fwhm=result.smoothing_fwhm,
     )
     if report_data:
         add_report_data(result.excluded)

@@ -142,6 +142,11 @@ def test_methods_paragraph_follows_the_recipe():
     assert not any(r.startswith("Winkler AM") for r in pooled["references"])
     voxel = describe_methods(_with(RECIPE, "inference", group_variances="voxel"))["paragraph"]
     assert "Winkler's v" in voxel and "weighted least-squares" not in voxel
+    # smoothing is described only when the recipe smooths, with the recipe's kernel
+    assert "Gaussian kernel of 6 mm FWHM" in base
+    assert "Gaussian kernel of 4.5 mm FWHM" in describe_methods(_with(RECIPE, "denoising", smoothing_fwhm=4.5))[
+        "paragraph"]
+    assert "smoothed" not in describe_methods(_with(RECIPE, "denoising", smoothing_fwhm=None))["paragraph"]
 
 
 def test_every_number_of_the_methods_comes_from_the_recipe_or_the_software():
@@ -150,7 +155,7 @@ def test_every_number_of_the_methods_comes_from_the_recipe_or_the_software():
 
     import inspect
 
-    recipe = _with(_with(RECIPE, "denoising", fd_threshold_mm=0.43, min_volumes=77, n_compcor=6),
+    recipe = _with(_with(RECIPE, "denoising", fd_threshold_mm=0.43, min_volumes=77, n_compcor=6, smoothing_fwhm=7.5),
                    "inference", n_permutations=4321, random_seed=99)
     versions = software_versions()
     atlas = load_atlas_release()
@@ -165,7 +170,7 @@ def test_every_number_of_the_methods_comes_from_the_recipe_or_the_software():
     allowed = set(_NUMBER.findall(sources))
     found = set(_NUMBER.findall(methods["paragraph"]))
     assert found <= allowed, f"numbers not taken from the recipe or the software: {sorted(found - allowed)}"
-    for value in ("0.43", "77", "6", "4321", "99", versions["nilearn"], atlas.version):
+    for value in ("0.43", "77", "6", "7.5", "4321", "99", versions["nilearn"], atlas.version):
         assert value in found or value in methods["paragraph"]
 
 
@@ -295,15 +300,22 @@ def test_no_denoise_map_is_the_plain_correlation_and_differs_from_the_recipes(re
     series = nib.load(run.bold_file).get_fdata(dtype=np.float32)[brain].T
     censoring = json.loads((reported["root"] / "work" / run.name / "censoring.json").read_text())
     task = RECIPE.task("rest")
-    some = np.arange(0, series.shape[1], 11)  # a subsample of voxels keeps nilearn's clean quick
-    cleaned = clean(series[censoring["n_non_steady_state"]:, some], detrend=True, standardize="zscore_sample",
+    cleaned = clean(series[censoring["n_non_steady_state"]:], detrend=True, standardize="zscore_sample",
                     high_pass=task.high_pass, low_pass=task.low_pass, t_r=run.t_r)
     seed_signal = series[censoring["n_non_steady_state"]:, seed].mean(axis=1)
     seed_clean = clean(seed_signal[:, None], detrend=True, standardize="zscore_sample", high_pass=task.high_pass,
                        low_pass=task.low_pass, t_r=run.t_r)[:, 0]
     expected = np.arctanh(np.clip(cleaned.T @ seed_clean / (len(seed_clean) - 1), -1 + 1e-7, 1 - 1e-7))
+    # smoothed with the recipe's kernel, as the first level's maps (nilearn's own smoothing)
+    from nilearn.image import smooth_img
+
+    assert json.loads(none_file.with_name(none_file.name.replace(".nii.gz", ".json")).read_text())[
+        "SmoothingFWHM"] == RECIPE.denoising.smoothing_fwhm == 6
+    volume = np.zeros(brain.shape, dtype=np.float32)
+    volume[brain] = expected
+    expected = smooth_img(nib.Nifti1Image(volume, nib.load(run.mask_file).affine), 6).get_fdata()[brain]
     ours = nib.load(none_file).get_fdata()[brain]
-    np.testing.assert_allclose(ours[some], expected, atol=2e-3)
+    np.testing.assert_allclose(ours, expected, atol=2e-3)
     default = nib.load(next(f for f in reported["reports"]["rest_maps"]["map_files"]
                             if f.endswith("correlation_stat-z.nii.gz"))).get_fdata()[brain]
     assert np.corrcoef(ours, default)[0, 1] < 0.99

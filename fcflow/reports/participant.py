@@ -119,9 +119,11 @@ def compute_run_report_data(
         the run can be cleaned, ``carpet_after`` (the first level's operator, censored volumes
         nan); for a ``correlation`` task that is not excluded, ``nodenoise_z_<seed>`` per seed:
         the seed-to-voxel Fisher z without denoising (non-steady-state volumes removed, then
-        only detrending and the task's filter: no confound regression, no censoring).
+        only detrending and the task's filter: no confound regression, no censoring), smoothed
+        with the recipe's ``smoothing_fwhm`` as the first level's maps are.
     """
     from fcflow.connectivity import compute_multiseed_connectivity
+    from fcflow.niftiio import smooth_map
     from fcflow.denoise import build_cleaning_operator, load_run_confounds
     from fcflow.reports.qc import compute_tsnr, select_carpet_voxels, zscore_rows
 
@@ -167,8 +169,11 @@ def compute_run_report_data(
                 low_pass=task.get("low_pass"), detrend=bool(denoising.get("detrend", True)),
                 seed_method=seed_signal, filter=str(denoising["filter"]), run_name=run_name,
             )
+            fwhm = denoising["smoothing_fwhm"]
             for name, conn in connectivity.items():
-                arrays[f"nodenoise_z_{name}"] = conn.z.astype(np.float32)
+                # smoothed as the first level's maps are, so that QC-FC compares denoising only
+                z = conn.z if fwhm is None else smooth_map(conn.z, brain, mask_img.affine, fwhm)
+                arrays[f"nodenoise_z_{name}"] = z.astype(np.float32)
     if "correlation" in task.get("measures", ()) and denoising.get("compare_strategies"):
         arrays.update(_strategy_arrays(data, mask_img, brain, seed_imgs, bold_file=bold_file, t_r=t_r, task=task,
                                        denoising=denoising, seed_signal=seed_signal, run_name=run_name))
@@ -367,6 +372,8 @@ def make_run_report(
         "figures": files,
         "maps": map_figures,
         "no_denoise_maps": no_denoise,
+        # the first level's kernel, which the no-denoising maps were smoothed with too
+        "smoothing_fwhm": run_qc.get("smoothing_fwhm"),
         "carpet_rows": int(arrays["carpet_columns"].size),
     }
     return write_json(out / "run_report.json", report)
@@ -427,8 +434,10 @@ def write_participant_report(
                 "Measure": "correlation", "Statistic": "z", "Seed": seed,
                 "Description": ("Quality control only, not analysed: the seed-to-voxel Fisher z of the run "
                                 "without denoising (non-steady-state volumes removed, then detrending and the "
-                                "task's filter; no confound regression, no censoring). The group report's "
+                                "task's filter; no confound regression, no censoring; smoothed as the "
+                                "first level's maps). The group report's "
                                 "QC-FC compares it with the recipe's strategy."),
+                "SmoothingFWHM": report.get("smoothing_fwhm"),
                 "Software": software_versions(),
             })
         for seed, source in (report.get("strategies") or {}).get("tables", {}).items():

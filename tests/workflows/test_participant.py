@@ -106,6 +106,9 @@ def test_rest_maps_equal_nilearn_recipe(study, tmp_path, julich_dir):
     text = text.replace("fd_threshold_mm = 0.5", "fd_threshold_mm = 0")
     text = text.replace("std_dvars_threshold = 1.5", "std_dvars_threshold = 0")
     text = text.replace('filter = "dct"', 'filter = "butterworth"')  # nilearn's filter, not the default projection
+    # nilearn's recipe does not smooth: compare the unsmoothed maps (tests/test_smoothing.py checks the smoothing)
+    assert "smoothing_fwhm = 6 " in text
+    text = text.replace("smoothing_fwhm = 6 ", "smoothing_fwhm = 0 ")
     recipe = tmp_path / "no_censoring.toml"
     recipe.write_text(text)
     out = tmp_path / "out"
