@@ -169,6 +169,25 @@ class InferenceConfig:
 
 
 @dataclass(frozen=True)
+class RegionsConfig:
+    """Region-level connectivity and inference (:mod:`fcflow.regions`).
+
+    ``atlas`` is ``"julich-brain-3.1"`` (the MPM areas of both hemispheres; needs the group
+    level's ``--julich-dir``) or the absolute path of a NIfTI of integer labels (resolved against
+    the recipe's folder), whose names come from ``labels``, a TSV with columns ``index`` and
+    ``name``. A region enters with at least ``min_voxels`` voxels in the group analysis mask.
+    ``correction`` is the one the report and ``n_significant_regions`` use: ``"fwe"`` (max-T
+    permutation p over regions) or ``"fdr"`` (Benjamini-Hochberg q); both are in every table.
+    """
+
+    enabled: bool = True
+    atlas: str = "julich-brain-3.1"
+    labels: str | None = None
+    min_voxels: int = 10
+    correction: str = "fwe"
+
+
+@dataclass(frozen=True)
 class Recipe:
     """A validated study recipe. Build it with :func:`load_recipe` or :func:`recipe_from_dict`."""
 
@@ -186,6 +205,7 @@ class Recipe:
     group_contrasts: tuple[Contrast, ...]
     f_tests: tuple[FTest, ...]
     inference: InferenceConfig
+    regions: RegionsConfig = RegionsConfig()
     source_file: str = field(default="<dict>", compare=False)
 
     def task(self, name: str) -> TaskConfig:
@@ -494,6 +514,40 @@ def _read_inference(table: _Table, covariate_choices: Sequence[str] | None = Non
     return config
 
 
+def _read_regions(table: _Table) -> RegionsConfig:
+    base = RegionsConfig()
+    base_dir = Path(table.source).parent if table.source != "<dict>" else Path.cwd()
+
+    def existing(key: str, value: str | None, what: str) -> str | None:
+        if value is None:
+            return None
+        path = (base_dir / value).resolve()
+        if not path.is_file():
+            raise table.error(key, f"{what} (relative to the recipe's folder)", value, f"{path} does not exist.")
+        return str(path)
+
+    atlas = table.get("atlas", "str", base.atlas)
+    labels = table.get("labels", "str", base.labels)
+    if atlas != base.atlas:
+        atlas = existing("atlas", atlas, f"{base.atlas!r} or a NIfTI image of integer labels")
+        if labels is None:
+            raise table.error("labels", "a TSV with columns 'index' and 'name' naming the labels of 'atlas'",
+                              "nothing", "Add it.")
+        labels = existing("labels", labels, "a TSV with columns 'index' and 'name'")
+    elif labels is not None:
+        raise table.error("labels", f"absent when 'atlas' is {base.atlas!r} (its areas have names)", labels)
+    config = RegionsConfig(
+        enabled=table.get("enabled", "bool", base.enabled),
+        atlas=atlas,
+        labels=labels,
+        min_voxels=table.get("min_voxels", "int", base.min_voxels, check=lambda v: v >= 1,
+                             expectation="a positive integer"),
+        correction=table.get("correction", "str", base.correction, choices=("fwe", "fdr")),
+    )
+    table.finish()
+    return config
+
+
 def recipe_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Recipe:
     """Validate the contents of a recipe (as :func:`tomllib.load` returns them).
 
@@ -562,13 +616,14 @@ def recipe_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Recipe:
         sub.finish()
     contrasts.finish()
     inference = _read_inference(root.table("inference"))
+    regions = _read_regions(root.table("regions"))
     root.finish()
 
     recipe = Recipe(
         name=name, description=description, space=space, group_column=group_column,
         groups=groups, sessions=sessions, reference_session=reference, tasks=tasks, seeds=seeds,
         denoising=denoising, session_contrasts=session_contrasts, group_contrasts=group_contrasts,
-        f_tests=tuple(f_tests), inference=inference, source_file=source,
+        f_tests=tuple(f_tests), inference=inference, regions=regions, source_file=source,
     )
     return _check_recipe(recipe)
 

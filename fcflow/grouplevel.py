@@ -40,8 +40,16 @@ their group, dropped subjects and why, inference settings, permutations, seed an
         alpha-0p05_inference-<primary>_clusters.tsv        cluster table (Julich-Brain areas)
         alpha-0p05_cluster-<k>_inference-<primary>_clustermeans.{tsv,png}
                                                            subject means in the cluster per session
+        regions.tsv                                        region level (below)
     results.tsv             one row per task x measure x seed x session contrast x test
     baseline_results.tsv    the same tests on the reference session (baseline equivalence)
+
+Region level (recipe ``[regions]``, :mod:`fcflow.regions`): every test is also run on each
+subject's mean map value over each Julich-Brain area (or each label of a user's label image),
+with the same design and statistic, FWE over the regions by max-T permutation and FDR q; one
+``_regions.tsv`` per test (``region_table``, ``n_significant_regions`` in ``results.tsv``). It is
+a second, declared family beside the voxel-wise one. Without the Julich-Brain atlas
+(``atlas_dir`` None) and no label image in the recipe it is skipped with a warning.
 
 Inference methods: ``tfce``, ``maxt``, ``cluster_mass`` and ``cluster_size`` by permutation
 (:func:`fcflow.permutation.permutation_test`, one call per test for all of them); ``fdr``
@@ -687,7 +695,7 @@ RESULT_COLUMNS = [
     "task", "measure", "seed", "desc", "session_contrast", "group_contrast", "stat_type", "n_per_group",
     "dof", "primary_inference", "stat_map", "z_map", "logp_fwe_map", "thresholded_map", "cluster_table",
     "n_significant_clusters", "min_p", "peak_stat", "statistic", "variance_groups", "design_warnings",
-    "logp_family_map", "min_p_family",
+    "logp_family_map", "min_p_family", "region_table", "n_significant_regions",
 ]
 
 
@@ -741,6 +749,13 @@ def run_group_level(
     lookup = None
     if atlas_dir is not None:
         lookup = julich_area_lookup(atlas_dir)
+    use_regions = recipe.regions.enabled
+    if use_regions and recipe.regions.atlas == "julich-brain-3.1" and atlas_dir is None:
+        LOGGER.warning("Region level skipped: its atlas, Julich-Brain v3.1, is not available (no --julich-dir). "
+                       "Give --julich-dir, or a label image as [regions] 'atlas' in the recipe, or set [regions] "
+                       "enabled = false.")
+        use_regions = False
+    region_atlases: dict[tuple, Any] = {}
     provenance = software_provenance(command)
     recipe_sha = recipe.fingerprint()
     _write_group_description(group_dir, output_dir, recipe)
@@ -771,6 +786,12 @@ def run_group_level(
                 f"sub-{unknown[0]} has first-level maps but no row in {Path(bids_dir) / 'participants.tsv'}: "
                 "add it with its group."
             )
+        region_atlas = None
+        if use_regions:
+            grid = (maps.mask.shape, maps.affine.round(6).tobytes())
+            if grid not in region_atlases:
+                region_atlases[grid] = _load_region_atlas(recipe, atlas_dir, maps)
+            region_atlas = region_atlases[grid]
         for analysis in analyses:
             data, subjects, dropped = compute_change_maps(maps, dict(analysis.weights))
             group_of = participants.loc[subjects, recipe.group_column]
@@ -844,17 +865,26 @@ def run_group_level(
 
                 def compute() -> dict[str, Any]:
                     result = computed[test.name] = infer()
-                    return _write_test_outputs(
+                    out = _write_test_outputs(
                         group_dir, output_dir, recipe, measure, analysis, test, result, maps, subjects, group_of,
                         design, dropped, counts, lookup, provenance, recipe_sha, n_perm,
                         diagnostics=diagnostics, variance_note=variance_note,
                     )
+                    if region_atlas is not None:
+                        out.update(_write_region_outputs(
+                            group_dir, output_dir, recipe, measure, analysis, test, region_atlas, maps, data,
+                            subjects, group_of, design, variance_labels, n_perm, recipe_sha, provenance,
+                        ))
+                    return out
 
                 row.update(_reuse_or_compute_test(
                     group_dir, f"ses-{analysis.label}_task-{measure.task}_seed-{measure.seed}_contrast-{test.name}_"
                                f"desc-{measure.desc}",
                     [recipe_sha, n_perm, provenance, str(atlas_dir), measure, analysis, test, subjects,
-                     list(group_of), design, dropped, counts, maps, data, variance_labels],
+                     list(group_of), design, dropped, counts, maps, data, variance_labels,
+                     # the regions' names as plain lists: an object array would hash its pointers
+                     None if region_atlas is None else [region_atlas.labels, region_atlas.source,
+                                                        region_atlas.regions.astype(str).to_dict("list")]],
                     compute,
                 ))
                 rows.append(row)
@@ -1103,6 +1133,70 @@ def _write_test_outputs(
         _write_cluster_values(path, table, volume, two_sided, maps, subjects, group_of, meta, measure, test,
                               primary, alpha)
     return out
+
+
+def _load_region_atlas(recipe: Recipe, atlas_dir: str | Path | None, maps: SessionMaps) -> Any:
+    """The recipe's regions on the maps' grid (:mod:`fcflow.regions`)."""
+    from fcflow.regions import load_julich_regions, load_label_regions
+
+    if recipe.regions.labels is None:
+        return load_julich_regions(atlas_dir, maps.mask.shape, maps.affine)
+    return load_label_regions(recipe.regions.atlas, recipe.regions.labels, maps.mask.shape, maps.affine)
+
+
+def _write_region_outputs(
+    group_dir: Path, output_dir: Path, recipe: Recipe, measure: MeasureMap, analysis: SessionAnalysis,
+    test: GroupTest, atlas: Any, maps: SessionMaps, data: NDArray[np.float32], subjects: list[str],
+    group_of: pd.Series, design: pd.DataFrame, variance_labels: Sequence[str] | None, n_perm: int,
+    recipe_sha: str, provenance: Mapping[str, Any],
+) -> dict[str, Any]:
+    """One test's region table (``..._regions.tsv`` and its sidecar) and its ``results.tsv`` values."""
+    from fcflow.derivatives import bids_name
+    from fcflow.regions import compute_region_values, run_region_inference, significant_regions
+
+    inference, settings = recipe.inference, recipe.regions
+    values, regions = compute_region_values(data, maps.mask, atlas, min_voxels=settings.min_voxels)
+    if regions.empty:
+        LOGGER.warning("%s ses %s: %s: region level skipped: no region of %s has %d voxels (min_voxels) in the "
+                       "analysis mask of %d voxels.", measure.label, analysis.expression, test.expression,
+                       atlas.source, settings.min_voxels, int(maps.mask.sum()))
+        return {}
+    table = run_region_inference(
+        values, regions, design, test, n_permutations=n_perm, two_sided=inference.two_sided,
+        random_seed=inference.random_seed, variance_groups=variance_labels, group_variances=inference.group_variances,
+    )  # fmt: skip
+    ents = {"ses": analysis.label, "task": measure.task, "space": recipe.space, "res": _space_res(maps, output_dir),
+            "seed": measure.seed, "contrast": test.name, "desc": measure.desc}
+    table_file = group_dir / bids_name(ents, "regions", ".tsv")
+    # p to 6 significant digits, not decimals: a region's p of 1e-9 must not print as 0
+    p_columns = ["p_uncorrected", "p_fwe", "q_fdr"]
+    write_tsv(table_file, table.round({"effect": 8, "stat": 8}).assign(
+        **{c: [float(f"{p:.6g}") for p in table[c]] for c in p_columns}))
+    two_sided = inference.two_sided and test.kind == "t"
+    write_json(table_file.with_name(table_file.name.replace(".tsv", ".json")), {
+        "Task": measure.task, "Measure": measure.measure, "Seed": measure.seed,
+        "FirstLevelMaps": {"desc": measure.desc, "stat": measure.stat},
+        "SessionContrast": {"expression": analysis.expression, "weights": dict(analysis.weights)},
+        "GroupTest": {"name": test.name, "expression": test.expression, "type": test.kind},
+        "Subjects": [{"participant_id": f"sub-{s}", "group": str(g)} for s, g in zip(subjects, group_of)],
+        "Regions": {"source": atlas.source, "min_voxels": settings.min_voxels, "n_regions": len(regions),
+                    "correction": settings.correction},
+        "Family": (f"The {len(regions)} regions of this test are their own family, declared beside the voxel-wise "
+                   "one: p_fwe is corrected over these regions only, not over voxels, other tests or the "
+                   "voxel-wise family. Report both families; do not pick the better of the two."),
+        "Description": (
+            f"Per region: the mean of each subject's first-level {measure.desc} ({measure.stat}) map over the "
+            "region's voxels in the analysis mask (a mean of voxel-wise values, not the connectivity of the "
+            "region's mean time series), tested with the voxel level's design and statistic. effect: the OLS "
+            "contrast estimate (n/a for F); stat: the statistic; p_uncorrected: its parametric p"
+            f"{' (two-sided)' if two_sided else ''}; p_fwe: max-statistic permutation p over the regions "
+            f"({n_perm} permutations, random seed {inference.random_seed}); q_fdr: Benjamini-Hochberg q of "
+            "p_uncorrected over the regions."),
+        "RecipeSHA256": recipe_sha,
+        **provenance,
+    })  # fmt: skip
+    n_significant = len(significant_regions(table, inference.alpha, settings.correction))
+    return {"region_table": str(table_file.relative_to(output_dir)), "n_significant_regions": n_significant}
 
 
 def _write_family_outputs(

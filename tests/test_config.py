@@ -207,3 +207,31 @@ def test_seed_from_a_mask_file(tmp_path):
     both = _write(tmp_path, text.replace(block, '[seeds.mine]\nmask = "myseed.nii.gz"\nareas = ["x"]\n\n'))
     with pytest.raises(RecipeError, match=r"'areas' must be absent when 'mask' gives the seed"):
         load_recipe(both)
+
+
+def test_regions_table_defaults_and_a_label_image(tmp_path):
+    from fcflow.config import RegionsConfig
+
+    assert load_recipe(SHIPPED).regions == RegionsConfig()
+    (tmp_path / "atlas.nii.gz").write_bytes(b"")
+    (tmp_path / "atlas.tsv").write_text("index\tname\n1\tinsula\n")
+    text = SHIPPED.read_text() + '\n[regions]\natlas = "atlas.nii.gz"\nlabels = "atlas.tsv"\nmin_voxels = 5\n'
+    regions = load_recipe(_write(tmp_path, text)).regions
+    assert regions.atlas == str(tmp_path / "atlas.nii.gz") and regions.labels == str(tmp_path / "atlas.tsv")
+    assert regions.min_voxels == 5 and regions.correction == "fwe" and regions.enabled
+
+
+@pytest.mark.parametrize(("table", "message"), [
+    ('min_voxels = 0', r"\[regions\] 'min_voxels' must be a positive integer\. Got 0\."),
+    ('correction = "bonferroni"', r"\[regions\] 'correction' must be one of \['fwe', 'fdr'\]\. Got 'bonferroni'"),
+    ('atlas = "nope.nii.gz"\nlabels = "x.tsv"', r"\[regions\] 'atlas' must be 'julich-brain-3.1' or a NIfTI image "
+                                                r"of integer labels .*Got 'nope\.nii\.gz'\. .*does not exist"),
+    ('atlas = "atlas.nii.gz"', r"\[regions\] 'labels' must be a TSV with columns 'index' and 'name' .*Got 'nothing'"),
+    ('labels = "atlas.tsv"', r"\[regions\] 'labels' must be absent when 'atlas' is 'julich-brain-3.1'"),
+    ('enabled = "yes"', r"\[regions\] 'enabled' must be true or false\. Got 'yes'\."),
+])
+def test_bad_regions_table(tmp_path, table, message):
+    (tmp_path / "atlas.nii.gz").write_bytes(b"")
+    (tmp_path / "atlas.tsv").write_text("index\tname\n1\tinsula\n")
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(_write(tmp_path, SHIPPED.read_text() + f"\n[regions]\n{table}\n"))

@@ -38,6 +38,7 @@ __all__ = [
     "plot_stat_slices",
     "plot_motion_by_group",
     "plot_qcfc",
+    "plot_region_effects",
 ]
 
 _DPI = 80
@@ -450,4 +451,37 @@ def plot_qcfc(
         ax.tick_params(labelsize=7)
     figure.suptitle(title, fontsize=9)
     figure.subplots_adjust(left=0.08, right=0.98, top=0.88, bottom=0.15, wspace=0.25)
+    return figure
+
+
+def plot_region_effects(
+    table: pd.DataFrame, *, value: str, significant: Sequence[bool], xlabel: str, title: str = "",
+    n_top: int = 15,
+) -> Figure:
+    """Horizontal bars of the ``n_top`` regions with the largest ``|stat|``; significant ones filled.
+
+    Parameters
+    ----------
+    table : DataFrame
+        A region table (:data:`fcflow.regions.REGION_COLUMNS`).
+    value : str
+        Column the bars show (``effect`` for t tests, ``stat`` for F).
+    significant : sequence of bool
+        One per row of ``table``: below alpha by the region family's correction.
+    """
+    order = np.argsort(-np.abs(table["stat"].to_numpy(dtype=float)), kind="stable")[:n_top][::-1]
+    values = table[value].to_numpy(dtype=float)[order]
+    marked = np.asarray(significant, dtype=bool)[order]
+    names = [str(n) for n in table["region"].to_numpy()[order]]
+    figure = new_figure(6.5, 0.8 + 0.22 * len(order))
+    ax = figure.add_subplot(1, 1, 1)
+    colours = np.where(marked, "#d95f02", "#bbbbbb")
+    ax.barh(np.arange(len(order)), values, color=colours, edgecolor="#555555", linewidth=0.5)
+    ax.set_yticks(np.arange(len(order)), [f"{n} *" if m else n for n, m in zip(names, marked)])
+    ax.axvline(0.0, color="#555555", linewidth=0.6)
+    ax.set_xlabel(xlabel, fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.set_title(title, fontsize=9)
+    figure.subplots_adjust(left=0.42, right=0.97, top=1 - 0.35 / figure.get_figheight(),
+                           bottom=0.45 / figure.get_figheight())
     return figure

@@ -14,7 +14,8 @@ and the files it lists) and renders ``OUTPUT_DIR/group.html`` with figures in
    strategy (the maps the group level analysed).
 4. **Results**: one entry per test of ``results.tsv`` (and of ``baseline_results.tsv``), with the
    glass brain and slices of the thresholded map, the cluster table and the group x session plot
-   of each cluster, when anything survives.
+   of each cluster, when anything survives; and the region level, a second declared family (the
+   regions below alpha, or none, and a bar chart of the regions with the largest statistic).
 5. A **methods** paragraph from the resolved recipe and the software (:mod:`fcflow.reports.methods`).
 
 A simulated study (``BIDS_DIR/derivatives/ground_truth``) also gets the planted effects and the
@@ -447,15 +448,38 @@ def _results(output_dir: Path, recipe: Recipe, results: pd.DataFrame, *, baselin
             entry["cluster_plots"] = _cluster_plots(output_dir, row.cluster_table)
             entry["thresholded_map"] = row.thresholded_map
             entry["cluster_table"] = row.cluster_table
+        entry["regions"] = _regions_entry(output_dir, recipe, row, entry["anchor"]) if getattr(
+            row, "region_table", "") else None
         entries.append(entry)
     return entries
+
+
+def _regions_entry(output_dir: Path, recipe: Recipe, row: Any, anchor: str) -> dict[str, Any]:
+    """A test's region table: the regions below alpha by the family's correction, and the bar chart."""
+    from fcflow.regions import significant_regions
+    from fcflow.reports import figures
+
+    table = pd.read_csv(output_dir / row.region_table, sep="\t", keep_default_na=False, na_values=["n/a"])
+    table["hemisphere"] = table["hemisphere"].fillna("")
+    correction = recipe.regions.correction
+    survivors = significant_regions(table, recipe.inference.alpha, correction)
+    value = "effect" if row.stat_type == "t" else "stat"
+    xlabel = ("contrast estimate (mean map value)" if value == "effect" else "F") + \
+        f"; filled, *: {'p FWE' if correction == 'fwe' else 'q FDR'} < {recipe.inference.alpha}"
+    figure = f"{_FIGURES}/{Path(row.region_table).name.removesuffix('.tsv')}_bars.png"
+    figures.save_figure(figures.plot_region_effects(
+        table, value=value, significant=table.index.isin(survivors.index), xlabel=xlabel,
+        title=f"{row.desc}, {row.session_contrast}: {row.group_contrast} ({len(table)} regions)"),
+        output_dir / figure)
+    return {"table": row.region_table, "n_regions": len(table), "correction": correction, "figure": figure,
+            "columns": list(table.columns), "significant": survivors.to_dict("records")}
 
 
 def _read_results(path: Path) -> pd.DataFrame:
     if not path.is_file():
         return pd.DataFrame()
     table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, na_values=["n/a"])
-    numeric = ("min_p", "min_p_family", "peak_stat", "dof", "n_significant_clusters")
+    numeric = ("min_p", "min_p_family", "peak_stat", "dof", "n_significant_clusters", "n_significant_regions")
     for column in table.columns:
         if column in numeric:
             table[column] = pd.to_numeric(table[column], errors="coerce")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from fcflow.config import Recipe
@@ -183,7 +184,12 @@ def _measures_sentence(recipe: Recipe) -> str:
                             if contrasts else "") + "; confounds in the model)")
             measures.append(text)
         parts.append(f"for task {task.name}, {_join(measures)}")
-    return "Seed-to-voxel maps were computed per run: " + "; ".join(parts) + "."
+    text = "Seed-to-voxel maps were computed per run: " + "; ".join(parts) + "."
+    fwhm = recipe.denoising.smoothing_fwhm
+    if fwhm is not None:
+        text += (f" The maps were smoothed with a Gaussian kernel of {fwhm:g} mm FWHM (nilearn's smooth_img, "
+                 "within the brain mask); the seed signal was taken from the unsmoothed data.")
+    return text
 
 
 def _group_sentence(recipe: Recipe, inference: Mapping[str, Any]) -> str:
@@ -240,6 +246,15 @@ def _group_sentence(recipe: Recipe, inference: Mapping[str, Any]) -> str:
                  "each permutation's largest statistic taken over the tests on the z scale (Winkler et al. 2016).")
     if "fdr" in inf.methods and inf.fdr_p == "permutation":
         text += " The false discovery rate was controlled on the voxel-wise permutation p values."
+    regions = recipe.regions
+    if regions.enabled:
+        source = ("Julich-Brain area of both hemispheres (maximum probability maps)" if regions.labels is None
+                  else f"label of {Path(regions.atlas).name}")
+        text += (f" As a second, declared family, the same tests were run on each subject's mean map value over each "
+                 f"{source} with at least {regions.min_voxels} voxels in the analysis mask, with the family-wise "
+                 "error over the regions controlled by the permutation distribution of the maximum statistic "
+                 "(same permutations) and the Benjamini-Hochberg false discovery rate also reported; regions were "
+                 f"called significant by {'FWE' if regions.correction == 'fwe' else 'FDR'} at alpha = {inf.alpha:g}.")
     return text
 
 
