@@ -175,14 +175,21 @@ class RegionsConfig:
     ``atlas`` is ``"julich-brain-3.1"`` (the MPM areas of both hemispheres; needs the group
     level's ``--julich-dir``) or the absolute path of a NIfTI of integer labels (resolved against
     the recipe's folder), whose names come from ``labels``, a TSV with columns ``index`` and
-    ``name``. A region enters with at least ``min_voxels`` voxels in the group analysis mask.
-    ``correction`` is the one the report and ``n_significant_regions`` use: ``"fwe"`` (max-T
-    permutation p over regions) or ``"fdr"`` (Benjamini-Hochberg q); both are in every table.
+    ``name``. ``areas`` declares the family: shell-style patterns (:func:`fnmatch.fnmatchcase`,
+    case-sensitive) of the full region name, hemisphere included ("left * (Insula)", "* Area
+    SFG2 (SFG)"); a region enters when any pattern matches it, ``("*",)`` keeps every region,
+    and a pattern that matches no region is an error at the group level. Declaring the
+    hypothesis regions before looking is what buys power: max-T over fewer regions needs a
+    smaller statistic. A region enters with at least ``min_voxels`` voxels in the group analysis
+    mask. ``correction`` is the one the report and ``n_significant_regions`` use: ``"fwe"``
+    (max-T permutation p over regions) or ``"fdr"`` (Benjamini-Hochberg q); both are in every
+    table.
     """
 
     enabled: bool = True
     atlas: str = "julich-brain-3.1"
     labels: str | None = None
+    areas: tuple[str, ...] = ("*",)
     min_voxels: int = 10
     correction: str = "fwe"
 
@@ -540,6 +547,9 @@ def _read_regions(table: _Table) -> RegionsConfig:
         enabled=table.get("enabled", "bool", base.enabled),
         atlas=atlas,
         labels=labels,
+        areas=table.get("areas", "str_list", base.areas, check=lambda v: len(v) > 0 and all(p.strip() for p in v),
+                        expectation='a non-empty list of non-empty region name patterns (shell-style, '
+                                    'case-sensitive, with the hemisphere: ["left * (Insula)"]; ["*"]: all)'),
         min_voxels=table.get("min_voxels", "int", base.min_voxels, check=lambda v: v >= 1,
                              expectation="a positive integer"),
         correction=table.get("correction", "str", base.correction, choices=("fwe", "fdr")),

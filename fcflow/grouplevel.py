@@ -45,11 +45,12 @@ their group, dropped subjects and why, inference settings, permutations, seed an
     baseline_results.tsv    the same tests on the reference session (baseline equivalence)
 
 Region level (recipe ``[regions]``, :mod:`fcflow.regions`): every test is also run on each
-subject's mean map value over each Julich-Brain area (or each label of a user's label image),
-with the same design and statistic, FWE over the regions by max-T permutation and FDR q; one
-``_regions.tsv`` per test (``region_table``, ``n_significant_regions`` in ``results.tsv``). It is
-a second, declared family beside the voxel-wise one. Without the Julich-Brain atlas
-(``atlas_dir`` None) and no label image in the recipe it is skipped with a warning.
+subject's mean map value over each Julich-Brain area (or each label of a user's label image)
+that the recipe declares (``areas``), with the same design and statistic, FWE over those
+regions by max-T permutation and FDR q; one ``_regions.tsv`` per test (``region_table``,
+``n_significant_regions`` in ``results.tsv``). It is a second, declared family beside the
+voxel-wise one. Without the Julich-Brain atlas (``atlas_dir`` None) and no label image in the
+recipe it is skipped with a warning.
 
 Inference methods: ``tfce``, ``maxt``, ``cluster_mass`` and ``cluster_size`` by permutation
 (:func:`fcflow.permutation.permutation_test`, one call per test for all of them); ``fdr``
@@ -1136,12 +1137,14 @@ def _write_test_outputs(
 
 
 def _load_region_atlas(recipe: Recipe, atlas_dir: str | Path | None, maps: SessionMaps) -> Any:
-    """The recipe's regions on the maps' grid (:mod:`fcflow.regions`)."""
-    from fcflow.regions import load_julich_regions, load_label_regions
+    """The recipe's declared regions (``areas``) on the maps' grid (:mod:`fcflow.regions`)."""
+    from fcflow.regions import load_julich_regions, load_label_regions, select_regions
 
     if recipe.regions.labels is None:
-        return load_julich_regions(atlas_dir, maps.mask.shape, maps.affine)
-    return load_label_regions(recipe.regions.atlas, recipe.regions.labels, maps.mask.shape, maps.affine)
+        atlas = load_julich_regions(atlas_dir, maps.mask.shape, maps.affine)
+    else:
+        atlas = load_label_regions(recipe.regions.atlas, recipe.regions.labels, maps.mask.shape, maps.affine)
+    return select_regions(atlas, recipe.regions.areas)
 
 
 def _write_region_outputs(
@@ -1173,17 +1176,21 @@ def _write_region_outputs(
     write_tsv(table_file, table.round({"effect": 8, "stat": 8}).assign(
         **{c: [float(f"{p:.6g}") for p in table[c]] for c in p_columns}))
     two_sided = inference.two_sided and test.kind == "t"
+    declared = ("" if "*" in settings.areas else
+                f" (the regions matching {', '.join(map(repr, settings.areas))} with at least "
+                f"{settings.min_voxels} voxels in the analysis mask)")
     write_json(table_file.with_name(table_file.name.replace(".tsv", ".json")), {
         "Task": measure.task, "Measure": measure.measure, "Seed": measure.seed,
         "FirstLevelMaps": {"desc": measure.desc, "stat": measure.stat},
         "SessionContrast": {"expression": analysis.expression, "weights": dict(analysis.weights)},
         "GroupTest": {"name": test.name, "expression": test.expression, "type": test.kind},
         "Subjects": [{"participant_id": f"sub-{s}", "group": str(g)} for s, g in zip(subjects, group_of)],
-        "Regions": {"source": atlas.source, "min_voxels": settings.min_voxels, "n_regions": len(regions),
-                    "correction": settings.correction},
+        "Regions": {"source": atlas.source, "areas": list(settings.areas),
+                    "declared_regions": atlas.regions["region"].astype(str).tolist(),
+                    "min_voxels": settings.min_voxels, "n_regions": len(regions), "correction": settings.correction},
         "Family": (f"The {len(regions)} regions of this test are their own family, declared beside the voxel-wise "
-                   "one: p_fwe is corrected over these regions only, not over voxels, other tests or the "
-                   "voxel-wise family. Report both families; do not pick the better of the two."),
+                   f"one{declared}: p_fwe is corrected over these regions only, not over voxels, other tests or "
+                   "the voxel-wise family. Report both families; do not pick the better of the two."),
         "Description": (
             f"Per region: the mean of each subject's first-level {measure.desc} ({measure.stat}) map over the "
             "region's voxels in the analysis mask (a mean of voxel-wise values, not the connectivity of the "

@@ -209,16 +209,33 @@ def test_seed_from_a_mask_file(tmp_path):
         load_recipe(both)
 
 
+def _without_regions() -> str:
+    """The shipped recipe without its [regions] table (the last one), to append another."""
+    text = SHIPPED.read_text()
+    assert text.count("\n[regions]\n") == 1 and "\n[" not in text.split("\n[regions]\n")[1]
+    return text.split("\n[regions]\n")[0]
+
+
 def test_regions_table_defaults_and_a_label_image(tmp_path):
     from fcflow.config import RegionsConfig
 
-    assert load_recipe(SHIPPED).regions == RegionsConfig()
+    assert load_recipe(_write(tmp_path, _without_regions())).regions == RegionsConfig()
+    assert RegionsConfig().areas == ("*",)
     (tmp_path / "atlas.nii.gz").write_bytes(b"")
     (tmp_path / "atlas.tsv").write_text("index\tname\n1\tinsula\n")
-    text = SHIPPED.read_text() + '\n[regions]\natlas = "atlas.nii.gz"\nlabels = "atlas.tsv"\nmin_voxels = 5\n'
+    text = _without_regions() + '\n[regions]\natlas = "atlas.nii.gz"\nlabels = "atlas.tsv"\nmin_voxels = 5\n'
     regions = load_recipe(_write(tmp_path, text)).regions
     assert regions.atlas == str(tmp_path / "atlas.nii.gz") and regions.labels == str(tmp_path / "atlas.tsv")
-    assert regions.min_voxels == 5 and regions.correction == "fwe" and regions.enabled
+    assert regions.min_voxels == 5 and regions.correction == "fwe" and regions.enabled and regions.areas == ("*",)
+    declared = _without_regions() + '\n[regions]\nareas = ["left * (Insula)", "* Area SFG2 (SFG)"]\n'
+    assert load_recipe(_write(tmp_path, declared)).regions.areas == ("left * (Insula)", "* Area SFG2 (SFG)")
+
+
+def test_shipped_recipe_declares_its_hypothesis_regions():
+    # Weigner et al. 2025: pgACC-left insula at rest, pgACC-dmPFC in working memory
+    areas = load_recipe(SHIPPED).regions.areas
+    assert areas == ("left * (Insula)", "right * (Insula)", "* Area 8d1 (SFG)", "* Area SFG2 (SFG)",
+                     "* Area SFG3 (SFG)")
 
 
 @pytest.mark.parametrize(("table", "message"), [
@@ -229,9 +246,15 @@ def test_regions_table_defaults_and_a_label_image(tmp_path):
     ('atlas = "atlas.nii.gz"', r"\[regions\] 'labels' must be a TSV with columns 'index' and 'name' .*Got 'nothing'"),
     ('labels = "atlas.tsv"', r"\[regions\] 'labels' must be absent when 'atlas' is 'julich-brain-3.1'"),
     ('enabled = "yes"', r"\[regions\] 'enabled' must be true or false\. Got 'yes'\."),
+    ('areas = "left *"', r"\[regions\] 'areas' must be a non-empty list of non-empty region name patterns "
+                         r"\(shell-style, case-sensitive, with the hemisphere: \[\"left \* \(Insula\)\"\]; "
+                         r"\[\"\*\"\]: all\)\. Got 'left \*'\."),
+    ('areas = []', r"\[regions\] 'areas' must be a non-empty list of non-empty region name patterns .*Got \(\)\."),
+    ('areas = ["left *", " "]', r"\[regions\] 'areas' must be a non-empty list .*Got \('left \*', ' '\)\."),
+    ('areas = ["left *", 1]', r"\[regions\] 'areas' must be a non-empty list .*Got \['left \*', 1\]\."),
 ])
 def test_bad_regions_table(tmp_path, table, message):
     (tmp_path / "atlas.nii.gz").write_bytes(b"")
     (tmp_path / "atlas.tsv").write_text("index\tname\n1\tinsula\n")
     with pytest.raises(RecipeError, match=message):
-        load_recipe(_write(tmp_path, SHIPPED.read_text() + f"\n[regions]\n{table}\n"))
+        load_recipe(_write(tmp_path, _without_regions() + f"\n[regions]\n{table}\n"))

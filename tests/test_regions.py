@@ -7,7 +7,9 @@ all differ (7, 8, 9), so a swapped axis fails.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -25,6 +27,7 @@ from fcflow.regions import (
     compute_region_values,
     load_label_regions,
     run_region_inference,
+    select_regions,
 )
 from fcflow.stats import make_group_design
 
@@ -130,6 +133,76 @@ def test_julich_regions_are_both_hemispheres_named_as_the_cluster_tables(tmp_pat
 
 
 # ----------------------------------------------------------------------------------------------
+_DECLARABLE = {1: "left Area Id1 (Insula)", 2: "right Area Id1 (Insula)", 3: "left Area SFG2 (SFG)",
+               4: "left Area 4a (PreCG)", 5: "right Area SFG2 (SFG)", 6: "right Area 4a (PreCG)"}
+
+
+def test_declared_areas_keep_exactly_the_matching_labels(tmp_path):
+    labels = np.random.default_rng(6).integers(0, 7, GRID)
+    image, table = _write_labels(tmp_path, labels, GRID_AFFINE, _DECLARABLE)
+    atlas = load_label_regions(image, table, GRID, GRID_AFFINE)
+    declared = select_regions(atlas, ["left * (Insula)", "* Area SFG2 (SFG)"])
+    assert list(declared.regions["region"]) == [_DECLARABLE[i] for i in (1, 3, 5)]
+    assert np.array_equal(declared.labels, np.where(np.isin(labels, [1, 3, 5]), labels, 0))
+    assert declared.source == atlas.source
+    # the hemisphere is part of the name, and "*" keeps every region
+    assert list(select_regions(atlas, ["right *"]).regions["index"]) == [2, 5, 6]
+    assert select_regions(atlas, ["*"]).regions.equals(atlas.regions)
+    mask = np.ones(GRID, dtype=bool)
+    _, regions = compute_region_values(np.zeros((2, mask.sum())), mask, declared, min_voxels=1)
+    assert list(regions["index"]) == [1, 3, 5]
+
+
+@pytest.mark.parametrize("pattern", ["left * (insula)", "Area Id1 (Insula)", "left Area SFG9 (SFG)"])
+def test_declared_area_matching_no_region_is_an_error(tmp_path, pattern):
+    image, table = _write_labels(tmp_path, np.arange(7).repeat(72)[:504].reshape(GRID), GRID_AFFINE, _DECLARABLE)
+    atlas = load_label_regions(image, table, GRID, GRID_AFFINE)
+    with pytest.raises(InputDataError, match=(
+            rf"\[regions\] 'areas' must be patterns that each match a region of labels of labels\.nii\.gz\. "
+            rf"Got {re.escape(repr(pattern))}, which matches none of its 6 regions, named like '.+', '.+', '.+': "
+            r"patterns are case-sensitive shell-style \(fnmatch\) and match the whole name, hemisphere included")):
+        select_regions(atlas, ["right *", pattern])
+
+
+def test_fwe_over_declared_regions_is_the_max_over_those_regions_only(tmp_path):
+    import statsmodels.api as sm
+
+    from fcflow.permutation import permutation_test
+
+    rng = np.random.default_rng(7)
+    labels = np.arange(1, 7).repeat(84)[:504].reshape(GRID)
+    image, table = _write_labels(tmp_path, labels, GRID_AFFINE, _DECLARABLE)
+    atlas = load_label_regions(image, table, GRID, GRID_AFFINE)
+    n_per_group = 8
+    design = _two_group_design(n_per_group)
+    test = _t_test("bMinusA", design.columns, {"b": 1.0, "a": -1.0})
+    mask = np.ones(GRID, dtype=bool)
+    maps = rng.normal(size=(len(design), *GRID))
+    maps[n_per_group:, labels == 4] += 0.3  # an undeclared region with a large effect
+    maps[n_per_group:, labels == 1] += 0.15  # about 1.4 SD of a region mean over 84 voxels
+    kwargs = {"n_permutations": 300, "two_sided": True, "random_seed": 2}
+    values, regions = compute_region_values(maps[:, mask], mask, select_regions(atlas, ["* Area Id1 (Insula)"]),
+                                            min_voxels=1)
+    assert list(regions["index"]) == [1, 2]
+    table = run_region_inference(values, regions, design, test, **kwargs)
+    # brute force: each permutation's largest |t| over the 2 declared regions only
+    permutations = permutation_test(values, design, test.matrix[0], n_permutations=300, random_state=2,
+                                    inference=("maxt",)).permutations
+    residuals = values - values.mean(axis=0)  # Freedman-Lane: the nuisance of b - a is the mean
+    null_max = np.array([max(abs(sm.OLS(residuals[:, r], design.to_numpy()[perm]).fit().t_test(test.matrix)
+                                 .tvalue.item()) for r in range(2)) for perm in permutations])
+    np.testing.assert_allclose(table["p_fwe"], [(null_max >= abs(t) - 1e-6).mean() for t in table["stat"]],
+                               atol=1e-12)
+    # over all 6 regions the null maximum also takes the undeclared regions' statistics
+    all_values, all_regions = compute_region_values(maps[:, mask], mask, atlas, min_voxels=1)
+    everything = run_region_inference(all_values, all_regions, design, test, **kwargs).set_index("region")
+    for row in table.itertuples():
+        assert everything.loc[row.region, "stat"] == pytest.approx(row.stat)
+        assert everything.loc[row.region, "p_fwe"] >= row.p_fwe
+    # declared, the insula effect survives; among all six it does not (0.023 and 0.053 here)
+    assert table["p_fwe"][0] < 0.05 <= everything.loc["left Area Id1 (Insula)", "p_fwe"]
+
+
 def _regions(n: int) -> pd.DataFrame:
     return pd.DataFrame({"region": [f"r{i}" for i in range(n)], "hemisphere": "", "n_voxels": 10})
 
@@ -257,6 +330,29 @@ def test_group_level_writes_region_tables_and_resumes(tmp_path):
     assert html.count("Regions (a second, declared family: 3 regions, max-T FWE") == len(results)
     assert "<td>blob</td>" in html and "No region survives p FWE &lt; 0.05" in html
     assert (truth["out"] / "group" / "figures" / Path(row["region_table"]).name.replace(".tsv", "_bars.png")).is_file()
+
+
+def test_group_level_tests_only_the_declared_regions_and_records_them(tmp_path):
+    truth = write_first_level(tmp_path, seed=2)
+    labels = np.zeros(SHAPE, dtype=int)
+    labels[:4], labels[4:] = 1, 2
+    labels[_blob()] = 3
+    image, table = _write_labels(tmp_path, labels, AFFINE, {1: "left part", 2: "right part", 3: "blob"})
+    recipe = _recipe(methods=["maxt"], primary="maxt", n_permutations=100).replace(regions=RegionsConfig(
+        atlas=str(image), labels=str(table), areas=("blob", "left *"), min_voxels=5))
+    results = pd.read_csv(run_group_level(truth["out"], recipe, bids_dir=truth["bids"]), sep="\t",
+                          keep_default_na=False)
+    row = results.query("session_contrast == 'infusion - baseline' and group_contrast == 'ketamine - placebo'").iloc[0]
+    regions = pd.read_csv(truth["out"] / row["region_table"], sep="\t", keep_default_na=False)
+    assert list(regions["region"]) == ["left part", "blob"]
+    sidecar = json.loads((truth["out"] / row["region_table"].replace(".tsv", ".json")).read_text())
+    assert sidecar["Regions"]["areas"] == ["blob", "left *"]
+    assert sidecar["Regions"]["declared_regions"] == ["left part", "blob"] and sidecar["Regions"]["n_regions"] == 2
+    assert "the regions matching 'blob', 'left *' with at least 5 voxels" in sidecar["Family"]
+    # a pattern that matches nothing stops the group level before any region table
+    bad = recipe.replace(regions=RegionsConfig(atlas=str(image), labels=str(table), areas=("Blob",)))
+    with pytest.raises(InputDataError, match=r"Got 'Blob', which matches none of its 3 regions, named like 'blob'"):
+        run_group_level(truth["out"], bad, bids_dir=truth["bids"])
 
 
 def test_region_level_without_julich_atlas_is_skipped_with_a_warning(tmp_path, caplog):

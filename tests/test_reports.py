@@ -149,6 +149,15 @@ def test_methods_paragraph_follows_the_recipe():
     assert "smoothed" not in describe_methods(_with(RECIPE, "denoising", smoothing_fwhm=None))["paragraph"]
 
 
+def test_methods_name_the_declared_regions_by_their_patterns():
+    declared = describe_methods(RECIPE)["paragraph"]
+    assert ("each of the declared regions matching 'left * (Insula)', 'right * (Insula)', '* Area 8d1 (SFG)', "
+            "'* Area SFG2 (SFG)' and '* Area SFG3 (SFG)' among the Julich-Brain areas of both hemispheres") in declared
+    everything = describe_methods(_with(RECIPE, "regions", areas=("*",)))["paragraph"]
+    assert "declared regions" not in everything
+    assert "each Julich-Brain area of both hemispheres (maximum probability maps) with at least 10 voxels" in everything
+
+
 def test_every_number_of_the_methods_comes_from_the_recipe_or_the_software():
     from fcflow.atlas import load_atlas_release
     from fcflow.permutation import permutation_test

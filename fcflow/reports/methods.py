@@ -250,6 +250,11 @@ def _group_sentence(recipe: Recipe, inference: Mapping[str, Any]) -> str:
     if regions.enabled:
         source = ("Julich-Brain area of both hemispheres (maximum probability maps)" if regions.labels is None
                   else f"label of {Path(regions.atlas).name}")
+        if "*" not in regions.areas:
+            # how many regions match is known only once the atlas is read: the count is in the tables
+            sources = ("Julich-Brain areas of both hemispheres (maximum probability maps)" if regions.labels is None
+                       else f"labels of {Path(regions.atlas).name}")
+            source = f"of the declared regions matching {_quoted(regions.areas)} among the {sources}"
         text += (f" As a second, declared family, the same tests were run on each subject's mean map value over each "
                  f"{source} with at least {regions.min_voxels} voxels in the analysis mask, with the family-wise "
                  "error over the regions controlled by the permutation distribution of the maximum statistic "
