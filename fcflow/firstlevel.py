@@ -344,7 +344,9 @@ def _exclude(result: RunMaps, reason: str) -> RunMaps:
 
 def format_dof_budget(budget: Mapping[str, float]) -> str:
     """``"300 volumes kept; filter -216.0, motion -24.0, compcor -5.0 -> 55.0 dof"``."""
-    costs = ", ".join(f"{name} -{cost:.1f}" for name, cost in budget.items() if name not in ("n_kept", "dof"))
+    # max(): a block that costs nothing comes out of the arithmetic as -1e-15, not as "--0.0"
+    costs = ", ".join(f"{name} -{max(cost, 0.0):.1f}" for name, cost in budget.items()
+                      if name not in ("n_kept", "dof"))
     return f"{budget['n_kept']:g} volumes kept; {costs} -> {budget['dof']:.1f} dof"
 
 

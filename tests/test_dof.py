@@ -274,3 +274,10 @@ def test_condition_censored_away_is_named():
     full = build_cleaning_operator(n_time, T_R, None, None, 0.008, None)
     assert check_task_design(task, pd.DataFrame(full @ task.to_numpy(), columns=task.columns),
                              ["0back", "2back"]) == ""
+
+
+def test_budget_text_has_no_double_minus():
+    from fcflow.firstlevel import format_dof_budget
+
+    text = format_dof_budget({"n_kept": 196, "filter": 155.0, "motion": 24.0, "cosine": -1e-15, "dof": 12.0})
+    assert text == "196 volumes kept; filter -155.0, motion -24.0, cosine -0.0 -> 12.0 dof"
