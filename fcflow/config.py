@@ -117,11 +117,14 @@ class SeedConfig:
 class DenoisingConfig:
     """Confound regression, censoring and run exclusion (see :mod:`fcflow.denoise`).
 
-    ``min_dof`` (20): a run enters an unweighted group mean usefully only while its variance is
-    below about ``(2 + 1/N)`` times the average run's. Typical runs at 50 effective dof
-    (``1/47``) plus a between-subject variance of 0.02 (Fisher z SD 0.14) put that bound at a
-    sampling variance ``1/(dof - 3)`` of 0.062: about 19 dof. Below it a run's map adds more
-    noise than information.
+    ``min_dof`` (10): below it a run's map is refused. A run helps an unweighted group mean only
+    while its sampling variance ``1/(dof - 3)`` stays below about ``(2 + 1/N)`` times the
+    average run's, so the useful bound depends on the study: among runs at 50 dof (plus a
+    between-subject Fisher z SD of 0.14) a run stops helping below about 19 dof, but when every
+    run keeps 12-20 dof (6 min of rest at TR 1.5 s with 24P + aCompCor and the 0.01-0.08 Hz band:
+    median 13 on a simulated low-motion study) a bound of 20 would drop them all. 10 is the
+    floor: there a run's sampling SD (0.38) is 2.7 times that between-subject SD. Raise it for
+    long runs; the group report's DOF table shows the spread.
     """
 
     strategy: str = "24P+aCompCor"
@@ -136,7 +139,7 @@ class DenoisingConfig:
     standardize_confounds: bool = True
     smoothing_fwhm: float | None = None
     filter: str = "dct"
-    min_dof: float = 20.0
+    min_dof: float = 10.0
     compare_strategies: tuple[str, ...] = ("none", "6P+aCompCor", "24P", "24P+aCompCor", "36P")
 
 

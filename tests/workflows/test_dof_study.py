@@ -52,7 +52,7 @@ def test_no_run_below_min_dof_is_used(analysed):
     rest = qc[qc["task"] == "rest"]
     assert len(rest) == 9 and rest["excluded"].all()
     for reason in rest["exclusion_reason"]:
-        assert "below the minimum of 20 (min_dof)" in reason
+        assert "below the minimum of 10 (min_dof)" in reason
         assert "filter -" in reason and "motion -" in reason and "compcor -" in reason
     assert "(min_dof)" in analysed["log"]  # and the log said so
     for measure in ("gppi", "background"):
@@ -71,5 +71,5 @@ def test_no_run_below_min_dof_is_used(analysed):
 def test_group_report_says_the_study_lacks_the_dof(analysed):
     html = (analysed["out"] / "group.html").read_text()
     assert "lacks the degrees of freedom" in html
-    assert "9 of 9 runs have fewer effective degrees of freedom than min_dof = 20" in html
+    assert "9 of 9 runs have fewer effective degrees of freedom than min_dof = 10" in html
     assert 'id="strategies"' in html and "6P+aCompCor" in html
