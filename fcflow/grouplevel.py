@@ -829,7 +829,8 @@ def run_group_level(
                     skip_reason = (f"{len(subjects)} subjects leave no residual degree of freedom for the "
                                    f"{rank} design columns {list(design.columns)}")
             tests = build_tests(recipe, design.columns if design is not None else list(recipe.groups))
-            variance_labels, variance_note = _variance_group_labels(inference.variance_groups, group_of, where)
+            variance_labels, variance_note = _variance_group_labels(inference.variance_groups, group_of, where,
+                                                                    design)
             family = inference.family_wise == "contrasts" and not skip_reason and len(tests) > 1 and bool(
                 set(inference.methods) & set(PERMUTATION_INFERENCES))
             computed: dict[str, InferenceResult] = {}
@@ -1275,20 +1276,35 @@ def _z_description(result: InferenceResult) -> str:
             f"(min {low:.1f}, median {median:.1f}, max {high:.1f}).")
 
 
-def _variance_group_labels(setting: str, group_of: pd.Series, where: str) -> tuple[list[str] | None, str]:
+def _variance_group_labels(
+    setting: str, group_of: pd.Series, where: str, design: pd.DataFrame | None = None,
+) -> tuple[list[str] | None, str]:
     """One variance group per study group for "auto"; None (one common variance) otherwise.
 
-    A study group with fewer than two subjects cannot estimate its own variance: the test then
-    falls back to one common variance, with a warning and a note in its sidecars.
+    A study group with fewer than two subjects, or whose subjects leave less than half a residual
+    degree of freedom once the design (its covariates) is fitted (the sum over the group of
+    ``1 - leverage``; :func:`fcflow.permutation.permutation_test` needs 0.5), cannot estimate a
+    variance of its own: the test then falls back to one common variance, with a warning and a
+    note in its sidecars.
     """
     if setting != "auto":
         return None, ""
     labels = [str(g) for g in group_of]
     sizes = pd.Series(labels).value_counts()
     small = sorted(sizes[sizes < 2].index)
-    if small:
-        note = (f"variance_groups 'auto' fell back to one common variance: group(s) {small} have fewer than 2 "
-                "subjects, too few to estimate a variance of their own")
+    reason = f"group(s) {small} have fewer than 2 subjects" if small else ""
+    if not reason and design is not None and len(sizes) > 1:
+        u, singular, _ = np.linalg.svd(design.to_numpy(dtype=float), full_matrices=False)
+        rank = int(np.sum(singular > singular[0] * 1e-10)) if singular.size else 0
+        leverage = np.sum(u[:, :rank] ** 2, axis=1)
+        residual = pd.Series(1.0 - leverage).groupby(np.asarray(labels)).sum()
+        thin = {g: round(float(v), 2) for g, v in residual.items() if v < 0.5}
+        if thin:
+            reason = (f"the design's {design.shape[1]} columns leave group(s) {sorted(thin)} too little residual "
+                      f"variance (residual dof {thin}, below 0.5)")
+    if reason:
+        note = (f"variance_groups 'auto' fell back to one common variance: {reason}, too few to estimate a "
+                "variance of their own")
         LOGGER.warning("%s: %s.", where, note)
         return None, note
     return (labels if len(sizes) > 1 else None), ""

@@ -537,3 +537,33 @@ def test_brain_wide_variances_give_statsmodels_wls_t_and_sign_flip_null(hetero_s
     np.testing.assert_allclose(result.null_max["maxt"], null, rtol=1e-9)
     with pytest.raises(ValueError, match="'variance_estimate' must be 'voxel' or 'brain'"):
         permutation_test(data, design, contrast, n_permutations=2, inference=("maxt",), variance_estimate="local")
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_group_level_falls_back_to_one_variance_exactly_when_a_group_has_too_little_residual(seed, caplog):
+    """Small groups with covariates (a high-motion study: 3/2/2 subjects, age, sex, mean FD) leave a
+    group less than 0.5 residual dof: the group level must fall back (with a note) exactly when
+    permutation_test would refuse the variance groups, instead of aborting."""
+    from fcflow.grouplevel import _variance_group_labels
+
+    rng = np.random.default_rng(seed)
+    groups = ["placebo"] * 3 + ["ketamine"] * 2 + ["lamotrigine_ketamine"] * 2
+    design = pd.DataFrame({g: [float(x == g) for x in groups] for g in dict.fromkeys(groups)})
+    for name in ["age", "sex", "mean_fd"][: 1 + seed % 3]:
+        design[name] = rng.normal(size=len(groups))
+    data = rng.normal(size=(len(groups), 30))
+    labels, note = _variance_group_labels("auto", pd.Series(groups), "test", design)
+    try:
+        permutation_test(data, design, "ketamine - placebo", n_permutations=20, random_state=0,
+                         inference=("maxt",), variance_groups=groups, zstat=True)
+        refused = False
+    except ValueError as exc:
+        assert "Each variance group must" in str(exc)
+        refused = True
+    assert (labels is None) == refused
+    assert ("fell back to one common variance" in note) == refused
+    if refused:
+        assert "residual dof" in note and "fell back" in caplog.text
+        # and the fallback runs
+        permutation_test(data, design, "ketamine - placebo", n_permutations=20, random_state=0,
+                         inference=("maxt",), variance_groups=None)
