@@ -30,3 +30,25 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("FCFLOW_CACHE_DIR", str(tmp_path_factory.mktemp("fcflow-cache")))
     monkeypatch.delenv("FCFLOW_JULICH_DIR", raising=False)
     monkeypatch.setenv("MPLBACKEND", "Agg")
+
+
+@pytest.fixture(scope="session")
+def one_subject_infusion(tmp_path_factory) -> dict:
+    """Subject 01's infusion rest and n-back runs of a small simulated study (read only).
+
+    240 volumes at TR 2 s, 4 mm, seed 5: the rest run keeps more than the shipped recipe's
+    min_dof (80 volumes would not). ``bids``, ``runs`` (fcflow.bids runs) and ``seed_file``
+    (the simulator's pgACC mask); shared by the report and smoothing tests, simulated once.
+    """
+    from fcflow.bids import collect_runs
+    from fcflow.config import load_recipe
+    from fcflow.simulate import simulate_study
+
+    recipe = load_recipe("weigner2025_pgacc")
+    bids = tmp_path_factory.mktemp("one_subject") / "bids"
+    simulate_study(bids, n_per_group=1, resolution_mm=4, n_volumes=240, seed=5)
+    runs = collect_runs(bids, bids / "derivatives" / "fmriprep", space=recipe.space, group_column="group",
+                        groups=recipe.groups, sessions=recipe.sessions, tasks_with_events=["nback"],
+                        tasks=["rest", "nback"], participant_labels=["01"], session_labels=["infusion"]).runs
+    (seed_file,) = (bids / "derivatives" / "ground_truth").glob("*_desc-pgACC_mask.nii.gz")
+    return {"bids": bids, "runs": runs, "seed_file": seed_file}

@@ -190,9 +190,13 @@ def test_counts_per_group_are_reported(study):
     assert sidecar["Inference"]["n_permutations"] == 200 and sidecar["Inference"]["random_seed"] == 3
 
 
-def test_default_map_is_wls_t_with_brain_wide_group_weights(study):
-    import statsmodels.api as sm
+def _ketamine_placebo_reference(study):
+    """The infusion - baseline ketamine - placebo map and an independent design to check it with.
 
+    Returns the results row, the written map, the analysis mask, the subjects, their group/covariate frame, the
+    cell-means design with demeaned age, sex and change in mean FD, and 25 random voxels plus
+    the blob's centre.
+    """
     row = study["results"].query("session_contrast == 'infusion - baseline' and "
                                  "group_contrast == 'ketamine - placebo'").iloc[0]
     t_img = nib.load(study["out"] / row["stat_map"])
@@ -215,6 +219,13 @@ def test_default_map_is_wls_t_with_brain_wide_group_weights(study):
     rng = np.random.default_rng(5)
     voxels = np.argwhere(mask)[rng.choice(int(mask.sum()), 25, replace=False)]
     voxels = np.vstack([voxels, BLOB_CENTER])
+    return row, t_map, mask, subjects, frame, exog, voxels
+
+
+def test_default_map_is_wls_t_with_brain_wide_group_weights(study):
+    import statsmodels.api as sm
+
+    row, t_map, mask, subjects, frame, exog, voxels = _ketamine_placebo_reference(study)
     # the default: variance_groups = "auto", group_variances = "brain": one weight per group for the whole
     # map (residual dof over the median share of the full model's residual sum of squares), then the
     # weighted least-squares t of statsmodels
@@ -244,28 +255,7 @@ def test_voxel_group_variances_give_winkler_v(tmp_path):
     study = {**truth, "results": results}
     import statsmodels.api as sm
 
-    row = study["results"].query("session_contrast == 'infusion - baseline' and "
-                                 "group_contrast == 'ketamine - placebo'").iloc[0]
-    t_img = nib.load(study["out"] / row["stat_map"])
-    t_map = np.asarray(t_img.dataobj)
-    mask = np.logical_and.reduce(list(study["brain"].values()))
-    people = study["participants"].set_index("participant_id")
-    subjects = [f"{i:02d}" for i in range(1, 19) if f"{i:02d}" != "09"]
-    qc = pd.concat(pd.read_csv(p, sep="\t") for p in sorted(study["out"].glob("sub-*/*_qc.tsv")))
-    # the change map's motion covariate is the change in mean FD (infusion - baseline)
-    fd_by = qc.set_index(["participant_id", "session"])["mean_fd_mm"]
-    qc = pd.Series({p: fd_by[(p, "infusion")] - fd_by[(p, "baseline")] for p in qc["participant_id"].unique()})
-    frame = pd.DataFrame({
-        "group": [people.loc[f"sub-{s}", "group"] for s in subjects],
-        "age": [float(people.loc[f"sub-{s}", "age"]) for s in subjects],
-        "male": [float(people.loc[f"sub-{s}", "sex"] == "M") for s in subjects],
-        "fd": [qc[f"sub-{s}"] for s in subjects],
-    })
-    exog = np.column_stack([(frame["group"] == g).to_numpy(float) for g in GROUPS]
-                           + [frame[c] - frame[c].mean() for c in ("age", "male", "fd")])
-    rng = np.random.default_rng(5)
-    voxels = np.argwhere(mask)[rng.choice(int(mask.sum()), 25, replace=False)]
-    voxels = np.vstack([voxels, BLOB_CENTER])
+    row, t_map, mask, subjects, frame, exog, voxels = _ketamine_placebo_reference(study)
     # group_variances = "voxel": Winkler's v with one residual variance per group, i.e. the
     # OLS contrast over its standard error from statsmodels WLS weighted by the groups' variances
     assert row["statistic"] == "v" and row["stat_type"] == "t"

@@ -191,22 +191,15 @@ def _plain(value):
 
 
 @pytest.fixture(scope="module")
-def reported(tmp_path_factory):
+def reported(tmp_path_factory, one_subject_infusion):
     """Two runs of a tiny simulated study through the first level and the report: one kept, one excluded."""
-    from fcflow.bids import collect_runs
     from fcflow.firstlevel import run_maps_from_files, select_run_confounds
     from fcflow.io import write_json, write_tsv
     from fcflow.reports.participant import make_run_report, write_participant_report
-    from fcflow.simulate import simulate_study
 
     root = tmp_path_factory.mktemp("reports")
-    bids = root / "bids"
-    # 240 volumes: the rest run keeps more than the recipe's min_dof (80 would not).
-    simulate_study(bids, n_per_group=1, resolution_mm=4, n_volumes=240, seed=5)
-    runs = collect_runs(bids, bids / "derivatives" / "fmriprep", space=RECIPE.space, group_column="group",
-                        groups=RECIPE.groups, sessions=RECIPE.sessions, tasks_with_events=["nback"],
-                        tasks=["rest", "nback"], participant_labels=["01"], session_labels=["infusion"]).runs
-    (seed_file,) = (bids / "derivatives" / "ground_truth").glob("*_desc-pgACC_mask.nii.gz")
+    bids, runs = one_subject_infusion["bids"], one_subject_infusion["runs"]
+    seed_file = one_subject_infusion["seed_file"]
     seeds = [{"name": "pgACC", "signal": "mean", "min_coverage": 0.8}]
     out = root / "out"
     reports, kwargs = {}, {}
@@ -241,7 +234,7 @@ def reported(tmp_path_factory):
         reports[run.task + "_maps"] = maps
     page = write_participant_report(out, "01", [reports["rest"], reports["nback"]])
     return {"runs": {r.task: r for r in runs}, "reports": reports, "page": page, "out": out, "root": root,
-            "kwargs": kwargs}
+            "bids": bids, "kwargs": kwargs}
 
 
 def test_participant_report_has_one_section_per_run_with_the_exclusion_reason(reported):
@@ -304,7 +297,7 @@ def test_no_denoise_map_is_the_plain_correlation_and_differs_from_the_recipes(re
     (none_file,) = func.glob("*task-rest*_seed-pgACC_desc-correlationNoDenoise_stat-z_statmap.nii.gz")
     assert json.loads(none_file.with_name(none_file.name.replace(".nii.gz", ".json")).read_text())["Statistic"] == "z"
     brain = nib.load(run.mask_file).get_fdata() > 0
-    seed = nib.load(next((reported["root"] / "bids" / "derivatives" / "ground_truth")
+    seed = nib.load(next((reported["bids"] / "derivatives" / "ground_truth")
                          .glob("*_desc-pgACC_mask.nii.gz"))).get_fdata()[brain] > 0
     series = nib.load(run.bold_file).get_fdata(dtype=np.float32)[brain].T
     censoring = json.loads((reported["root"] / "work" / run.name / "censoring.json").read_text())

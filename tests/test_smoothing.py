@@ -81,21 +81,13 @@ def _plain(value):
 
 
 @pytest.fixture(scope="module")
-def first_level(tmp_path_factory):
+def first_level(tmp_path_factory, one_subject_infusion):
     """One subject's rest and n-back runs through ``run_maps_from_files``, smoothing off and on."""
-    from fcflow.bids import collect_runs
     from fcflow.firstlevel import run_maps_from_files, select_run_confounds
     from fcflow.io import write_json, write_tsv
-    from fcflow.simulate import simulate_study
 
     root = tmp_path_factory.mktemp("smoothing")
-    bids = root / "bids"
-    # 240 volumes: both runs keep more than the recipe's min_dof
-    simulate_study(bids, n_per_group=1, resolution_mm=4, n_volumes=240, seed=5)
-    runs = collect_runs(bids, bids / "derivatives" / "fmriprep", space=RECIPE.space, group_column="group",
-                        groups=RECIPE.groups, sessions=RECIPE.sessions, tasks_with_events=["nback"],
-                        tasks=["rest", "nback"], participant_labels=["01"], session_labels=["infusion"]).runs
-    (seed_file,) = (bids / "derivatives" / "ground_truth").glob("*_desc-pgACC_mask.nii.gz")
+    runs, seed_file = one_subject_infusion["runs"], one_subject_infusion["seed_file"]
     out = {}
     for run in runs:
         task = _plain(RECIPE.task(run.task))

@@ -470,15 +470,8 @@ def test_weighted_freedman_lane_is_the_default_and_equals_brute_force_refits(het
     )  # fmt: skip
     assert result.settings["residuals"] == "weighted_freedman_lane" and result.scheme == "sign_flip"
     matrix = design.to_numpy().astype(float)
-    # one weight per group for the whole map: residual dof over the median share of the full
-    # model's residual sum of squares (unit-norm voxels)
-    full = values - matrix @ np.linalg.lstsq(matrix, values, rcond=None)[0]
-    full /= np.linalg.norm(full, axis=0)
-    free = 1.0 - np.diag(matrix @ np.linalg.pinv(matrix))
-    weights = np.zeros(len(groups))
-    for g in sorted(set(groups)):
-        m = groups == g
-        weights[m] = free[m].sum() / np.median((full[m] ** 2).sum(axis=0))
+    # one weight per group for the whole map (unit-norm voxels)
+    weights = _brain_wide_weights(values, matrix, groups)
     nuisance = matrix @ np.linalg.svd(contrast[None], full_matrices=True)[2][1:].T
     residuals = np.column_stack([sm.WLS(values[:, v], nuisance, weights=weights).fit().resid
                                  for v in range(values.shape[1])])  # fmt: skip
