@@ -18,7 +18,7 @@ std DVARS > 1.5 plus the segment rule of 5, mean over runs; 4 mm, 3 per group, 2
   17 % of volumes flagged); runs spread widely at high levels (subjects move differently).
 
 examples:
-  fcflow simulate /tmp/study                       # 3 per group, 4 mm, 100 volumes
+  fcflow simulate /tmp/study                       # 3 per group, 4 mm, 300 volumes
   fcflow simulate /tmp/study --resolution 2 --n-volumes 300 --n-per-group 25
   # a high-motion study (~40 % censored) with 10 % of sessions missing:
   fcflow simulate /tmp/study --tr 1.5 --n-volumes-rest 240 --n-volumes-nback 200 --motion-level 2.5 --missing-sessions 0.1
@@ -44,7 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resolution", type=float, default=None, metavar="MM",
                         help="voxel size in whole mm: 2 for realism, 4 for speed (default: 4)")
     parser.add_argument("--n-volumes", type=int, default=None,
-                        help="volumes per run (default: 100)")
+                        help="volumes per run (default: 300, 10 min at TR 2 s; 100 leave too few dof for the "
+                             "shipped recipe)")
     parser.add_argument("--n-volumes-rest", type=int, default=None, metavar="N",
                         help="volumes per rest run (default: --n-volumes)")
     parser.add_argument("--n-volumes-nback", type=int, default=None, metavar="N",

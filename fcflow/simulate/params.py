@@ -247,7 +247,9 @@ class SimulationDefinition:
 
     n_per_group: int = 3
     resolution_mm: float = 4.0
-    n_volumes: int = 100
+    #: 10 min at TR 2 s: band-pass, 24P+aCompCor and censoring leave about 19 dof, above the
+    #: shipped recipe's min_dof of 10 (100 volumes left fewer than 10 and every run was refused)
+    n_volumes: int = 300
     n_volumes_rest: int | None = None
     n_volumes_nback: int | None = None
     t_r: float = 2.0

@@ -251,7 +251,7 @@ def simulate_study(
     *,
     n_per_group: int = 3,
     resolution_mm: float = 4.0,
-    n_volumes: int = 100,
+    n_volumes: int = 300,
     t_r: float = 2.0,
     seed: int = 0,
     preset: str = "weigner2025",
@@ -274,8 +274,8 @@ def simulate_study(
         Subjects per group (placebo, ketamine, lamotrigine_ketamine).
     resolution_mm : float, default=4
         Whole mm; the MNI152NLin2009cAsym grid of :func:`fcflow.templates.mni_grid`.
-    n_volumes : int, default=100
-        Volumes per run.
+    n_volumes : int, default=300
+        Volumes per run (10 min at TR 2 s: enough dof for the shipped recipe's min_dof).
     t_r : float, default=2.0
         Repetition time in seconds.
     seed : int, default=0
