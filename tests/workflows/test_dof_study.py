@@ -1,6 +1,6 @@
 """A study whose runs are too short for the shipped recipe: nothing below min_dof reaches the group.
 
-`fcflow simulate`'s default run (100 volumes at TR 2 s) holds 28 cosines of the 0.01-0.08 Hz rest
+A 100-volume run at TR 2 s (`fcflow simulate`'s default until it moved to 300) holds 28 cosines of the 0.01-0.08 Hz rest
 band; 24P+aCompCor spends 29 of them. As a new user would run it: both levels from the command
 line with the shipped recipe. Every rest run must be excluded with its budget in the reason, no
 included run may have fewer dof than min_dof, and the group report must say that the study lacks
