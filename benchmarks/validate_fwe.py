@@ -16,6 +16,16 @@ covariates                  6 / 6 / 6       1 / 1 / 1                    age, se
                                                                          in the drug groups)
 ==========================  ==============  ===========================  ==========================
 
+Repeated-measures scenarios (:class:`RepeatedScenario`): three sessions per subject (baseline,
+infusion, 24h), a random subject intercept shared by its sessions, session noise SDs 1 / 1.5 / 1.2
+(non-sphericity), groups 8 / 6 / 7 with SDs 1 / 1.5 / 1, 15 % of subjects without one non-baseline
+session, analysed as the group level does (:mod:`fcflow.repeated`: differences from baseline,
+whole-subject permutations or sign flips); the ``inference`` column is ``<test>/<inference>``:
+
+* ``repeated-measures``: a session main effect (+0.5 at infusion, +0.2 at 24h) and a group main
+  effect, no interaction; tests the group x session interaction (``groupBySession``).
+* ``repeated-measures-null``: no effect at all; tests the interaction and the session main effect.
+
 Every repetition is analysed with each ``--variance-groups`` setting on the same data, so "before"
 and "after" are paired: ``auto`` (the recipe default, ``variance_groups = "auto"`` with
 ``group_variances = "brain"``): one variance group per study group, one variance ratio per group
@@ -108,6 +118,43 @@ SCENARIOS = {
 VARIANCE_GROUPS = ("auto", "voxel", "none")
 
 
+@dataclass(frozen=True)
+class RepeatedScenario:
+    """A repeated-measures null: no group x session interaction, every session's map per subject.
+
+    Each subject's map at session ``k`` is ``subject_sd * S_i + session_sd[k] * group_sd * E_ik
+    + session_shift[k] + group_shift``: a random intercept ``S_i`` shared by its sessions (the
+    sessions of a subject are correlated), session noise whose SD differs between sessions
+    (non-sphericity) and between groups (heteroscedasticity), a session main effect and a group
+    main effect (both allowed under the interaction's null; the differences cancel the group's).
+    A fraction of subjects lacks one non-reference session (kept with what they have).
+    """
+
+    name: str
+    n_per_group: tuple[int, int, int]
+    sd_per_group: tuple[float, float, float]
+    session_sd: tuple[float, float, float] = (1.0, 1.5, 1.2)
+    session_shift: tuple[float, float, float] = (0.0, 0.5, 0.2)
+    group_shift: tuple[float, float, float] = (0.0, 0.3, -0.3)
+    subject_sd: float = 1.0
+    missing_fraction: float = 0.15
+    tests: tuple[str, ...] = ("groupBySession",)
+    covariates: bool = False
+
+
+SESSIONS = ("baseline", "infusion", "24h")
+REPEATED_SCENARIOS = {
+    s.name: s
+    for s in (
+        # the interaction's null beside a session and a group main effect, unequal groups and sessions
+        RepeatedScenario("repeated-measures", (8, 6, 7), (1.0, 1.5, 1.0)),
+        # no effect at all: the interaction and the session main effect are both null
+        RepeatedScenario("repeated-measures-null", (8, 6, 7), (1.0, 1.5, 1.0), session_shift=(0.0, 0.0, 0.0),
+                         tests=("groupBySession", "session")),
+    )
+}
+
+
 def simulate_covariates(rng: np.random.Generator, groups: np.ndarray) -> pd.DataFrame:
     """age, sex and a mean_fd that is higher in the drug groups (as measured at infusion)."""
     shift = np.where(groups == LEVELS[0], 0.0, 0.08)
@@ -189,8 +236,104 @@ def run_scenario(
                            seed=seed, residuals=residuals)
 
 
+def simulate_repeated_study(
+    rng: np.random.Generator, scenario: RepeatedScenario, mask: np.ndarray, smoothing_sigma: float,
+) -> tuple[np.ndarray, np.ndarray, list[str], dict[str, str]]:
+    """Maps (sessions, subjects, voxels), presence (sessions, subjects), labels, group of each label."""
+    groups = np.repeat(LEVELS, scenario.n_per_group)
+    n = groups.size
+    group_sd = np.repeat(scenario.sd_per_group, scenario.n_per_group).astype(np.float32)
+    group_shift = np.repeat(scenario.group_shift, scenario.n_per_group).astype(np.float32)
+    subject = simulate_noise_maps(rng, n, mask, smoothing_sigma) * np.float32(scenario.subject_sd)
+    data = np.empty((len(SESSIONS), n, int(mask.sum())), dtype=np.float32)
+    for k in range(len(SESSIONS)):
+        noise = simulate_noise_maps(rng, n, mask, smoothing_sigma)
+        data[k] = (subject + noise * (np.float32(scenario.session_sd[k]) * group_sd[:, None])
+                   + np.float32(scenario.session_shift[k]) + group_shift[:, None])
+    present = np.ones((len(SESSIONS), n), dtype=bool)
+    lacking = rng.random(n) < scenario.missing_fraction
+    present[rng.integers(1, len(SESSIONS), size=n)[lacking], np.flatnonzero(lacking)] = False
+    labels = [f"{i:02d}" for i in range(n)]
+    return data, present, labels, dict(zip(labels, groups))
+
+
+def run_repeated_scenario(
+    scenario: RepeatedScenario | str,
+    *,
+    repetitions: int,
+    n_permutations: int = 250,
+    variance_groups: tuple[str, ...] = ("auto",),
+    shape: tuple[int, int, int] = (20, 24, 20),
+    seed: int = 0,
+    alpha: float = 0.05,
+    smoothing_sigma: float = 1.5,
+    cluster_forming_p: float = 0.001,
+    verbose: bool = False,
+    checkpoint: Callable[[pd.DataFrame], None] | None = None,
+    checkpoint_every: int = 50,
+) -> pd.DataFrame:
+    """FWE of the group level's repeated-measures tests (:mod:`fcflow.repeated`) on independent nulls.
+
+    Each repetition is analysed as the group level does: within-subject differences from the
+    baseline, the group x difference cell-means design, whole-subject permutations (or sign
+    flips), :func:`fcflow.grouplevel.run_inference` with the recipe's variance-group setting.
+    The ``inference`` column is ``<test>/<inference>``.
+    """
+    from fcflow.grouplevel import GroupTest, run_inference
+    from fcflow.repeated import (
+        build_repeated_measures,
+        permutation_scheme,
+        repeated_measures_contrasts,
+        repeated_measures_design,
+        whole_block_permutations,
+    )
+
+    if isinstance(scenario, str):
+        scenario = REPEATED_SCENARIOS[scenario]
+    mask = make_brain_mask(shape)
+    children = np.random.SeedSequence(seed).spawn(repetitions)
+    hits = {(setting, f"{test}/{name}"): 0 for setting in variance_groups for test in scenario.tests
+            for name in INFERENCE}
+    started = time.perf_counter()
+    for repetition, child in enumerate(children):
+        rng = np.random.default_rng(child)
+        data, present, labels, group_of = simulate_repeated_study(rng, scenario, mask, smoothing_sigma)
+        measures = build_repeated_measures(data, present, labels, SESSIONS, SESSIONS[0], group_of)
+        design = repeated_measures_design(measures, LEVELS, SESSIONS, SESSIONS[0])
+        contrasts = repeated_measures_contrasts(LEVELS, SESSIONS, SESSIONS[0], design.columns)
+        permutation_seed = int(rng.integers(2**32))
+        for setting in variance_groups:
+            for test in scenario.tests:
+                scheme = permutation_scheme(test, setting != "none")
+                rows = whole_block_permutations(measures.row_subject, measures.row_session, n_permutations,
+                                                scheme=scheme, patterns=measures.patterns(),
+                                                random_state=permutation_seed)
+                result = run_inference(
+                    measures.data, design, GroupTest(test, test, "F", contrasts[test]), mask, methods=INFERENCE,
+                    n_permutations=n_permutations, two_sided=False, random_seed=permutation_seed,
+                    cluster_forming_p=cluster_forming_p,
+                    variance_groups=None if setting == "none" else measures.row_group,
+                    group_variances="voxel" if setting == "voxel" else "brain", permutations=rows, scheme=scheme,
+                )  # fmt: skip
+                for name in INFERENCE:
+                    min_p = 10.0 ** -result.logp[name].max()
+                    hits[(setting, f"{test}/{name}")] += bool(min_p <= alpha * (1 + 1e-9))
+        if verbose:
+            elapsed = time.perf_counter() - started
+            print(f"{scenario.name} {repetition + 1}/{repetitions} ({elapsed:.0f} s): "
+                  + ", ".join(f"{s}/{n}={v}" for (s, n), v in hits.items()), file=sys.stderr, flush=True)
+        if checkpoint is not None and (repetition + 1) % checkpoint_every == 0 and repetition + 1 < repetitions:
+            checkpoint(_scenario_table(scenario, hits, repetition + 1, alpha=alpha, n_permutations=n_permutations,
+                                       mask=mask, shape=shape, smoothing_sigma=smoothing_sigma,
+                                       cluster_forming_p=cluster_forming_p, seed=seed, residuals="auto"))
+    return _scenario_table(scenario, hits, repetitions, alpha=alpha, n_permutations=n_permutations, mask=mask,
+                           shape=shape, smoothing_sigma=smoothing_sigma, cluster_forming_p=cluster_forming_p,
+                           seed=seed, residuals="auto")
+
+
 def _scenario_table(
-    scenario: Scenario, hits: dict, repetitions: int, *, alpha: float, n_permutations: int, mask: np.ndarray,
+    scenario: Scenario | RepeatedScenario, hits: dict, repetitions: int, *, alpha: float, n_permutations: int,
+    mask: np.ndarray,
     shape: tuple[int, int, int], smoothing_sigma: float, cluster_forming_p: float, seed: int, residuals: str,
 ) -> pd.DataFrame:
     """One row per variance-group setting x inference: counts, rate, exact 95% CI, settings."""
@@ -204,6 +347,9 @@ def _scenario_table(
             "n_per_group": "/".join(map(str, scenario.n_per_group)),
             "sd_per_group": "/".join(f"{v:g}" for v in scenario.sd_per_group),
             "covariates": "age,sex,mean_fd" if scenario.covariates else "",
+            "sessions": ("/".join(SESSIONS) + f" (session SD {'/'.join(f'{v:g}' for v in scenario.session_sd)}, "
+                         f"{scenario.missing_fraction:.0%} of subjects lack one)")
+                        if isinstance(scenario, RepeatedScenario) else "",
             "n_voxels": int(mask.sum()), "shape": "x".join(map(str, shape)),
             "smoothing_sigma": smoothing_sigma, "cluster_forming_p": cluster_forming_p, "seed": seed,
             "residuals": residuals,
@@ -317,7 +463,7 @@ def run_null_study_validation(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scenario", action="append", default=None,
-                        choices=[*SCENARIOS, "all"], help="repeatable; default all")
+                        choices=[*SCENARIOS, *REPEATED_SCENARIOS, "all"], help="repeatable; default all")
     parser.add_argument("--repetitions", "--n-repetitions", type=int, default=500, dest="repetitions")
     parser.add_argument("--n-permutations", type=int, default=250)
     parser.add_argument("--variance-groups", nargs="+", default=["auto"], choices=VARIANCE_GROUPS,
@@ -351,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     else:
         names = args.scenario or ["all"]
-        names = list(SCENARIOS) if "all" in names else list(dict.fromkeys(names))
+        names = [*SCENARIOS, *REPEATED_SCENARIOS] if "all" in names else list(dict.fromkeys(names))
         done: list[pd.DataFrame] = []
 
         def checkpoint(partial: pd.DataFrame) -> None:
@@ -361,6 +507,15 @@ def main(argv: list[str] | None = None) -> int:
                 snapshot.to_csv(args.out, sep="\t", index=False)
 
         for name in names:
+            if name in REPEATED_SCENARIOS:
+                done.append(run_repeated_scenario(
+                    name, repetitions=args.repetitions, n_permutations=args.n_permutations,
+                    variance_groups=tuple(args.variance_groups), shape=tuple(args.shape), seed=args.seed,
+                    alpha=args.alpha, smoothing_sigma=args.smoothing_sigma,
+                    cluster_forming_p=args.cluster_forming_p, verbose=True, checkpoint=checkpoint,
+                ))  # fmt: skip
+                checkpoint(done[-1].iloc[:0])
+                continue
             done.append(run_scenario(
                 name, repetitions=args.repetitions, n_permutations=args.n_permutations,
                 variance_groups=tuple(args.variance_groups), shape=tuple(args.shape), seed=args.seed,

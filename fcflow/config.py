@@ -169,6 +169,10 @@ class InferenceConfig:
     #: "contrasts": also correct every permutation p over all group tests of a map and session
     #: contrast (same permutations, on z); "none": per test only
     family_wise: str = "contrasts"
+    #: with three or more sessions: also the group x session interaction and the session main
+    #: effect over all sessions (within-subject differences, subjects as exchangeability
+    #: blocks; fcflow.repeated) and the group main effect on each subject's mean over sessions
+    repeated_measures: bool = True
 
 
 @dataclass(frozen=True)
@@ -519,6 +523,7 @@ def _read_inference(table: _Table, covariate_choices: Sequence[str] | None = Non
                           expectation="a variance inflation factor of at least 1"),
         fdr_p=table.get("fdr_p", "str", base.fdr_p, choices=("parametric", "permutation")),
         family_wise=table.get("family_wise", "str", base.family_wise, choices=("contrasts", "none")),
+        repeated_measures=table.get("repeated_measures", "bool", base.repeated_measures),
     )
     table.finish()
     return config

@@ -16,7 +16,12 @@ every task x measure x seed of the recipe:
    map, the weighted sum of its session maps (:func:`compute_change_maps`); a subject without a
    usable run in a session the contrast needs drops out of that contrast (logged, counted in the
    sidecars and in ``n_per_group``). The same group tests run on the reference-session maps
-   themselves (baseline equivalence, ``ses-<reference>``);
+   themselves (baseline equivalence, ``ses-<reference>``). With three or more sessions
+   (``inference.repeated_measures``), two more analyses use every session: the repeated-measures
+   model of :mod:`fcflow.repeated` (``ses-groupBySession``: the group x session interaction and
+   the session main effect, F tests on within-subject differences, subjects as exchangeability
+   blocks) and each subject's mean over the sessions (``ses-sessionMean``: the group main
+   effect, F over the groups);
 4. fits the cell-means design (:func:`fcflow.stats.make_group_design`: one column per group and
    the recipe's covariates from ``participants.tsv``, demeaned; ``mean_fd`` is the session
    contrast applied to the QC ``mean_fd_mm``, :func:`contrast_mean_fd`: the change in motion for
@@ -41,7 +46,8 @@ their group, dropped subjects and why, inference settings, permutations, seed an
         alpha-0p05_cluster-<k>_inference-<primary>_clustermeans.{tsv,png}
                                                            subject means in the cluster per session
         regions.tsv                                        region level (below)
-    results.tsv             one row per task x measure x seed x session contrast x test
+    results.tsv             one row per task x measure x seed x session analysis x test
+                            (``skip_reason`` says why a test could not run)
     baseline_results.tsv    the same tests on the reference session (baseline equivalence)
 
 Region level (recipe ``[regions]``, :mod:`fcflow.regions`): every test is also run on each
@@ -427,12 +433,14 @@ def contrast_mean_fd(
 
 def build_covariates(
     participants: pd.DataFrame, subjects: Sequence[str], names: Sequence[str],
-    mean_fd_mm: Mapping[str, float] | None = None,
+    mean_fd_mm: Mapping[str, float] | Sequence[float] | None = None,
 ) -> pd.DataFrame | None:
     """Covariate table of the subjects (rows in ``subjects`` order, index ``sub-<label>``).
 
     Columns of ``participants.tsv`` that parse as numbers are numeric, others categorical
-    (dummy coded by :func:`fcflow.stats.make_group_design`); ``mean_fd`` comes from ``mean_fd_mm``.
+    (dummy coded by :func:`fcflow.stats.make_group_design`); ``mean_fd`` comes from ``mean_fd_mm``,
+    a value per subject label, or per row of ``subjects`` (which may then repeat a subject, as the
+    rows of a repeated-measures design do).
 
     Raises
     ------
@@ -444,7 +452,10 @@ def build_covariates(
     table = {}
     for name in names:
         if name == "mean_fd":
-            values = pd.Series([(mean_fd_mm or {}).get(s, np.nan) for s in subjects], dtype=float)
+            if mean_fd_mm is None or isinstance(mean_fd_mm, Mapping):
+                values = pd.Series([(mean_fd_mm or {}).get(s, np.nan) for s in subjects], dtype=float)
+            else:
+                values = pd.Series(list(mean_fd_mm), dtype=float)
         elif name in participants.columns:
             raw = participants.loc[list(subjects), name].reset_index(drop=True)
             numeric = pd.to_numeric(raw, errors="coerce")
@@ -535,6 +546,7 @@ def run_inference(
     methods: Sequence[str], n_permutations: int, two_sided: bool, random_seed: int,
     cluster_forming_p: float, min_cluster_voxels: int = 1, variance_groups: Sequence[str] | None = None,
     fdr_p: str = "parametric", zstat: bool = False, group_variances: str = "brain",
+    permutations: NDArray | None = None, scheme: str = "auto",
 ) -> InferenceResult:
     """Fit and test one contrast with every requested inference.
 
@@ -551,6 +563,9 @@ def run_inference(
     t and z maps, not for F). ``fdr_p="permutation"`` corrects the voxel-wise permutation p
     (needs a permutation method) instead of the parametric one. ``zstat=True`` runs t tests on z
     too (tests corrected as a family must share one scale, :func:`fcflow.permutation.combine_family_wise`).
+    ``permutations`` (rows without the identity) and ``scheme`` are passed to the engine, e.g.
+    whole-subject shuffles of a repeated-measures model (:mod:`fcflow.repeated`); their number
+    then replaces ``n_permutations``.
     """
     from fcflow.permutation import permutation_test
     from fcflow.stats import compute_f, compute_t, f_to_z, fit_ols, t_to_z
@@ -578,6 +593,7 @@ def run_inference(
             mask=mask, cluster_forming_p=cluster_forming_p,
             variance_groups=list(variance_groups) if welch else None,
             zstat=True if (welch or test.kind == "F" or zstat) else None, variance_estimate=group_variances,
+            permutations=permutations if perm_methods else None, scheme=scheme,
         )  # fmt: skip
         stat, dof, z = result.stat, result.dof, result.z
         dof_map, statistic = result.dof_map, result.settings.get("statistic", result.stat_type)
@@ -668,20 +684,56 @@ def julich_area_lookup(atlas_dir: str | Path) -> Callable[[NDArray[np.float64]],
 # ----------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class SessionAnalysis:
-    """A within-subject session contrast, or the reference session itself (baseline equivalence)."""
+    """What a group test is run on: one map per subject, or every session of every subject.
 
-    label: str  # ses- entity: infusionMinusBaseline, or baseline
+    ``kind`` is ``"contrast"`` (a within-subject session contrast, e.g. ``infusion - baseline``,
+    tested with the recipe's group contrasts and F tests), ``"reference"`` (the reference session
+    itself: baseline equivalence), ``"mean"`` (each subject's mean over all sessions: the group
+    main effect, F over the groups) or ``"repeated"`` (the group x session interaction and the
+    session main effect over all sessions, :mod:`fcflow.repeated`).
+    """
+
+    label: str  # ses- entity: infusionMinusBaseline, baseline, sessionMean, groupBySession
     expression: str
     weights: tuple[tuple[str, float], ...]
     is_reference: bool = False
+    kind: str = "contrast"
 
 
 def session_analyses(recipe: Recipe) -> list[SessionAnalysis]:
-    """The recipe's session contrasts, then the reference session (baseline equivalence)."""
+    """The recipe's session contrasts, the repeated-measures analyses, then the reference session.
+
+    The repeated-measures analyses (``inference.repeated_measures``) need three or more sessions
+    (with two, the interaction is the one session contrast's F over the groups) and two or more
+    groups.
+    """
     out = [SessionAnalysis(c.name, c.expression, c.weights) for c in recipe.session_contrasts]
+    sessions = recipe.sessions
+    if recipe.inference.repeated_measures and len(sessions) >= 3 and len(recipe.groups) >= 2:
+        every = tuple((s, 1.0) for s in sessions)
+        out.append(SessionAnalysis("groupBySession", f"group x session ({', '.join(sessions)})", every,
+                                   kind="repeated"))
+        out.append(SessionAnalysis("sessionMean", f"mean of {', '.join(sessions)}",
+                                   tuple((s, 1.0 / len(sessions)) for s in sessions), kind="mean"))
     ref = recipe.reference_session
-    out.append(SessionAnalysis(ref, ref, ((ref, 1.0),), is_reference=True))
+    out.append(SessionAnalysis(ref, ref, ((ref, 1.0),), is_reference=True, kind="reference"))
     return out
+
+
+def analysis_tests(recipe: Recipe, analysis: SessionAnalysis, columns: Sequence[str]) -> list[GroupTest]:
+    """The group tests of one session analysis over its design ``columns``."""
+    from fcflow.repeated import repeated_measures_contrasts
+    from fcflow.stats import f_contrast_over_groups
+
+    if analysis.kind == "repeated":
+        sessions = [s for s, _ in analysis.weights]
+        matrices = repeated_measures_contrasts(recipe.groups, sessions, recipe.reference_session, columns)
+        return [GroupTest("groupBySession", "group x session interaction", "F", matrices["groupBySession"]),
+                GroupTest("session", "session main effect (mean over groups)", "F", matrices["session"])]
+    if analysis.kind == "mean":
+        return [GroupTest("group", "group main effect: " + ", ".join(recipe.groups), "F",
+                          f_contrast_over_groups(recipe.groups, columns))]
+    return build_tests(recipe, columns)
 
 
 def _alpha_label(alpha: float) -> str:
@@ -696,7 +748,7 @@ RESULT_COLUMNS = [
     "task", "measure", "seed", "desc", "session_contrast", "group_contrast", "stat_type", "n_per_group",
     "dof", "primary_inference", "stat_map", "z_map", "logp_fwe_map", "thresholded_map", "cluster_table",
     "n_significant_clusters", "min_p", "peak_stat", "statistic", "variance_groups", "design_warnings",
-    "logp_family_map", "min_p_family", "region_table", "n_significant_regions",
+    "logp_family_map", "min_p_family", "region_table", "n_significant_regions", "skip_reason",
 ]
 
 
@@ -764,9 +816,10 @@ def run_group_level(
     measures = select_measure_maps(recipe)
     analyses = session_analyses(recipe)
     n_tests = len(recipe.group_contrasts) + len(recipe.f_tests)
-    n_total = len(measures) * len(analyses) * n_tests
-    LOGGER.info("Group level: %d map types x %d session analyses x %d tests = %d tests; %s; primary %s",
-                len(measures), len(analyses), n_tests, n_total,
+    per_measure = sum({"repeated": 2, "mean": 1}.get(a.kind, n_tests) for a in analyses)
+    n_total = len(measures) * per_measure
+    LOGGER.info("Group level: %d map types x %d session analyses (%d tests each) = %d tests; %s; primary %s",
+                len(measures), len(analyses), per_measure, n_total,
                 f"{n_perm} permutations" if set(inference.methods) & set(PERMUTATION_INFERENCES)
                 else "parametric only", inference.primary)
     rows: list[dict[str, Any]] = []
@@ -774,9 +827,8 @@ def run_group_level(
     for measure in measures:
         runs = collect_first_level(output_dir, measure, space=recipe.space)
         if not (runs["file"] != "").any():
-            LOGGER.warning("No first-level map for %s: skipped (%d tests).", measure.label,
-                           len(analyses) * n_tests)
-            done += len(analyses) * n_tests
+            LOGGER.warning("No first-level map for %s: skipped (%d tests).", measure.label, per_measure)
+            done += per_measure
             continue
         maps = load_session_maps(output_dir, runs, recipe.sessions)
         LOGGER.info("%s: %d subjects, %d maps read, analysis mask %d voxels", measure.label, len(maps.subjects),
@@ -794,15 +846,30 @@ def run_group_level(
                 region_atlases[grid] = _load_region_atlas(recipe, atlas_dir, maps)
             region_atlas = region_atlases[grid]
         for analysis in analyses:
-            data, subjects, dropped = compute_change_maps(maps, dict(analysis.weights))
-            group_of = participants.loc[subjects, recipe.group_column]
-            no_group = [s for s, g in zip(subjects, group_of) if pd.isna(g)]
-            if no_group:
-                for s in no_group:
-                    dropped[s] = f"no '{recipe.group_column}' in participants.tsv"
-                keep = np.array([s not in no_group for s in subjects])
-                data, subjects = data[keep], [s for s, k in zip(subjects, keep) if k]
+            repeated = None
+            if analysis.kind == "repeated":
+                from fcflow.repeated import build_repeated_measures
+
+                groups_known = participants[recipe.group_column].dropna()
+                repeated = build_repeated_measures(
+                    maps.data, maps.present, maps.subjects, maps.sessions, recipe.reference_session,
+                    {s: str(groups_known[s]) for s in maps.subjects if s in groups_known.index},
+                )
+                data, subjects, dropped = repeated.data, repeated.subjects, dict(repeated.dropped)
+                for s, reason in dropped.items():
+                    if reason == "no study group":
+                        dropped[s] = f"no '{recipe.group_column}' in participants.tsv"
                 group_of = participants.loc[subjects, recipe.group_column]
+            else:
+                data, subjects, dropped = compute_change_maps(maps, dict(analysis.weights))
+                group_of = participants.loc[subjects, recipe.group_column]
+                no_group = [s for s, g in zip(subjects, group_of) if pd.isna(g)]
+                if no_group:
+                    for s in no_group:
+                        dropped[s] = f"no '{recipe.group_column}' in participants.tsv"
+                    keep = np.array([s not in no_group for s in subjects])
+                    data, subjects = data[keep], [s for s, k in zip(subjects, keep) if k]
+                    group_of = participants.loc[subjects, recipe.group_column]
             counts = {g: int((group_of == g).sum()) for g in recipe.groups}
             where = f"{measure.label} ses {analysis.expression}"
             LOGGER.info("%s: n = %s%s", where, _n_per_group_text(counts),
@@ -812,9 +879,24 @@ def run_group_level(
                         "primary_inference": inference.primary, "is_reference": analysis.is_reference}
             empty = [g for g, n in counts.items() if n == 0]
             skip_reason = f"no subject in {empty}" if empty else ""
-            fd = contrast_mean_fd(maps, analysis.weights, subjects)
             design = None
-            if not skip_reason:
+            if not skip_reason and repeated is not None:
+                from fcflow.repeated import repeated_measures_design
+
+                row_subjects = [repeated.subjects[i] for i in repeated.row_subject]
+                # each row's mean_fd is its own change in motion, FD(session) - FD(reference)
+                ref_row = maps.sessions.index(recipe.reference_session)
+                fd_rows = [float(maps.mean_fd_mm[maps.sessions.index(k), maps.subjects.index(s)]
+                                 - maps.mean_fd_mm[ref_row, maps.subjects.index(s)])
+                           for s, k in zip(row_subjects, repeated.row_session)]
+                covariates = build_covariates(participants, row_subjects, inference.covariates, fd_rows)
+                try:
+                    design = repeated_measures_design(repeated, recipe.groups, maps.sessions,
+                                                      recipe.reference_session, covariates)
+                except ValueError as exc:
+                    skip_reason = f"cannot build the repeated-measures design of {len(data)} differences: {exc}"
+            elif not skip_reason:
+                fd = contrast_mean_fd(maps, analysis.weights, subjects)
                 covariates = build_covariates(participants, subjects, inference.covariates, fd)
                 try:
                     design = make_group_design(list(group_of), recipe.groups, covariates)
@@ -822,15 +904,30 @@ def run_group_level(
                     # The subjects left (exclusions, missing sessions) cannot carry the covariates,
                     # e.g. one constant within groups: this test is skipped with why, the others run.
                     skip_reason = f"cannot build the group design of {len(subjects)} subjects: {exc}"
+                if design is not None:
+                    design.index = pd.Index([f"sub-{s}" for s in subjects], name="participant_id")
             if design is not None:
-                design.index = pd.Index([f"sub-{s}" for s in subjects], name="participant_id")
                 rank = int(np.linalg.matrix_rank(design.to_numpy()))
-                if len(subjects) - rank < 1:
-                    skip_reason = (f"{len(subjects)} subjects leave no residual degree of freedom for the "
+                if len(design) - rank < 1:
+                    skip_reason = (f"{len(design)} rows leave no residual degree of freedom for the "
                                    f"{rank} design columns {list(design.columns)}")
-            tests = build_tests(recipe, design.columns if design is not None else list(recipe.groups))
-            variance_labels, variance_note = _variance_group_labels(inference.variance_groups, group_of, where,
+            all_columns = list(recipe.groups)
+            if repeated is not None:
+                from fcflow.repeated import cell_name
+
+                all_columns = [cell_name(g, k) for g in recipe.groups for k in maps.sessions
+                               if k != recipe.reference_session]
+            try:
+                tests = analysis_tests(recipe, analysis, design.columns if design is not None else all_columns)
+            except ValueError as exc:
+                # a repeated-measures cell without any subject: its contrasts are not estimable
+                skip_reason = skip_reason or f"no difference in a group x session cell ({exc})"
+                tests = analysis_tests(recipe, analysis, all_columns)
+            row_groups = (pd.Series(repeated.row_group) if repeated is not None else group_of)
+            variance_labels, variance_note = _variance_group_labels(inference.variance_groups, row_groups, where,
                                                                     design)
+            group_cells = (list(recipe.groups) if repeated is None else
+                           [c for c in (design.columns if design is not None else []) if ":" in c])
             family = inference.family_wise == "contrasts" and not skip_reason and len(tests) > 1 and bool(
                 set(inference.methods) & set(PERMUTATION_INFERENCES))
             computed: dict[str, InferenceResult] = {}
@@ -842,27 +939,40 @@ def run_group_level(
                 if skip_reason:
                     LOGGER.warning("[%d/%d] %s: %s skipped: %s.", done, n_total, where, test.expression,
                                    skip_reason)
-                    rows.append(row)
+                    rows.append({**row, "skip_reason": skip_reason})
                     continue
                 LOGGER.info("[%d/%d] %s: %s (%s)", done, n_total, where, test.expression,
                             f"{n_perm} permutations" if set(inference.methods) & set(PERMUTATION_INFERENCES)
                             else "parametric")
                 diagnostics = None
-                if len(design.columns) > len(recipe.groups):
+                if len(design.columns) > len(group_cells):
                     from fcflow.stats import compute_design_diagnostics
 
-                    diagnostics = compute_design_diagnostics(design, recipe.groups, test.matrix,
+                    diagnostics = compute_design_diagnostics(design, group_cells, test.matrix,
                                                              max_vif=inference.max_vif)
                     for message in diagnostics.warnings:
                         LOGGER.warning("%s: %s: %s.", where, test.expression, message)
 
+                def exchange(test: GroupTest) -> tuple[NDArray | None, str]:
+                    """Whole-subject shuffles of a repeated-measures test; the engine's own otherwise."""
+                    if repeated is None:
+                        return None, "auto"
+                    from fcflow.repeated import permutation_scheme, whole_block_permutations
+
+                    scheme = permutation_scheme(test.name, variance_labels is not None)
+                    return whole_block_permutations(
+                        repeated.row_subject, repeated.row_session, n_perm, scheme=scheme,
+                        patterns=repeated.patterns(), random_state=inference.random_seed), scheme
+
                 def infer(test: GroupTest = test) -> InferenceResult:
+                    permutations, scheme = exchange(test)
                     return run_inference(
                         data, design, test, maps.mask, methods=inference.methods, n_permutations=n_perm,
                         two_sided=inference.two_sided, random_seed=inference.random_seed,
                         cluster_forming_p=inference.cluster_forming_p,
                         min_cluster_voxels=inference.min_cluster_voxels, variance_groups=variance_labels,
                         fdr_p=inference.fdr_p, zstat=family, group_variances=inference.group_variances,
+                        permutations=permutations, scheme=scheme,
                     )
 
                 def compute() -> dict[str, Any]:
@@ -873,9 +983,11 @@ def run_group_level(
                         diagnostics=diagnostics, variance_note=variance_note,
                     )
                     if region_atlas is not None:
+                        permutations, scheme = exchange(test)
                         out.update(_write_region_outputs(
                             group_dir, output_dir, recipe, measure, analysis, test, region_atlas, maps, data,
                             subjects, group_of, design, variance_labels, n_perm, recipe_sha, provenance,
+                            permutations=permutations, scheme=scheme,
                         ))
                     return out
 
@@ -910,6 +1022,9 @@ def run_group_level(
     for column in RESULT_COLUMNS + ["is_reference"]:
         if column not in results:
             results[column] = np.nan
+    for column in ("dof", "n_significant_clusters", "n_significant_regions"):
+        # counts stay integers where some tests lack them (skipped, or no region level)
+        results[column] = pd.to_numeric(results[column]).astype("Int64")
     baseline = results[results["is_reference"].astype(bool)][RESULT_COLUMNS]
     main = results[~results["is_reference"].astype(bool)][RESULT_COLUMNS]
     write_tsv(group_dir / "baseline_results.tsv", baseline)
@@ -1045,7 +1160,8 @@ def _write_test_outputs(
         "FirstLevelMaps": {"desc": measure.desc, "stat": measure.stat,
                            "Note": "Fisher z for correlation/background; gPPI beta of the condition contrast."},
         "SessionContrast": {"expression": analysis.expression, "weights": dict(analysis.weights),
-                            "baseline_equivalence": analysis.is_reference},
+                            "baseline_equivalence": analysis.is_reference, "kind": analysis.kind,
+                            "model": _ANALYSIS_MODEL.get(analysis.kind)},
         "GroupTest": {"name": test.name, "expression": test.expression, "type": test.kind,
                       "weights": {"columns": columns, "matrix": test.matrix.tolist()}},
         "DesignMatrix": {"columns": columns, "participant_id": list(design.index),
@@ -1152,7 +1268,7 @@ def _write_region_outputs(
     group_dir: Path, output_dir: Path, recipe: Recipe, measure: MeasureMap, analysis: SessionAnalysis,
     test: GroupTest, atlas: Any, maps: SessionMaps, data: NDArray[np.float32], subjects: list[str],
     group_of: pd.Series, design: pd.DataFrame, variance_labels: Sequence[str] | None, n_perm: int,
-    recipe_sha: str, provenance: Mapping[str, Any],
+    recipe_sha: str, provenance: Mapping[str, Any], permutations: NDArray | None = None, scheme: str = "auto",
 ) -> dict[str, Any]:
     """One test's region table (``..._regions.tsv`` and its sidecar) and its ``results.tsv`` values."""
     from fcflow.derivatives import bids_name
@@ -1168,6 +1284,7 @@ def _write_region_outputs(
     table = run_region_inference(
         values, regions, design, test, n_permutations=n_perm, two_sided=inference.two_sided,
         random_seed=inference.random_seed, variance_groups=variance_labels, group_variances=inference.group_variances,
+        permutations=permutations, scheme=scheme,
     )  # fmt: skip
     ents = {"ses": analysis.label, "task": measure.task, "space": recipe.space, "res": _space_res(maps, output_dir),
             "seed": measure.seed, "contrast": test.name, "desc": measure.desc}
@@ -1254,6 +1371,17 @@ def _write_family_outputs(
     return out
 
 
+_ANALYSIS_MODEL = {
+    "repeated": "Repeated measures (fcflow.repeated): one row per subject and non-reference session, the "
+                "subject's map minus its reference-session map; cell means of group x session; subjects with a "
+                "missing non-reference session kept with the differences they have. Subjects are exchangeability "
+                "blocks: whole subjects are sign-flipped (with variance groups, and for the session main effect) "
+                "or permuted between groups among subjects with the same sessions (Winkler et al. 2015, "
+                "NeuroImage 123:253). No sphericity is assumed.",
+    "mean": "Each subject's mean map over all sessions (subjects with every session), one row per subject: "
+            "the group main effect of the repeated-measures design.",
+}
+
 _STATISTIC_DESCRIPTION = {
     "t": "t of the OLS fit, one residual variance for all subjects.",
     "F": "F of the OLS fit, one residual variance for all subjects.",
@@ -1289,19 +1417,17 @@ def _variance_group_labels(
     """
     if setting != "auto":
         return None, ""
+    from fcflow.permutation import MIN_GROUP_RESIDUAL_DOF, variance_group_shortfall
+
     labels = [str(g) for g in group_of]
     sizes = pd.Series(labels).value_counts()
     small = sorted(sizes[sizes < 2].index)
     reason = f"group(s) {small} have fewer than 2 subjects" if small else ""
     if not reason and design is not None and len(sizes) > 1:
-        u, singular, _ = np.linalg.svd(design.to_numpy(dtype=float), full_matrices=False)
-        rank = int(np.sum(singular > singular[0] * 1e-10)) if singular.size else 0
-        leverage = np.sum(u[:, :rank] ** 2, axis=1)
-        residual = pd.Series(1.0 - leverage).groupby(np.asarray(labels)).sum()
-        thin = {g: round(float(v), 2) for g, v in residual.items() if v < 0.5}
+        thin = variance_group_shortfall(labels, design.to_numpy(dtype=float))
         if thin:
-            reason = (f"the design's {design.shape[1]} columns leave group(s) {sorted(thin)} too little residual "
-                      f"variance (residual dof {thin}, below 0.5)")
+            reason = (f"the design's {design.shape[1]} columns leave too little residual variance to "
+                      f"{'; '.join(thin)} (below {MIN_GROUP_RESIDUAL_DOF})")
     if reason:
         note = (f"variance_groups 'auto' fell back to one common variance: {reason}, too few to estimate a "
                 "variance of their own")

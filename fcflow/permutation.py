@@ -107,7 +107,13 @@ from fcflow.stats import (
     t_to_z,
 )
 
-__all__ = ["PermutationResult", "combine_family_wise", "make_permutations", "permutation_test"]
+__all__ = [
+    "PermutationResult",
+    "combine_family_wise",
+    "make_permutations",
+    "permutation_test",
+    "variance_group_shortfall",
+]
 
 INFERENCES = ("maxt", "cluster_mass", "cluster_size", "tfce")
 SCHEMES = ("auto", "permute", "sign_flip")
@@ -263,6 +269,40 @@ class _VarianceGroups:
     n_per_group: NDArray[np.float64]
 
 
+#: A variance group needs this many residual dof (the sum over its subjects of 1 - leverage).
+MIN_GROUP_RESIDUAL_DOF = 0.5
+
+
+def variance_group_shortfall(labels: ArrayLike, design: ArrayLike) -> list[str]:
+    """The variance groups that cannot estimate a variance of their own under ``design``.
+
+    A group needs at least 2 subjects and :data:`MIN_GROUP_RESIDUAL_DOF` residual dof, the sum
+    over its subjects of ``1 - leverage`` of the design (covariates can use up a small group's).
+
+    Parameters
+    ----------
+    labels : array-like of shape (n_subjects,)
+    design : array-like of shape (n_subjects, n_regressors)
+
+    Returns
+    -------
+    list of str
+        ``"<group> (<n> subject(s), <dof> residual dof)"`` per failing group; empty if none fails.
+    """
+    labels = np.asarray(labels).astype(str)
+    matrix = np.asarray(design, dtype=float)
+    u, singular, _ = np.linalg.svd(matrix, full_matrices=False)
+    rank = int(np.sum(singular > singular[0] * 1e-10)) if singular.size and singular[0] > 0 else 0
+    free = 1.0 - np.einsum("ij,ij->i", u[:, :rank], u[:, :rank])
+    out = []
+    for name in np.unique(labels):
+        member = labels == name
+        n, dof = int(member.sum()), float(free[member].sum())
+        if n < 2 or dof < MIN_GROUP_RESIDUAL_DOF:
+            out.append(f"{name!s} ({n} subject(s), {dof:.2f} residual dof)")
+    return out
+
+
 def _variance_groups(
     labels: ArrayLike | None, full_basis: NDArray[np.float64], n_subjects: int
 ) -> _VarianceGroups | None:
@@ -283,8 +323,7 @@ def _variance_groups(
     leverage = np.einsum("ij,ij->i", full_basis, full_basis)
     residual_dof = indicator.T @ (1.0 - leverage)
     n_per_group = indicator.sum(axis=0)
-    short = [f"{name!s} ({int(n)} subject(s), {dof:.2f} residual dof)"
-             for name, n, dof in zip(names, n_per_group, residual_dof) if n < 2 or dof < 0.5]  # fmt: skip
+    short = variance_group_shortfall(labels, full_basis)
     if short:
         raise ValueError(
             "Each variance group must have at least 2 subjects and leave residual variance to "

@@ -243,7 +243,7 @@ def compute_region_values(
 def run_region_inference(
     values: NDArray[np.float64], regions: pd.DataFrame, design: pd.DataFrame, test, *,
     n_permutations: int, two_sided: bool, random_seed: int, variance_groups: Sequence[str] | None = None,
-    group_variances: str = "brain",
+    group_variances: str = "brain", permutations: NDArray | None = None, scheme: str = "auto",
 ) -> pd.DataFrame:
     """Test one group contrast (t) or F test in every region, FWE by max-T and FDR over regions.
 
@@ -255,8 +255,9 @@ def run_region_inference(
         ``region``, ``hemisphere``, ``n_voxels`` of each column of ``values``.
     design : DataFrame of shape (n_subjects, n_regressors)
     test : fcflow.grouplevel.GroupTest
-    n_permutations, two_sided, random_seed, variance_groups, group_variances
-        As for :func:`fcflow.grouplevel.run_inference`.
+    n_permutations, two_sided, random_seed, variance_groups, group_variances, permutations, scheme
+        As for :func:`fcflow.grouplevel.run_inference` (``permutations``: e.g. the whole-subject
+        shuffles of a repeated-measures model, :mod:`fcflow.repeated`).
 
     Returns
     -------
@@ -276,7 +277,7 @@ def run_region_inference(
     result = run_inference(
         values, design, test, None, methods=("maxt",), n_permutations=n_permutations, two_sided=two_sided,
         random_seed=random_seed, cluster_forming_p=0.001, variance_groups=variance_groups,
-        group_variances=group_variances,
+        group_variances=group_variances, permutations=permutations, scheme=scheme,
     )  # fmt: skip
     logp = _parametric_logp(result.z, bool(two_sided) and test.kind == "t")
     effect = (test.matrix[0] @ fit_ols(values, design).beta if test.kind == "t"

@@ -322,7 +322,9 @@ def test_cluster_means_table_and_plot(study):
 
 def test_results_paths_exist_and_baseline_equivalence_is_written(study):
     results = study["results"]
-    assert len(results) == 2 * (2 + 1)  # session contrasts x (group contrasts + F tests)
+    # session contrasts x (group contrasts + F tests), then the repeated-measures interaction and
+    # session main effect, and the group main effect on the mean over sessions (tests/test_repeated.py)
+    assert len(results) == 2 * (2 + 1) + 2 + 1
     for column in ("stat_map", "z_map", "logp_fwe_map", "thresholded_map", "cluster_table"):
         for rel in results[column]:
             assert (study["out"] / rel).is_file(), rel
@@ -442,6 +444,16 @@ def test_group_without_subjects_is_skipped_with_a_warning(tmp_path, caplog):
     skipped = results[results["session_contrast"] == "infusion - baseline"]
     assert set(skipped["n_per_group"]) == {"placebo=6;ketamine=0;lamotrigine_ketamine=6"}
     assert set(skipped["stat_map"]) == {"n/a"}
+    assert set(skipped["skip_reason"]) == {"no subject in ['ketamine']"}
+    # the repeated-measures model lacks the ketamine x infusion cell: its contrasts are not estimable
+    repeated = results[results["session_contrast"].str.startswith("group x session")]
+    assert len(repeated) == 2 and all("ketamine:infusion" in r for r in repeated["skip_reason"])
+    from fcflow.reports.group import write_group_report
+
+    html = write_group_report(truth["out"], _recipe(covariates=[]), bids_dir=truth["bids"]).read_text()
+    # the three infusion - baseline tests and the group main effect (the mean needs every session)
+    assert (results["skip_reason"] == "no subject in ['ketamine']").sum() == len(skipped) + 1
+    assert html.count("Not tested: no subject in [&#39;ketamine&#39;]") == len(skipped) + 1
     later = results[results["session_contrast"] == "24h - baseline"]
     assert all((truth["out"] / p).is_file() for p in later["stat_map"])
 

@@ -428,7 +428,8 @@ def _results(output_dir: Path, recipe: Recipe, results: pd.DataFrame, *, baselin
                  "min_p_family": getattr(row, "min_p_family", None),
                  "design_warnings": [w for w in str(getattr(row, "design_warnings", "") or "").split(" | ") if w],
                  "n_clusters": None if pd.isna(row.n_significant_clusters) else int(row.n_significant_clusters),
-                 "skipped": not row.stat_map, "figures": {}, "clusters": [], "cluster_plots": []}
+                 "skipped": not row.stat_map, "skip_reason": str(getattr(row, "skip_reason", "") or ""),
+                 "figures": {}, "clusters": [], "cluster_plots": []}
         if entry["n_clusters"] and row.thresholded_map and row.cluster_table:
             table = pd.read_csv(output_dir / row.cluster_table, sep="\t", keep_default_na=False)
             entry["clusters"] = table.to_dict("records")

@@ -246,6 +246,18 @@ def _group_sentence(recipe: Recipe, inference: Mapping[str, Any]) -> str:
                  "each permutation's largest statistic taken over the tests on the z scale (Winkler et al. 2016).")
     if "fdr" in inf.methods and inf.fdr_p == "permutation":
         text += " The false discovery rate was controlled on the voxel-wise permutation p values."
+    if inf.repeated_measures and len(recipe.sessions) >= 3 and len(recipe.groups) >= 2:
+        ref = recipe.reference_session
+        flips = ("by sign flips of whole subjects" if inf.variance_groups == "auto" else
+                 "by permuting whole subjects between groups among subjects with the same sessions (sign flips of "
+                 "whole subjects for the session main effect)")
+        text += (f" Over all sessions ({_quoted(recipe.sessions)}), a repeated-measures model tested the group x "
+                 f"session interaction and the session main effect (F tests): one row per subject and session other "
+                 f"than {ref}, the subject's map minus its {ref} map, with one column per group and session; subjects "
+                 f"missing a session other than {ref} were kept with the sessions they had. Subjects were "
+                 f"exchangeability blocks, their rows moved together in every permutation ({flips}; Winkler et al. "
+                 "2015), so no sphericity was assumed. The group main effect was tested on each subject's mean map "
+                 "over all sessions (F test over the groups, subjects with every session).")
     regions = recipe.regions
     if regions.enabled:
         source = ("Julich-Brain area of both hemispheres (maximum probability maps)" if regions.labels is None
@@ -328,4 +340,6 @@ INFERENCE_REFERENCES = (
     "linear model. NeuroImage 92:381-397.",
     "Winkler AM, Webster MA, Brooks JC, Tracey I, Smith SM, Nichols TE (2016) Non-parametric combination and "
     "related permutation tests for neuroimaging. Human Brain Mapping 37:1486-1511.",
+    "Winkler AM, Webster MA, Vidaurre D, Nichols TE, Smith SM (2015) Multi-level block permutation. "
+    "NeuroImage 123:253-268.",
 )
