@@ -536,3 +536,23 @@ def test_a_group_of_one_falls_back_to_one_common_variance(caplog):
     labels, note = _variance_group_labels("auto", groups.replace("ketamine", "placebo"), "task-rest")
     assert labels == list(groups.replace("ketamine", "placebo")) and note == ""
     assert _variance_group_labels("none", groups, "task-rest") == (None, "")
+
+
+def test_report_summary_gives_cluster_one_its_own_peak(study):
+    # issue 19: the summary printed the map's most extreme statistic (anywhere, any p) as the
+    # peak beside cluster 1's coordinates; the row now shows cluster 1's own peak statistic
+    import re
+
+    from fcflow.reports.group import write_group_report
+    from fcflow.reports.render import _number
+
+    html = write_group_report(study["out"], _recipe(), bids_dir=study["bids"]).read_text()
+    row = study["results"].query("session_contrast == 'infusion - baseline' and "
+                                 "group_contrast == 'ketamine - placebo'").iloc[0]
+    table = pd.read_csv(study["out"] / row["cluster_table"], sep="\t")
+    rows = [r for r in html.split("<tr>") if "infusion - baseline" in r and "<td>ketamine - placebo</td>" in r]
+    cells = re.findall(r'<td class="num">([^<]*)</td>', rows[0])
+    # clusters, min p, min p (all tests), cluster 1 peak stat, most extreme stat in the map
+    assert cells[3] == _number(table.loc[0, "peak_stat"])
+    assert cells[4] == _number(row["peak_stat"])
+    assert "most extreme stat in the map (any p)" in html

@@ -370,6 +370,27 @@ def test_report_text_is_escaped(reported, tmp_path):
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html and "<script>" not in html
 
 
+def test_runs_are_listed_in_the_design_order_of_sessions(reported, tmp_path):
+    # issue 19: the page listed 24h, baseline, infusion (alphabetical)
+    from fcflow.reports.participant import write_participant_report
+
+    report = json.loads(Path(reported["reports"]["rest"]).read_text())
+    files = []
+    for session in ("24h", "baseline", "infusion"):
+        copy = {**report, "entities": {**report["entities"], "ses": session},
+                "run_name": report["run_name"].replace("ses-infusion", f"ses-{session}")}
+        files.append(tmp_path / f"{session}.json")
+        files[-1].write_text(json.dumps(copy))
+    html = write_participant_report(tmp_path / "out", "01", files,
+                                    session_order=("baseline", "infusion", "24h")).read_text()
+    sections = re.findall(r'<section id="([^"]+)" class="run">', html)
+    assert [re.search(r"ses-([a-z0-9]+)", s).group(1) for s in sections] == ["baseline", "infusion", "24h"]
+    alphabetical = write_participant_report(tmp_path / "out2", "01", files).read_text()
+    assert [re.search(r"ses-([a-z0-9]+)", s).group(1)
+            for s in re.findall(r'<section id="([^"]+)" class="run">', alphabetical)] == ["24h", "baseline",
+                                                                                         "infusion"]
+
+
 def test_save_figure_writes_png_or_svg_only(tmp_path):
     from fcflow.reports.figures import new_figure, save_figure
 

@@ -63,6 +63,7 @@ class _WriteParticipantReportInputSpec(BaseInterfaceInputSpec):
     output_dir = Directory(mandatory=True)
     subject = traits.Str(mandatory=True)
     report_files = InputMultiObject(File(exists=True), mandatory=True)
+    session_order = traits.List(traits.Str, desc="the recipe's sessions: the page lists runs in this order")
 
 
 class _WriteParticipantReportOutputSpec(TraitedSpec):
@@ -79,7 +80,8 @@ class WriteParticipantReport(SimpleInterface):
         from fcflow.reports.participant import write_participant_report
 
         self._results["out_report"] = str(write_participant_report(
-            self.inputs.output_dir, self.inputs.subject, list(self.inputs.report_files)))
+            self.inputs.output_dir, self.inputs.subject, list(self.inputs.report_files),
+            session_order=list(self.inputs.session_order)))
         return runtime
 
 

@@ -390,7 +390,8 @@ def _figure_name(entities: Mapping[str, Any], key: str, suffix: str) -> str:
 
 
 def write_participant_report(
-    output_dir: str | Path, subject: str, run_report_files: Sequence[str | Path]
+    output_dir: str | Path, subject: str, run_report_files: Sequence[str | Path], *,
+    session_order: Sequence[str] = (),
 ) -> Path:
     """Copy each run's figures into ``sub-<label>/figures``, write its no-denoising maps, render the page.
 
@@ -402,6 +403,10 @@ def write_participant_report(
         Participant label without ``sub-``.
     run_report_files : sequence of path
         The ``run_report.json`` of each run (:func:`make_run_report`).
+    session_order : sequence of str, default=()
+        The design's sessions (the recipe's order, e.g. baseline, infusion, 24h): runs are listed
+        by session in this order, then by task, acquisition and run; sessions not in it come last,
+        alphabetically.
 
     Returns
     -------
@@ -463,7 +468,9 @@ def write_participant_report(
         report["links"] = links
         report["maps"] = [{**m, "link": links[m["key"]]} for m in report["maps"]]
         runs.append(report)
-    runs.sort(key=lambda r: tuple(str(r["entities"].get(k) or "") for k in ("ses", "task", "acq", "run")))
+    order = {session: i for i, session in enumerate(session_order)}
+    runs.sort(key=lambda r: (order.get(str(r["entities"].get("ses") or ""), len(order)),
+                             *(str(r["entities"].get(k) or "") for k in ("ses", "task", "acq", "run"))))
     group = next((r["entities"].get("group") for r in runs if r["entities"].get("group")), "")
     html = render("participant.html.j2", subject=subject, group=group, runs=runs,
                   sections=_SECTION_ORDER, software=software_versions())

@@ -199,7 +199,8 @@ def init_participant_wf(
     outputnode = pe.Node(IdentityInterface(fields=["qc_table", "report"]), name="outputnode")
     if reports:
         merge_reports = pe.Node(Merge(len(runs)), name="merge_reports")
-        report = pe.Node(WriteParticipantReport(output_dir=str(output_dir), subject=subject), name="report")
+        report = pe.Node(WriteParticipantReport(output_dir=str(output_dir), subject=subject,
+                                                session_order=list(recipe.sessions)), name="report")
         workflow.connect([(merge_reports, report, [("out", "report_files")]),
                           (report, outputnode, [("out_report", "report")])])
     for index, run in enumerate(runs, start=1):
