@@ -1253,7 +1253,10 @@ def seed_from_mask_file(
     """Put a user's seed mask (any non-zero voxel) on a run's grid, by nearest neighbour.
 
     Returns the uint8 mask on the reference grid and a provenance sidecar (file, SHA-256, voxels,
-    volume, centre of mass).
+    volume, centre of mass). A JSON sidecar beside the mask file (``<stem>.json``) is read for
+    its ``Description`` (``MaskDescription``) and whether the mask is a stand-in (``StandIn``:
+    the sidecar says ``"StandIn": true`` or its ``Type`` names a stand-in, as the simulator's
+    stand-in pgACC does); the reports show a banner for a stand-in seed.
     """
     from nilearn.image import resample_to_img
 
@@ -1283,4 +1286,13 @@ def seed_from_mask_file(
         "VolumeMm3": round(n_voxels * _voxel_volume_mm3(img.affine), 3),
         "CenterOfMassMm": center_of_mass_mm(img),
     }
+    own = Path(str(mask_file).removesuffix(".gz").removesuffix(".nii") + ".json")
+    if own.is_file():
+        try:
+            meta = json.loads(own.read_text())
+        except (OSError, ValueError) as exc:
+            raise InputDataError(f"The seed mask's sidecar {own} is not valid JSON ({exc}): fix or remove it.") from exc
+        if isinstance(meta, dict):
+            sidecar["MaskDescription"] = meta.get("Description")
+            sidecar["StandIn"] = bool(meta.get("StandIn")) or "stand-in" in str(meta.get("Type", "")).lower()
     return img, sidecar

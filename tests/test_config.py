@@ -15,7 +15,7 @@ from fcflow.config import (
     parse_contrast,
     recipe_from_dict,
 )
-from fcflow.errors import RecipeError
+from fcflow.errors import InputDataError, RecipeError
 from fcflow.resources import recipe_file
 
 SHIPPED = recipe_file("weigner2025_pgacc")
@@ -201,6 +201,16 @@ def test_seed_from_a_mask_file(tmp_path):
     reference = nib.Nifti1Image(np.zeros((14, 16, 18), dtype=np.uint8), np.diag([1.0, 1.0, 1.0, 1.0]))
     img, sidecar = seed_from_mask_file(seed.mask, reference, name="mine")
     assert img.shape == (14, 16, 18) and sidecar["NumberOfVoxels"] == 8 * 8
+    assert "StandIn" not in sidecar  # no sidecar beside the mask: nothing claimed
+    # a sidecar that declares a stand-in (the simulator's pgACC sphere) is carried into the provenance
+    (tmp_path / "myseed.json").write_text('{"Description": "STAND-IN pgACC sphere", "Type": "stand-in sphere"}')
+    _, sidecar = seed_from_mask_file(seed.mask, reference, name="mine")
+    assert sidecar["StandIn"] is True and sidecar["MaskDescription"] == "STAND-IN pgACC sphere"
+    (tmp_path / "myseed.json").write_text('{"Description": "my ROI", "Type": "manual tracing"}')
+    assert seed_from_mask_file(seed.mask, reference, name="mine")[1]["StandIn"] is False
+    (tmp_path / "myseed.json").write_text("{not json")
+    with pytest.raises(InputDataError, match=r"myseed\.json is not valid JSON"):
+        seed_from_mask_file(seed.mask, reference, name="mine")
     missing = _write(tmp_path, text.replace(block, '[seeds.mine]\nmask = "nope.nii.gz"\n\n'))
     with pytest.raises(RecipeError, match=r"\[seeds\.mine\] 'mask' must be a NIfTI mask file .*nope\.nii\.gz does not exist"):
         load_recipe(missing)

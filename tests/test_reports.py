@@ -400,3 +400,22 @@ def test_save_figure_writes_png_or_svg_only(tmp_path):
     assert b"<svg" in save_figure(figure, tmp_path / "a.svg").read_bytes()[:2000]
     with pytest.raises(ValueError, match="'out_file' must end in .png or .svg"):
         save_figure(figure, tmp_path / "a.pdf")
+
+
+def test_stand_in_seeds_are_found_from_the_seed_sidecars(tmp_path):
+    from fcflow.reports.group import stand_in_seeds_of_study
+    from fcflow.reports.participant import stand_in_seeds
+
+    func = tmp_path / "sub-01" / "ses-baseline" / "func"
+    func.mkdir(parents=True)
+    (func / "sub-01_ses-baseline_task-rest_seed-pgACC_mask.json").write_text(json.dumps(
+        {"Seed": "pgACC", "StandIn": True, "MaskDescription": "STAND-IN pgACC: a 10 mm sphere"}))
+    (func / "sub-01_ses-baseline_task-rest_seed-real_mask.json").write_text(json.dumps(
+        {"Seed": "real", "Source": "mpm"}))
+    assert stand_in_seeds_of_study(tmp_path) == {"pgACC": "STAND-IN pgACC: a 10 mm sphere"}
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "seed-pgACC_mask.json").write_text(json.dumps({"StandIn": True, "MaskDescription": "sphere"}))
+    (work / "seed-real_mask.json").write_text(json.dumps({"StandIn": False}))
+    files = [str(work / "seed-pgACC_mask.nii.gz"), str(work / "seed-real_mask.nii.gz")]
+    assert stand_in_seeds(files, ["pgACC", "real"]) == {"pgACC": "sphere"}

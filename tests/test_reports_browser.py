@@ -198,6 +198,9 @@ def test_reports_load_in_a_browser_without_errors(reports, browser_path, tmp_pat
             broken = [i["src"] for i in images if not (i["complete"] and i["width"] > 0)]
             assert not broken, f"{page.name}: images that did not load: {broken[:5]}"
             assert not browser.errors(), f"{page.name}: {browser.errors()[:5]}"
+            # the demo's seed without an atlas is the simulator's stand-in sphere: both reports say so
+            banner = browser.evaluate("Array.from(document.querySelectorAll('.stand-in')).map(e => e.textContent)")
+            assert len(banner) == 1 and "Stand-in seed." in banner[0] and "pgACC" in banner[0], (page.name, banner)
             if page.name in ("group.html", "sub-01.html"):
                 shot = browser.screenshot(artifacts / f"report_{page.stem}.png")
                 assert shot.stat().st_size > 10_000

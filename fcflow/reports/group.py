@@ -507,6 +507,23 @@ def _ground_truth(output_dir: Path, bids_dir: Path) -> dict[str, Any] | None:
     return out
 
 
+def stand_in_seeds_of_study(output_dir: str | Path) -> dict[str, str]:
+    """Seeds that any run used as a declared stand-in, from the seed masks' sidecars in OUTPUT_DIR.
+
+    The participant level writes ``sub-*/[ses-*/]func/*_seed-<name>_mask.json`` with the seed's
+    provenance (``StandIn`` and ``MaskDescription`` from :func:`fcflow.atlas.seed_from_mask_file`).
+    """
+    out: dict[str, str] = {}
+    for path in sorted(Path(output_dir).glob("sub-*/**/func/*_mask.json")):
+        try:
+            meta = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(meta, dict) and meta.get("StandIn"):
+            out.setdefault(str(meta.get("Seed") or path.name), str(meta.get("MaskDescription") or "stand-in mask"))
+    return out
+
+
 def write_group_report(
     output_dir: str | Path,
     recipe: Recipe,
@@ -557,6 +574,7 @@ def write_group_report(
         "results": _results(output_dir, recipe, results, baseline=False),
         "baseline": _results(output_dir, recipe, baseline, baseline=True),
         "truth": _ground_truth(output_dir, bids_dir),
+        "stand_in_seeds": stand_in_seeds_of_study(output_dir),
         "methods": describe_methods(recipe),
         "software": software_versions(),
     }

@@ -375,8 +375,25 @@ def make_run_report(
         # the first level's kernel, which the no-denoising maps were smoothed with too
         "smoothing_fwhm": run_qc.get("smoothing_fwhm"),
         "carpet_rows": int(arrays["carpet_columns"].size),
+        "stand_in_seeds": stand_in_seeds(seed_files, seed_names),
     }
     return write_json(out / "run_report.json", report)
+
+
+def stand_in_seeds(seed_files: Sequence[str], seed_names: Sequence[str]) -> dict[str, str]:
+    """Seeds whose provenance sidecar (beside the mask) says they are stand-ins, with its description.
+
+    The first level writes ``<mask>.json`` beside each seed mask (:func:`fcflow.atlas.seed_from_mask_file`
+    sets ``StandIn`` for a mask declared a stand-in, e.g. the simulator's pgACC sphere).
+    """
+    out = {}
+    for name, path in zip(seed_names, seed_files, strict=True):
+        sidecar = Path(str(path).removesuffix(".gz").removesuffix(".nii") + ".json")
+        if sidecar.is_file():
+            meta = json.loads(sidecar.read_text())
+            if meta.get("StandIn"):
+                out[name] = str(meta.get("MaskDescription") or meta.get("MaskFile") or "stand-in mask")
+    return out
 
 
 # ----------------------------------------------------------------------------------------------

@@ -536,6 +536,7 @@ def _write_truth_masks(gt_dir: Path, anatomy: Anatomy, regions: StudyRegions,
             "Description": text, "Role": role,
             "Type": "Julich-Brain" if is_julich_seed else "stand-in sphere"
             if role == "seed" else "sphere in grey matter",
+            "StandIn": role == "seed" and not is_julich_seed,
             "CentreMNI": None if is_julich_seed else list(region.centre_mm),
             "RadiusMm": None if is_julich_seed else region.radius_mm,
             "CentroidMNI": list(_centroid_mm(mask, anatomy)),
