@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 
@@ -87,3 +88,49 @@ def test_demo_uses_the_stand_in_seed_when_the_atlas_is_unavailable(tmp_path):
     assert seed.name == "pgACC" and seed.mask == str(mask) and seed.areas == ()
     shipped = load_recipe("weigner2025_pgacc")
     assert recipe.replace(seeds=shipped.seeds).fingerprint() == shipped.fingerprint()
+
+
+
+def _every_parser() -> dict[str, argparse.ArgumentParser]:
+    """Every parser ``main`` builds (the top one, each tool's, the analysis'), subparsers included."""
+    from fcflow.cli import _TOOLS, build_parser
+
+    todo = [("fcflow", build_parser([])),
+            ("fcflow BIDS_DIR OUTPUT_DIR participant", build_parser(["BIDS_DIR", "OUTPUT_DIR", "participant"]))]
+    todo += [(f"fcflow {tool}", build_parser([tool])) for tool in _TOOLS]
+    found = {}
+    while todo:
+        name, parser = todo.pop()
+        found[name] = parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                todo.extend((f"{name} {sub}", subparser) for sub, subparser in action.choices.items())
+    return found
+
+
+def _arguments_without_help(parser: argparse.ArgumentParser) -> list[str]:
+    return [
+        "/".join(action.option_strings) or action.dest
+        for action in parser._actions
+        if not isinstance(action, argparse._HelpAction)
+        and (not action.help or action.help == argparse.SUPPRESS or not action.help.strip())
+    ]
+
+
+def test_the_help_check_finds_an_argument_without_help():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--documented", help="has help")
+    parser.add_argument("--bare")
+    parser.add_argument("--blank", help=" ")
+    parser.add_argument("position")
+    assert _arguments_without_help(parser) == ["--bare", "--blank", "position"]
+
+
+def test_every_cli_argument_has_help():
+    parsers = _every_parser()
+    assert set(parsers) >= {"fcflow", "fcflow BIDS_DIR OUTPUT_DIR participant", "fcflow simulate",
+                            "fcflow seeds", "fcflow demo"}
+    missing = {name: _arguments_without_help(parser) for name, parser in parsers.items()}
+    assert not {name: arguments for name, arguments in missing.items() if arguments}
+    for parser in parsers.values():
+        parser.format_help()  # raises on a help string with a lone '%' (argparse formats it)

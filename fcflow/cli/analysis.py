@@ -41,13 +41,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("analysis_level", choices=("participant", "group"), help="which level to run")
     parser.add_argument("--recipe", default="weigner2025_pgacc",
                         help="study recipe: a TOML file or the name of a shipped one (default: %(default)s)")
-    parser.add_argument("--derivatives", type=Path, default=None,
+    parser.add_argument("--derivatives", type=Path, default=None, metavar="FMRIPREP_DIR",
                         help="fMRIPrep derivatives (default: BIDS_DIR/derivatives/fmriprep)")
     parser.add_argument("--participant-label", "--participant_label", nargs="+", default=None,
-                        type=_label("participant", "sub-"), metavar="LABEL")
-    parser.add_argument("--session-label", nargs="+", default=None, type=_label("session", "ses-"), metavar="LABEL")
-    parser.add_argument("--task", nargs="+", default=None, type=_label("task", "task-"), metavar="LABEL")
-    parser.add_argument("--julich-dir", type=Path, default=None,
+                        type=_label("participant", "sub-"), metavar="LABEL",
+                        help="participant level: analyse only these participants, BIDS labels of letters and "
+                             "digits with or without 'sub-', e.g. --participant-label 01 sub-02; each must "
+                             "have preprocessed BOLD in the recipe's space (default: every participant "
+                             "found in the fMRIPrep derivatives). The group level ignores it")
+    parser.add_argument("--session-label", nargs="+", default=None, type=_label("session", "ses-"), metavar="LABEL",
+                        help="participant level: analyse only the runs of these sessions, BIDS labels with or "
+                             "without 'ses-', e.g. --session-label baseline infusion (default: the "
+                             "recipe's [sessions] levels). The group level ignores it")
+    parser.add_argument("--task", nargs="+", default=None, type=_label("task", "task-"), metavar="LABEL",
+                        help="participant level: analyse only the runs of these tasks, BIDS labels with or "
+                             "without 'task-' that the recipe declares as [tasks.<label>], e.g. --task rest "
+                             "(default: every task of the recipe). The group level ignores it")
+    parser.add_argument("--julich-dir", type=Path, default=None, metavar="DIR",
                         help="a local copy of the Julich-Brain v3.1 files (else FCFLOW_JULICH_DIR, the cache, a download)")
     parser.add_argument("--no-reports", action="store_true",
                         help="skip the HTML reports (OUTPUT_DIR/sub-<label>.html, OUTPUT_DIR/group.html) and "

@@ -33,9 +33,14 @@ LOGGER = logging.getLogger("fcflow.demo")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("output_dir", nargs="?", type=Path, default=Path("fcflow_demo"),
                         help="where to write the sample study and its results (default: %(default)s)")
-    parser.add_argument("--julich-dir", type=Path, default=None,
-                        help="a local copy of the Julich-Brain v3.1 files, for the real pgACC seed")
-    parser.add_argument("--nprocs", type=int, default=None, help="processes to use (default: all cores)")
+    parser.add_argument("--julich-dir", type=Path, default=None, metavar="DIR",
+                        help="a local copy of the Julich-Brain v3.1 files, for the real pgACC seed (default: "
+                             "FCFLOW_JULICH_DIR, fcflow's cache or a download; without the atlas, the "
+                             "simulator's stand-in pgACC mask)")
+    parser.add_argument("--nprocs", type=int, default=None, metavar="N",
+                        help="processes the participant level runs at once (MultiProc), e.g. --nprocs 2 "
+                             "(default: SLURM_CPUS_PER_TASK inside a SLURM job, else the CPUs this process "
+                             "may use)")
 
 
 def _atlas_or_none(julich_dir: Path | None) -> Path | None:

@@ -37,7 +37,8 @@ logger = logging.getLogger(__name__)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``fcflow seeds`` options to ``parser``."""
-    parser.add_argument("-o", "--output-dir", type=Path, help="folder for the masks and sidecars")
+    parser.add_argument("-o", "--output-dir", type=Path,
+                        help="folder for the masks and sidecars (required unless --list)")
     grid = parser.add_mutually_exclusive_group()
     grid.add_argument("--reference", type=Path, metavar="FILE",
                       help="image whose grid the masks take (e.g. a BOLD run in MNI152NLin2009cAsym)")
