@@ -244,6 +244,30 @@ class Recipe:
         """Return a copy with top-level fields changed, validated again."""
         return _check_recipe(dataclasses.replace(self, **changes))
 
+    def with_overrides(self, *, n_permutations: int | None = None) -> Recipe:
+        """The recipe a run actually uses: command-line overrides applied and checked.
+
+        ``n_permutations`` (``--n-permutations``) may go below the recipe's minimum of 100 for
+        demos and tests, but never so low that no p value can reach ``alpha``: the smallest
+        permutation p is ``1 / n_permutations`` (the identity counts), so ``alpha = 0.05`` needs 20.
+
+        Raises
+        ------
+        RecipeError
+            ``n_permutations`` is not an integer of at least ``ceil(1 / alpha)``.
+        """
+        if n_permutations is None:
+            return self
+        alpha = self.inference.alpha
+        needed = math.ceil(1.0 / alpha - 1e-9)
+        if isinstance(n_permutations, bool) or not isinstance(n_permutations, int) or n_permutations < needed:
+            raise RecipeError(
+                f"'--n-permutations' must be an integer of at least {needed}: the smallest permutation p is "
+                f"1 / n_permutations, and alpha is {alpha:g}. Got {n_permutations!r}; publication needs the "
+                f"recipe's {self.inference.n_permutations}."
+            )
+        return dataclasses.replace(self, inference=dataclasses.replace(self.inference, n_permutations=n_permutations))
+
 
 # ----------------------------------------------------------------------------------------------
 # Reading and validation

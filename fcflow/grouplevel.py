@@ -789,16 +789,18 @@ def run_group_level(
 
     output_dir = Path(output_dir)
     group_dir = output_dir / GROUP_DIR
+    # the effective recipe: what runs is what desc-recipe_config.json, the sidecars and the
+    # methods text record (issue 17: --n-permutations was applied but the recipe's value recorded)
+    recipe = recipe.with_overrides(n_permutations=None if n_permutations is None else int(n_permutations))
     inference = recipe.inference
-    n_perm = int(n_permutations if n_permutations is not None else inference.n_permutations)
-    if n_perm < 1:
-        raise InputDataError(f"'n_permutations' must be a positive integer. Got {n_perm!r}.")
+    n_perm = int(inference.n_permutations)
     if not any(output_dir.glob("sub-*/sub-*_desc-runs_qc.tsv")):
         raise InputDataError(
             f"{output_dir}: expected the participant level's outputs (sub-<label>/sub-<label>_desc-runs_qc.tsv "
             "and the maps). Got none: run 'fcflow BIDS_DIR OUTPUT_DIR participant' first, with this OUTPUT_DIR."
         )
     participants = read_participants(Path(bids_dir), recipe.group_column, recipe.groups)
+    _check_permutation_memory(recipe, n_rows=len(participants) * max(1, len(recipe.sessions) - 1))
     lookup = None
     if atlas_dir is not None:
         lookup = julich_area_lookup(atlas_dir)
@@ -1032,6 +1034,38 @@ def run_group_level(
     LOGGER.info("Group level done: %d rows in %s (and %d baseline-equivalence rows)", len(main), results_file,
                 len(baseline))
     return results_file
+
+
+def _check_permutation_memory(recipe: Recipe, *, n_rows: int) -> None:
+    """Refuse a permutation count whose null distributions would not fit in this machine's memory.
+
+    Estimated before anything is allocated (:func:`fcflow.permutation.permutation_memory_bytes`)
+    for the largest design (``n_rows``: every participant, every session difference) and the
+    largest family of tests; more than half of the physical memory is refused, with the count
+    that would fit.
+    """
+    import os
+
+    from fcflow.permutation import permutation_memory_bytes
+
+    inference = recipe.inference
+    methods = [m for m in inference.methods if m in PERMUTATION_INFERENCES]
+    if not methods:
+        return
+    try:
+        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not POSIX: no estimate to compare with
+        return
+    n_tests = max(len(recipe.group_contrasts) + len(recipe.f_tests), 2)
+    need = permutation_memory_bytes(inference.n_permutations, n_rows, len(methods), n_tests)
+    if need > physical / 2:
+        fits = int((physical / 2 - permutation_memory_bytes(0, n_rows, len(methods), n_tests))
+                   // (need - permutation_memory_bytes(0, n_rows, len(methods), n_tests)) * inference.n_permutations)
+        raise InputDataError(
+            f"n_permutations = {inference.n_permutations} needs about {need / 2**30:.1f} GiB for the permutations of "
+            f"{n_rows} rows and {n_tests} tests, more than half of this machine's {physical / 2**30:.1f} GiB: use at "
+            f"most {fits} (5000 is the recipe's publication default)."
+        )
 
 
 def _write_group_description(group_dir: Path, output_dir: Path, recipe: Recipe) -> None:

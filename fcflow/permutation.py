@@ -111,6 +111,7 @@ __all__ = [
     "PermutationResult",
     "combine_family_wise",
     "make_permutations",
+    "permutation_memory_bytes",
     "permutation_test",
     "variance_group_shortfall",
 ]
@@ -507,6 +508,19 @@ def _welch_statistic(
 # --------------------------------------------------------------------------------------------
 # Permutations
 # --------------------------------------------------------------------------------------------
+def permutation_memory_bytes(
+    n_permutations: int, n_subjects: int, n_inferences: int, n_tests: int = 1
+) -> int:
+    """Memory that grows with the number of permutations, for ``n_tests`` tests kept together.
+
+    The permutation (or sign-flip) rows, int32 per subject, and each inference's null maxima,
+    float64, of every test a family-wise correction keeps; plus the batch buffers (about 160 MB,
+    whatever the count). An estimate to refuse a count that cannot fit before allocating it.
+    """
+    per_permutation = 4 * n_subjects + 8 * max(n_inferences, 1) * max(n_tests, 1)
+    return int(n_permutations) * per_permutation + 160 * 2**20
+
+
 def make_permutations(
     n_subjects: int,
     n_permutations: int,

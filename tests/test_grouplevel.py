@@ -556,3 +556,23 @@ def test_report_summary_gives_cluster_one_its_own_peak(study):
     assert cells[3] == _number(table.loc[0, "peak_stat"])
     assert cells[4] == _number(row["peak_stat"])
     assert "most extreme stat in the map (any p)" in html
+
+
+def test_permutation_count_is_checked_and_the_effective_one_recorded(tmp_path):
+    # issue 17: --n-permutations 1 gave p = 1 everywhere, 10**9 tried to allocate 22 GiB, and the
+    # recipe's value (not the one that ran) was recorded
+    from fcflow.errors import RecipeError
+
+    truth = write_first_level(tmp_path)
+    with pytest.raises(RecipeError, match=r"'--n-permutations' must be an integer of at least 20: the smallest "
+                                          r"permutation p is 1 / n_permutations, and alpha is 0.05. Got 1"):
+        run_group_level(truth["out"], _recipe(), bids_dir=truth["bids"], n_permutations=1)
+    with pytest.raises(InputDataError, match=r"n_permutations = 1000000000 needs about \d+\.\d GiB .* use at most \d+"):
+        run_group_level(truth["out"], _recipe(), bids_dir=truth["bids"], n_permutations=10**9)
+    assert not (truth["out"] / "group").exists()  # refused before anything was written
+    run_group_level(truth["out"], _recipe(methods=["maxt"], primary="maxt", covariates=[]), bids_dir=truth["bids"],
+                    n_permutations=40)
+    config = json.loads((truth["out"] / "group" / "desc-recipe_config.json").read_text())
+    assert config["Recipe"]["inference"]["n_permutations"] == 40
+    sidecar = next((truth["out"] / "group").glob("ses-infusionMinusBaseline_*_stat-t_statmap.json"))
+    assert json.loads(sidecar.read_text())["Inference"]["n_permutations"] == 40

@@ -71,7 +71,8 @@ def _add_group_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--n-permutations", type=positive_type(int, "--n-permutations", "integer"), default=None,
                        metavar="N",
                        help="permutations per test, overriding the recipe's inference.n_permutations "
-                            "(for demos and tests)")
+                            "(for demos and tests); at least 1/alpha (20 at alpha 0.05), and refused when its "
+                            "null distributions would not fit in half of this machine's memory")
 
 
 def _run_group(args: argparse.Namespace, recipe) -> int:

@@ -46,10 +46,9 @@ _FIGURES = "group/figures"
 
 
 def resolve_recipe(recipe: Recipe, *, n_permutations: int | None = None) -> Recipe:
-    """The recipe the group level ran with: the command line's ``--n-permutations`` applied."""
-    if n_permutations is None:
-        return recipe
-    return recipe.replace(inference=dataclasses.replace(recipe.inference, n_permutations=int(n_permutations)))
+    """The recipe the group level ran with: the command line's ``--n-permutations`` applied
+    (:meth:`fcflow.config.Recipe.with_overrides`)."""
+    return recipe.with_overrides(n_permutations=None if n_permutations is None else int(n_permutations))
 
 
 def read_qc_tables(output_dir: str | Path) -> pd.DataFrame:

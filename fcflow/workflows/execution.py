@@ -317,8 +317,16 @@ def plugin_settings(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     if plugin == "Linear":
         settings = {}
     elif plugin == "MultiProc":
+        available = _allocation_cpus() or _usable_cpus()
+        if nprocs is not None and nprocs > available:
+            # more worker processes than CPUs only adds forks and memory (issue 17: --nprocs 1000
+            # forked about 1000 workers for one run)
+            logging.getLogger("fcflow").warning(
+                "--nprocs %d is more than the %d CPU(s) this process may use: running %d worker(s).",
+                nprocs, available, available)
+            nprocs = available
         settings = {
-            "n_procs": nprocs or _allocation_cpus() or _usable_cpus(),
+            "n_procs": nprocs or available,
             "raise_insufficient": False,
         }
         memory_gb = mem_gb or _allocation_mem_gb()

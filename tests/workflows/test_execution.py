@@ -128,10 +128,21 @@ def _re(text: str) -> str:
 
 
 # ---- plugin arguments ---------------------------------------------------------------------------
-def test_multiproc_settings():
+def test_multiproc_settings(monkeypatch):
+    monkeypatch.setattr(execution, "_usable_cpus", lambda: 8)
+    monkeypatch.setattr(execution, "_allocation_cpus", lambda: None)
     name, settings = plugin_settings(_parse("--nprocs", "3", "--mem-gb", "6"))
     assert name == "MultiProc"
     assert settings == {"n_procs": 3, "memory_gb": 6.0, "raise_insufficient": False}
+
+
+def test_nprocs_above_the_cpus_is_capped_with_a_warning(monkeypatch, caplog):
+    monkeypatch.setattr(execution, "_usable_cpus", lambda: 2)
+    monkeypatch.setattr(execution, "_allocation_cpus", lambda: None)
+    with caplog.at_level("WARNING", logger="fcflow"):
+        settings = plugin_settings(_parse("--nprocs", "1000"))[1]
+    assert settings["n_procs"] == 2
+    assert "--nprocs 1000 is more than the 2 CPU(s) this process may use: running 2 worker(s)." in caplog.text
 
 
 def test_multiproc_defaults_to_the_cpus_this_process_may_use():
