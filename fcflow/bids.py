@@ -321,7 +321,14 @@ def collect_runs(
     if unknown_tasks:
         raise InputDataError(f"--task must name tasks of the recipe {list(tasks)}. Got {sorted(unknown_tasks)}.")
     wanted_sessions = set(session_labels or sessions)
+    unknown_sessions = wanted_sessions - set(sessions)
+    if unknown_sessions:
+        raise InputDataError(
+            f"--session-label must name sessions of the recipe's [sessions] levels {list(sessions)}. "
+            f"Got {sorted(unknown_sessions)}."
+        )
     warnings: list[str] = []
+    subjects_seen: set[str] = set()
 
     found: dict[tuple, Path] = {}
     other_spaces: set[str] = set()
@@ -332,6 +339,7 @@ def collect_runs(
         if entities.get("space") != space:
             other_spaces.add(entities.get("space", "<none: native>"))
             continue
+        subjects_seen.add(entities["sub"])
         if participant_labels and entities["sub"] not in participant_labels:
             continue
         if entities["task"] not in wanted_tasks:
@@ -366,9 +374,12 @@ def collect_runs(
     if participant_labels:
         missing = sorted(set(participant_labels) - {key[0] for key in found})
         if missing:
+            seen = sorted(subjects_seen)
+            listed = ", ".join(seen[:20]) + (f" and {len(seen) - 20} more" if len(seen) > 20 else "")
             raise InputDataError(
                 f"--participant-label {missing}: no preprocessed BOLD in space {space} under "
-                f"{derivatives_dir} for these participants."
+                f"{derivatives_dir} for these participants. Participants with BOLD in {space}: "
+                f"{listed or 'none'}."
             )
     if not found:
         hint = f" Found other spaces: {sorted(other_spaces)}." if other_spaces else ""

@@ -43,7 +43,9 @@ participant-without-group      before  ``sub-<label> has no 'group' in <particip
 participant-row-without-data   --      handled: a warning (test_participant_listed_without_data_is_a_warning)
 participant-id-path            before  ``<participants.tsv>: 'participant_id' must be sub-<label> with letters and digits``
 participant-label-path         before  ``participant labels must be letters and digits (BIDS)`` (argparse: exit 2)
-participant-label-unknown      before  ``--participant-label ['07']: no preprocessed BOLD``
+participant-label-unknown      before  ``--participant-label ['07']: no preprocessed BOLD ... Participants with BOLD in
+                                       MNI152NLin2009cAsym: 01, ...``
+session-label-unknown          before  ``--session-label must name sessions of the recipe's [sessions] levels``
 group-unknown                  before  ``'group' must be one of the recipe's groups ... Got ['esketamine']``
 session-missing-for-a-subject  --      handled at the group level: the subject drops out of the contrasts that
                                        need the session, with the reason in the sidecars (tests/test_grouplevel.py)
@@ -342,8 +344,12 @@ CASES: dict[str, Case] = {
                                 r".*Got \['sub-\.\./x'\]", r"Fix the table"),
     "participant-label-path": Case(lambda r: None, r"Got '\.\./x'", r"participant labels must be letters and digits",
                                    args=["--participant-label", "../x"], status=2),
-    "participant-label-unknown": Case(lambda r: None, r"--participant-label \['07'\]", r"no preprocessed BOLD in space",
-                                      args=["--participant-label", "07"]),
+    "participant-label-unknown": Case(lambda r: None, r"--participant-label \['07'\]",
+                                      r"no preprocessed BOLD in space .* Participants with BOLD in "
+                                      r"MNI152NLin2009cAsym: 01", args=["--participant-label", "07"]),
+    "session-label-unknown": Case(lambda r: None, r"Got \['day1'\]",
+                                  r"--session-label must name sessions of the recipe's \[sessions\] levels "
+                                  r"\['baseline', 'infusion', '24h'\]", args=["--session-label", "day1"]),
     "group-unknown": Case(lambda r: _participants(r, lambda t: t.replace("\tketamine\t", "\tesketamine\t")),
                           r"participants\.tsv: 'group' must be one of the recipe's groups .*Got \['esketamine'\]",
                           r"Fix the table or the recipe's \[groups\] levels"),
