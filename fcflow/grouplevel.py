@@ -362,6 +362,93 @@ def load_session_maps(output_dir: str | Path, runs: pd.DataFrame, sessions: Sequ
                        affine=np.asarray(affine, dtype=float))
 
 
+#: Denoising settings that only feed quality control, not the maps
+_QC_ONLY_DENOISING = ("compare_strategies",)
+
+
+def analysis_settings(sidecar: Mapping[str, Any], task: str, seed: str) -> dict[str, Any] | None:
+    """What made a first-level map, from its sidecar: the settings two maps of one analysis must share.
+
+    The recipe's space, ``[denoising]`` (censoring, strategy, band filter, dof and exclusion limits,
+    smoothing; not the QC-only strategy comparison), the task's band and conditions, the seed's
+    definition, and fcflow's major.minor version. None when the sidecar records no recipe (maps
+    written by other tools or by hand), which cannot be checked.
+    """
+    recipe = sidecar.get("Recipe") or {}
+    if not recipe:
+        return None
+    task_entry = next((t for t in recipe.get("tasks", []) if t.get("name") == task), None)
+    seed_entry = next((s for s in recipe.get("seeds", []) if s.get("name") == seed), None)
+    denoising = {k: v for k, v in (recipe.get("denoising") or {}).items() if k not in _QC_ONLY_DENOISING}
+    version = str((sidecar.get("Software") or {}).get("fcflow", ""))
+    return {"space": recipe.get("space"), "denoising": denoising,
+            "task": {k: v for k, v in (task_entry or {}).items() if k != "measures"},
+            "seed": seed_entry, "smoothing_fwhm": sidecar.get("SmoothingFWHM"),
+            "fcflow": ".".join(version.split(".")[:2])}
+
+
+def _setting_differences(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(a) | set(b)):
+        x, y = a.get(key), b.get(key)
+        if isinstance(x, Mapping) and isinstance(y, Mapping):
+            out += _setting_differences(x, y, f"{prefix}{key}.")
+        elif x != y:
+            out.append(f"{prefix}{key} {x!r} vs {y!r}")
+    return out
+
+
+def check_map_provenance(
+    output_dir: str | Path, files: Sequence[str], *, task: str, seed: str, recipe: Recipe | None = None,
+) -> None:
+    """Refuse first-level maps of one analysis that were made with different settings.
+
+    Reads every map's JSON sidecar (:func:`analysis_settings`). A study whose subjects were
+    rerun with another strategy, band or seed would otherwise mix them in one test, and a
+    subject's change map would subtract maps made two ways. Maps whose sidecar records no recipe
+    are not compared. When the group level's ``recipe`` differs from the maps', a warning names
+    the difference (the maps are what was computed; the recipe's text would describe another
+    analysis).
+
+    Raises
+    ------
+    InputDataError
+        Two maps differ; the message names both files and every differing setting.
+    """
+    import json
+
+    output_dir = Path(output_dir)
+    reference: tuple[str, dict[str, Any]] | None = None
+    for rel in files:
+        sidecar = output_dir / str(rel).replace(".nii.gz", ".json")
+        try:
+            meta = json.loads(sidecar.read_text())
+        except (OSError, ValueError):
+            continue
+        settings = analysis_settings(meta, task, seed) if isinstance(meta, dict) else None
+        if settings is None:
+            continue
+        if reference is None:
+            reference = (str(rel), settings)
+        elif settings != reference[1]:
+            differences = _setting_differences(reference[1], settings)
+            raise InputDataError(
+                f"{rel} and {reference[0]} were made with different analysis settings ("
+                f"{'; '.join(differences[:6])}{'; ...' if len(differences) > 6 else ''}): one group analysis must not "
+                "mix them. Rerun the participant level for the odd subjects with the study's recipe (a fresh "
+                "--work-dir after changing the recipe or fcflow)."
+            )
+    if reference is not None and recipe is not None:
+        current = analysis_settings({"Recipe": recipe.to_dict(), "Software": {"fcflow": reference[1]["fcflow"]},
+                                     "SmoothingFWHM": reference[1]["smoothing_fwhm"]}, task, seed)
+        current = json.loads(json.dumps(current, default=list))
+        differences = _setting_differences(reference[1], current)
+        if differences:
+            LOGGER.warning("task-%s seed-%s: the first-level maps were made with settings the group level's recipe "
+                           "does not have (%s); the group report and methods describe the recipe, the maps what was "
+                           "computed.", task, seed, "; ".join(differences[:6]))
+
+
 def compute_change_maps(
     maps: SessionMaps, weights: Mapping[str, float]
 ) -> tuple[NDArray[np.float32], list[str], dict[str, str]]:
@@ -833,6 +920,8 @@ def run_group_level(
             done += per_measure
             continue
         maps = load_session_maps(output_dir, runs, recipe.sessions)
+        check_map_provenance(output_dir, [f for files in maps.files.values() for f in files], task=measure.task,
+                             seed=measure.seed, recipe=recipe)
         LOGGER.info("%s: %d subjects, %d maps read, analysis mask %d voxels", measure.label, len(maps.subjects),
                     int(maps.n_runs.sum()), int(maps.mask.sum()))
         unknown = [s for s in maps.subjects if s not in participants.index]

@@ -576,3 +576,34 @@ def test_permutation_count_is_checked_and_the_effective_one_recorded(tmp_path):
     assert config["Recipe"]["inference"]["n_permutations"] == 40
     sidecar = next((truth["out"] / "group").glob("ses-infusionMinusBaseline_*_stat-t_statmap.json"))
     assert json.loads(sidecar.read_text())["Inference"]["n_permutations"] == 40
+
+
+def _stamp_provenance(out: Path, recipe, change=None) -> None:
+    """Give every first-level map a sidecar like the participant level's (recipe, software, smoothing)."""
+    for sidecar in out.glob("sub-*/ses-*/func/*_statmap.json"):
+        recipe_dict = json.loads(json.dumps(recipe.to_dict(), default=list))
+        if change is not None:
+            change(sidecar.name, recipe_dict)
+        sidecar.write_text(json.dumps({"Recipe": recipe_dict, "Software": {"fcflow": "0.1.0"},
+                                       "SmoothingFWHM": None}))
+
+
+def test_maps_made_with_different_recipes_are_refused(tmp_path, caplog):
+    # issue 17: one subject rerun with another strategy was mixed into the group without a word
+    truth = write_first_level(tmp_path)
+
+    def other_strategy(name, recipe):
+        if name.startswith("sub-05_ses-infusion"):
+            recipe["denoising"]["strategy"] = "24P"
+
+    _stamp_provenance(truth["out"], _recipe(), other_strategy)
+    with pytest.raises(InputDataError, match=r"sub-05_ses-infusion.* and .* were made with different analysis "
+                                             r"settings \(denoising\.strategy '24P\+aCompCor' vs '24P'\)"):
+        run_group_level(truth["out"], _recipe(), bids_dir=truth["bids"])
+    # one recipe for every map, but not the group level's: a warning names the difference
+    _stamp_provenance(truth["out"], _recipe(), lambda name, recipe: recipe["denoising"].update(strategy="36P"))
+    with caplog.at_level("WARNING", logger="fcflow.group"):
+        run_group_level(truth["out"], _recipe(methods=["maxt"], primary="maxt", covariates=[]),
+                        bids_dir=truth["bids"], n_permutations=20)
+    assert "first-level maps were made with settings the group level's recipe does not have " \
+           "(denoising.strategy '36P' vs '24P+aCompCor')" in caplog.text
