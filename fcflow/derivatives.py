@@ -243,10 +243,30 @@ def write_run_derivatives(
 
 
 def write_participant_qc(output_dir: str | Path, subject: str, rows: Sequence[Mapping[str, Any]]) -> Path:
-    """Write ``sub-<label>/sub-<label>_desc-runs_qc.tsv``: one row per run (motion, seed, exclusion)."""
+    """Write ``sub-<label>/sub-<label>_desc-runs_qc.tsv``: one row per run (motion, seed, exclusion).
+
+    Rows of runs already in the table and not in ``rows`` are kept: a rerun of some of the
+    subject's runs (``--session-label``, ``--task``) updates their rows and never drops the others
+    (issue 17: rerunning one of six runs left a table of one, and the group level then lacked
+    the others' mean FD).
+    """
     import pandas as pd
 
     table = pd.DataFrame(list(rows))
+    path = Path(output_dir) / f"sub-{subject}" / f"sub-{subject}_desc-runs_qc.tsv"
+    key = [c for c in ("session", "task", "acq", "run", "echo") if c in table]
+    if path.is_file() and key:
+        earlier = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+        if set(key) <= set(earlier.columns):
+            def keys(frame: pd.DataFrame) -> list[tuple[str, ...]]:
+                text = frame[key].astype(object).where(frame[key].notna(), "n/a").astype(str)
+                return [tuple(r) for r in text.replace({"": "n/a", "None": "n/a", "nan": "n/a"}).to_numpy()]
+
+            new_keys = set(keys(table))
+            kept = earlier[[k not in new_keys for k in keys(earlier)]]
+            if len(kept):
+                # the earlier rows as they were written (text), the new rows as computed
+                table = pd.concat([table.astype(object), kept], ignore_index=True)
     order = ["session", "task", "run"]
     table = table.sort_values([c for c in order if c in table], key=lambda s: s.astype(str)).reset_index(drop=True)
-    return write_tsv(Path(output_dir) / f"sub-{subject}" / f"sub-{subject}_desc-runs_qc.tsv", table)
+    return write_tsv(path, table)

@@ -53,3 +53,29 @@ def test_json_tsv_and_checksum(tmp_path):
     tsv = io.write_tsv(tmp_path / "p.tsv", table)
     assert tsv.read_text() == "participant_id\tage\nsub-01\tn/a\n"
     assert io.sha256_file(tsv) == hashlib.sha256(tsv.read_bytes()).hexdigest()
+
+
+def test_participant_qc_table_is_updated_per_run_never_truncated(tmp_path):
+    # issue 17: rerunning one run rewrote the table with one row; the group level then lacked the
+    # others' mean FD
+    import pandas as pd
+
+    from fcflow.derivatives import write_participant_qc
+
+    def row(session, task, fd, reason=""):
+        return {"participant_id": "sub-01", "session": session, "task": task, "run": None, "mean_fd_mm": fd,
+                "excluded": bool(reason), "exclusion_reason": reason}
+
+    path = write_participant_qc(tmp_path, "01", [row("baseline", "rest", 0.1), row("infusion", "rest", 0.2),
+                                                 row("infusion", "nback", 0.3, "too few volumes")])
+    before = path.read_text()
+    write_participant_qc(tmp_path, "01", [row("infusion", "rest", 0.25)])
+    table = pd.read_csv(path, sep="\t", keep_default_na=False)
+    assert list(zip(table["session"], table["task"])) == [("baseline", "rest"), ("infusion", "nback"),
+                                                          ("infusion", "rest")]
+    assert table.set_index(["session", "task"]).loc[("infusion", "rest"), "mean_fd_mm"] == 0.25
+    assert table.set_index(["session", "task"]).loc[("infusion", "nback"), "exclusion_reason"] == "too few volumes"
+    # the same runs again give the same bytes
+    write_participant_qc(tmp_path, "01", [row("baseline", "rest", 0.1), row("infusion", "rest", 0.2),
+                                          row("infusion", "nback", 0.3, "too few volumes")])
+    assert path.read_text() == before

@@ -419,3 +419,17 @@ def test_stand_in_seeds_are_found_from_the_seed_sidecars(tmp_path):
     (work / "seed-real_mask.json").write_text(json.dumps({"StandIn": False}))
     files = [str(work / "seed-pgACC_mask.nii.gz"), str(work / "seed-real_mask.nii.gz")]
     assert stand_in_seeds(files, ["pgACC", "real"]) == {"pgACC": "sphere"}
+
+
+def test_report_of_some_runs_keeps_the_subjects_other_runs(reported, tmp_path):
+    # issue 17: rerunning one of a subject's runs rewrote sub-01.html with that run only
+    import shutil
+
+    from fcflow.reports.participant import write_participant_report
+
+    out = tmp_path / "out"
+    shutil.copytree(reported["out"], out)
+    rest, nback = reported["runs"]["rest"], reported["runs"]["nback"]
+    page = write_participant_report(out, "01", [reported["reports"]["rest"]])
+    sections = re.findall(r'<section id="([^"]+)" class="run">', page.read_text())
+    assert sorted(sections) == sorted([nback.name, rest.name])

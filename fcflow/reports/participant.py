@@ -419,7 +419,9 @@ def write_participant_report(
     subject : str
         Participant label without ``sub-``.
     run_report_files : sequence of path
-        The ``run_report.json`` of each run (:func:`make_run_report`).
+        The ``run_report.json`` of each run (:func:`make_run_report`). Each run's page data is
+        kept as ``sub-<label>/figures/<run>_report.json``; runs reported earlier and not given
+        here stay on the page (reruns update a run, never drop the others).
     session_order : sequence of str, default=()
         The design's sessions (the recipe's order, e.g. baseline, infusion, 24h): runs are listed
         by session in this order, then by task, acquisition and run; sessions not in it come last,
@@ -484,7 +486,16 @@ def write_participant_report(
         report["censored_by"] = order_censoring(report.get("censored_by") or {})
         report["links"] = links
         report["maps"] = [{**m, "link": links[m["key"]]} for m in report["maps"]]
+        # kept beside the figures, so that a later run of some of the subject's runs adds to
+        # the page instead of replacing it (issue 17: rerunning one of six runs left one)
+        write_json(figures_dir / f"{report['run_name']}_report.json", report)
         runs.append(report)
+    done = {r["run_name"] for r in runs}
+    for kept in sorted(figures_dir.glob("*_report.json")):
+        earlier = json.loads(kept.read_text())
+        if earlier.get("run_name") not in done and all(
+                (output_dir / link).is_file() for link in earlier.get("links", {}).values()):
+            runs.append(earlier)
     order = {session: i for i, session in enumerate(session_order)}
     runs.sort(key=lambda r: (order.get(str(r["entities"].get("ses") or ""), len(order)),
                              *(str(r["entities"].get(k) or "") for k in ("ses", "task", "acq", "run"))))
