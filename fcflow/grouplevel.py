@@ -912,6 +912,7 @@ def run_group_level(
                 f"{n_perm} permutations" if set(inference.methods) & set(PERMUTATION_INFERENCES)
                 else "parametric only", inference.primary)
     rows: list[dict[str, Any]] = []
+    used_records: list[str] = []
     done = 0
     for measure in measures:
         runs = collect_first_level(output_dir, measure, space=recipe.space)
@@ -1090,7 +1091,7 @@ def run_group_level(
                      # the regions' names as plain lists: an object array would hash its pointers
                      None if region_atlas is None else [region_atlas.labels, region_atlas.source,
                                                         region_atlas.regions.astype(str).to_dict("list")]],
-                    compute,
+                    compute, used=used_records,
                 ))
                 rows.append(row)
                 family_rows[test.name] = row
@@ -1105,7 +1106,7 @@ def run_group_level(
                                "family",
                     [recipe_sha, n_perm, provenance, measure, analysis, tests, subjects, list(group_of), design,
                      maps, data, variance_labels],
-                    compute_family,
+                    compute_family, used=used_records,
                 )
                 for name, values in update.items():
                     family_rows[name].update(values)
@@ -1120,9 +1121,66 @@ def run_group_level(
     main = results[~results["is_reference"].astype(bool)][RESULT_COLUMNS]
     write_tsv(group_dir / "baseline_results.tsv", baseline)
     results_file = write_tsv(group_dir / "results.tsv", main)
+    set_apart_stale_outputs(group_dir, used_records)
     LOGGER.info("Group level done: %d rows in %s (and %d baseline-equivalence rows)", len(main), results_file,
                 len(baseline))
     return results_file
+
+
+#: group/ files every run writes (not per test)
+_GROUP_FILES = ("results.tsv", "baseline_results.tsv", "dataset_description.json", "desc-recipe_config.json")
+
+
+def set_apart_stale_outputs(group_dir: str | Path, records: Sequence[str]) -> Path | None:
+    """Move the files of ``group/`` that this run did not write or reuse into ``group/.fcflow-stale/<time>/``.
+
+    A rerun with fewer contrasts, sessions or measures would otherwise leave the earlier run's
+    maps and tables beside the new ones, under names a reader cannot tell apart. This run's files
+    are those of its tests' resume records (``records``, ``group/.fcflow-resume/<name>.json``) and
+    :data:`_GROUP_FILES`; everything else at the top of ``group/`` and every other record is moved
+    (a rename on the same file system, atomic per file) with a ``manifest.json`` of what was there.
+    The group report's ``figures/`` are rewritten by the report itself.
+
+    Returns
+    -------
+    Path or None
+        The folder the stale files went to, or None when nothing was stale.
+    """
+    import datetime
+    import json
+
+    group_dir = Path(group_dir)
+    output_dir = group_dir.parent
+    keep = {group_dir / name for name in _GROUP_FILES}
+    record_dir = group_dir / ".fcflow-resume"
+    wanted = {record_dir / f"{name}.json" for name in records}
+    for record in wanted:
+        try:
+            keep |= {output_dir / rel for rel in json.loads(record.read_text()).get("Files", {})}
+        except (OSError, ValueError):
+            continue
+    stale = sorted(p for p in group_dir.iterdir() if p.is_file() and p not in keep)
+    stale += sorted(p for p in record_dir.glob("*.json") if p not in wanted) if record_dir.is_dir() else []
+    if not stale:
+        return None
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    target = group_dir / ".fcflow-stale" / stamp
+    target.mkdir(parents=True)
+    moved = []
+    for path in stale:
+        relative = path.relative_to(group_dir)
+        (target / relative).parent.mkdir(parents=True, exist_ok=True)
+        path.rename(target / relative)
+        moved.append(str(relative))
+    write_json(target / "manifest.json", {
+        "Description": "Files of an earlier group-level run that the run of this time did not write or reuse "
+                       "(other tests, contrasts, sessions or measures), set apart so that group/ holds one run's "
+                       "outputs.",
+        "MovedAtUTC": stamp, "Files": moved,
+    })
+    LOGGER.warning("%d file(s) of an earlier group-level run that this run did not produce were moved to %s "
+                   "(listed in its manifest.json).", len(moved), target)
+    return target
 
 
 def _check_permutation_memory(recipe: Recipe, *, n_rows: int) -> None:
@@ -1183,6 +1241,7 @@ def _volume(values: NDArray, mask: NDArray[np.bool_], affine: NDArray[np.float64
 
 def _reuse_or_compute_test(
     group_dir: Path, name: str, inputs: Sequence[Any], compute: Callable[[], dict[str, Any]],
+    used: list[str] | None = None,
 ) -> dict[str, Any]:
     """Return one test's ``results.tsv`` values, computing them only if its outputs are missing or stale.
 
@@ -1221,6 +1280,8 @@ def _reuse_or_compute_test(
         else:
             digest.update(json.dumps(value, default=repr).encode() + b";")
 
+    if used is not None:
+        used.append(name)
     digest = hashlib.sha256()
     update(digest, list(inputs))
     fingerprint = digest.hexdigest()

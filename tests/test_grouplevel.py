@@ -607,3 +607,25 @@ def test_maps_made_with_different_recipes_are_refused(tmp_path, caplog):
                         bids_dir=truth["bids"], n_permutations=20)
     assert "first-level maps were made with settings the group level's recipe does not have " \
            "(denoising.strategy '36P' vs '24P+aCompCor')" in caplog.text
+
+
+def test_rerun_with_fewer_tests_sets_the_earlier_outputs_apart(tmp_path, caplog):
+    # issue 17: a rerun with fewer contrasts left the old contrasts' files in group/
+    truth = write_first_level(tmp_path)
+    recipe = _recipe(methods=["maxt"], primary="maxt", covariates=[])
+    run_group_level(truth["out"], recipe, bids_dir=truth["bids"], n_permutations=20)
+    group = truth["out"] / "group"
+    before = {p.name for p in group.iterdir() if p.is_file()}
+    fewer = recipe.replace(group_contrasts=recipe.group_contrasts[:1], f_tests=())
+    with caplog.at_level("WARNING", logger="fcflow.group"):
+        run_group_level(truth["out"], fewer, bids_dir=truth["bids"], n_permutations=20)
+    after = {p.name for p in group.iterdir() if p.is_file()}
+    assert after < before and not any("lamotrigineKetamineMinusPlacebo" in n for n in after)
+    (stale,) = (group / ".fcflow-stale").iterdir()
+    manifest = json.loads((stale / "manifest.json").read_text())
+    assert set(manifest["Files"]) >= {n for n in before - after}
+    assert all((stale / f).is_file() for f in manifest["Files"])
+    assert "moved to" in caplog.text
+    # every file left belongs to this run: results.tsv names them
+    results = pd.read_csv(group / "results.tsv", sep="\t", keep_default_na=False)
+    assert set(results["group_contrast"]) == {"ketamine - placebo", "groupBySession", "session", "group"}
