@@ -11,7 +11,7 @@ import contextlib
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -95,3 +95,27 @@ def sha256_file(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str:
         for chunk in iter(lambda: handle.read(chunk_size), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def input_stamps(paths: Sequence[str | os.PathLike[str] | None]) -> str:
+    """A text that changes whenever any of ``paths`` is written, renamed over or replaced.
+
+    Per file: the resolved path, size, modification time, status-change time (``ctime``) and
+    inode. Writing a file, even restoring its size and modification time afterwards (``touch -d``,
+    ``cp -p``, ``os.utime``), changes its ``ctime``, which no user tool can set back, so a node
+    whose inputs include this text reruns on any change of content. Why not nipype's content
+    hashing: it reads every input file in full at every node check and on every resume; measured
+    here, md5 of a 43 MB (4 mm, 300-volume) BOLD took 0.26 s against 2.2 s for nibabel to read
+    it, i.e. about 2 s per hash for a 2 mm run, hashed by two nodes of each run on every
+    invocation: about 30 min of one core per invocation of a 450-run 2 mm study, for a check that
+    ``stat`` answers without reading. The cost of this one is a false positive: copying the
+    dataset elsewhere recomputes everything.
+    """
+    stamps = []
+    for path in paths:
+        if path is None:
+            continue
+        resolved = Path(path).resolve()
+        info = resolved.stat()
+        stamps.append([str(resolved), info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino])
+    return json.dumps(stamps)

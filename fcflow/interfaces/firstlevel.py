@@ -22,6 +22,9 @@ from nipype.interfaces.base import (
 
 
 class _BuildSeedMasksInputSpec(BaseInterfaceInputSpec):
+    input_stamps = traits.Str("", usedefault=True, desc=(
+        "identity of the run's input files (size, mtime, ctime, inode; fcflow.io.input_stamps): any "
+        "change to them, even one that restores size and mtime, reruns this node"))
     atlas_dir = traits.Either(None, Directory(exists=True), default=None, usedefault=True,
                               desc="Julich-Brain files (None when every seed is a mask file)")
     reference_file = File(exists=True, mandatory=True, desc="the run's brain mask (grid)")
@@ -60,6 +63,9 @@ class BuildSeedMasks(SimpleInterface):
 
 
 class _SelectConfoundsInputSpec(BaseInterfaceInputSpec):
+    input_stamps = traits.Str("", usedefault=True, desc=(
+        "identity of the run's input files (size, mtime, ctime, inode; fcflow.io.input_stamps): any "
+        "change to them, even one that restores size and mtime, reruns this node"))
     bold_file = File(exists=True, mandatory=True)
     denoising = traits.Dict(mandatory=True, desc="recipe [denoising] as a plain dict")
     run_name = traits.Str(mandatory=True)
@@ -89,6 +95,9 @@ class SelectConfounds(SimpleInterface):
 
 
 class _ComputeRunMapsInputSpec(BaseInterfaceInputSpec):
+    input_stamps = traits.Str("", usedefault=True, desc=(
+        "identity of the run's input files (size, mtime, ctime, inode; fcflow.io.input_stamps): any "
+        "change to them, even one that restores size and mtime, reruns this node"))
     bold_file = File(exists=True, mandatory=True)
     mask_file = File(exists=True, mandatory=True)
     seed_files = InputMultiObject(File(exists=True), mandatory=True)
@@ -133,6 +142,9 @@ class ComputeRunMaps(SimpleInterface):
 
 
 class _WriteRunDerivativesInputSpec(BaseInterfaceInputSpec):
+    input_stamps = traits.Str("", usedefault=True, desc=(
+        "identity of the run's input files (size, mtime, ctime, inode; fcflow.io.input_stamps): any "
+        "change to them, even one that restores size and mtime, reruns this node"))
     output_dir = Directory(mandatory=True)
     entities = traits.Dict(mandatory=True, desc="sub, ses, task, run, space, res of the run")
     map_files = InputMultiObject(File(exists=True), mandatory=False)

@@ -14,6 +14,9 @@ from nipype.interfaces.base import (
 
 
 class _ComputeRunReportInputSpec(BaseInterfaceInputSpec):
+    input_stamps = traits.Str("", usedefault=True, desc=(
+        "identity of the run's input files (size, mtime, ctime, inode; fcflow.io.input_stamps): any "
+        "change to them, even one that restores size and mtime, reruns this node"))
     report_data_file = File(exists=True, mandatory=True, desc="the first level's report_data.npz")
     mask_file = File(exists=True, mandatory=True)
     fmriprep_confounds_file = File(exists=True, mandatory=True, desc="fMRIPrep's confounds TSV (FD, DVARS)")

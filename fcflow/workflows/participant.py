@@ -35,6 +35,7 @@ from fcflow.interfaces.firstlevel import (
     WriteRunDerivatives,
 )
 from fcflow.interfaces.reports import ComputeRunReport, WriteParticipantReport
+from fcflow.io import input_stamps
 
 # Measured on the lean path: the masked float32 run plus one cleaned copy for task measures,
 # and float64 operators; see benchmarks/ (performance issue).
@@ -119,11 +120,17 @@ def init_run_wf(
     inputnode.inputs.t_r = run.t_r
     outputnode = pe.Node(IdentityInterface(fields=["qc_row", "report_file"]), name="outputnode")
 
-    seed_masks = pe.Node(BuildSeedMasks(atlas_dir=str(atlas_dir) if atlas_dir else None, seeds=seeds), name="seed_masks", mem_gb=0.3)
-    confounds = pe.Node(SelectConfounds(denoising=denoising, run_name=run.name), name="confounds", mem_gb=0.2)
+    # reuse is decided by the inputs' identity, ctime included, not by size and mtime alone
+    # (issue 17: a confounds value changed with size and mtime kept reused the stale maps)
+    stamps = input_stamps([run.bold_file, run.mask_file, run.confounds_file, run.confounds_json, run.events_file,
+                           *(seed.mask for seed in recipe.seeds if seed.mask)])
+    seed_masks = pe.Node(BuildSeedMasks(atlas_dir=str(atlas_dir) if atlas_dir else None, seeds=seeds,
+                                        input_stamps=stamps), name="seed_masks", mem_gb=0.3)
+    confounds = pe.Node(SelectConfounds(denoising=denoising, run_name=run.name, input_stamps=stamps),
+                        name="confounds", mem_gb=0.2)
     run_maps = pe.Node(
         ComputeRunMaps(seeds=seeds, task=_plain(task), denoising=denoising, run_name=run.name,
-                       report_data=reports),
+                       report_data=reports, input_stamps=stamps),
         name="run_maps", mem_gb=estimate_run_mem_gb(run.bold_file, run.mask_file),
     )
     provenance = {
@@ -137,7 +144,8 @@ def init_run_wf(
         "command": list(command),
     }
     derivatives = pe.Node(
-        WriteRunDerivatives(output_dir=str(output_dir), entities=run_entities(run), provenance=provenance),
+        WriteRunDerivatives(output_dir=str(output_dir), entities=run_entities(run), provenance=provenance,
+                            input_stamps=stamps),
         name="derivatives", mem_gb=0.3,
     )
     workflow.connect([
@@ -159,7 +167,7 @@ def init_run_wf(
         report = pe.Node(
             ComputeRunReport(fmriprep_confounds_file=str(run.confounds_file), seeds=seeds, task=_plain(task),
                              denoising=denoising, entities={**run_entities(run), "group": run.group},
-                             run_name=run.name),
+                             run_name=run.name, input_stamps=stamps),
             name="report", mem_gb=0.3,
         )
         workflow.connect([

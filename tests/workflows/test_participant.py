@@ -177,3 +177,39 @@ def test_excluded_runs_have_a_reason_and_no_maps(study, tmp_path, julich_dir):
     assert qc["excluded"].tolist() == [True]
     assert qc["exclusion_reason"].item().endswith("below the minimum of 1000 (min_volumes). Run excluded.")
     assert not list(out.rglob("*_statmap.nii.gz"))
+
+
+def test_a_changed_input_changes_the_nodes_hash_even_with_size_and_mtime_restored(study, tmp_path):
+    # issue 17: a confounds value changed with size and mtime kept reused the cached maps
+    import os
+    import shutil
+
+    from fcflow.workflows.participant import init_run_wf
+
+    copy = tmp_path / "bids"
+    shutil.copytree(study, copy)
+    run = _runs(copy, participant_labels=["01"], session_labels=["baseline"], task_labels=["rest"])[0]
+
+    def hashes():
+        workflow = init_run_wf(run=run, recipe=RECIPE, atlas_dir=tmp_path, output_dir=tmp_path / "out",
+                               command=["fcflow"], name="run_wf", reports=True)
+        # each node's own inputs, hashed as nipype's cache check does (size and mtime for files)
+        return {node.name: node.inputs.get_hashval(hash_method="timestamp")[1]
+                for node in workflow._create_flat_graph().nodes()}
+
+    before = hashes()
+    assert hashes() == before  # nothing changed: every node would be reused
+    confounds = run.confounds_file
+    stat = confounds.stat()
+    text = confounds.read_text()
+    lines = text.split("\n")
+    header, first = lines[0].split("\t"), lines[1].split("\t")
+    column = header.index("framewise_displacement")
+    first[column] = first[column][::-1] if first[column] != first[column][::-1] else first[column]
+    changed = "\n".join([lines[0], "\t".join(first), *lines[2:]])
+    assert len(changed) == len(text)
+    confounds.write_text(changed)
+    os.utime(confounds, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # size and mtime as before
+    after = hashes()
+    for name in ("confounds", "run_maps", "report", "derivatives"):
+        assert after[name] != before[name], name
