@@ -488,7 +488,12 @@ def write_participant_report(
         report["maps"] = [{**m, "link": links[m["key"]]} for m in report["maps"]]
         # kept beside the figures, so that a later run of some of the subject's runs adds to
         # the page instead of replacing it (issue 17: rerunning one of six runs left one)
-        write_json(figures_dir / f"{report['run_name']}_report.json", report)
+        # without the work directory's paths (figures, no-denoising maps, strategy tables): the
+        # page needs only the links, and the file must not depend on where the work ran
+        kept = {k: v for k, v in report.items() if k not in ("figures", "no_denoise_maps")}
+        if isinstance(kept.get("strategies"), dict):
+            kept["strategies"] = {k: v for k, v in kept["strategies"].items() if k != "tables"}
+        write_json(figures_dir / f"{report['run_name']}_report.json", kept)
         runs.append(report)
     done = {r["run_name"] for r in runs}
     for kept in sorted(figures_dir.glob("*_report.json")):

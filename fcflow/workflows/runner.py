@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ from nipype.pipeline import engine as pe
 
 from fcflow.errors import FcflowError
 from fcflow.workflows.execution import run_with_plugin
+from fcflow.workflows.orphans import guard_children
 
 LOGGER = logging.getLogger("fcflow.workflow")
 
@@ -37,7 +39,9 @@ def run_workflow(workflow: pe.Workflow, *, plugin: str, plugin_args: dict[str, A
     if not LOGGER.isEnabledFor(logging.DEBUG):
         logging.getLogger("nipype.workflow").setLevel(logging.WARNING)
     try:
-        return run_with_plugin(workflow, plugin, plugin_args)
+        # MultiProc's workers are this process's children: end them if it is killed
+        with guard_children() if plugin == "MultiProc" else contextlib.nullcontext():
+            return run_with_plugin(workflow, plugin, plugin_args)
     except RuntimeError as exc:
         crashes = sorted(set(crash_dir.glob("crash-*.txt")) - before)
         messages = [_crash_message(path) for path in crashes]
