@@ -501,6 +501,7 @@ def resolve_atlas_dir(
             }
             # after each file, so a failure later keeps the files already verified
             write_json(root / MANIFEST_NAME, manifest)
+        check_mpm_files(root)
     return root
 
 
@@ -528,7 +529,62 @@ def _check_local_dir(atlas_dir: Path, needed: Sequence[str]) -> Path:
             f"{[Path(r).name for r in missing]}: put them there, at their EBRAINS paths "
             f"({missing}) or directly in the folder."
         )
+    check_mpm_files(atlas_dir)
     return atlas_dir
+
+
+def check_mpm_files(atlas_dir: str | os.PathLike[str]) -> None:
+    """Check that each hemisphere's maximum probability map is whole and is that hemisphere's.
+
+    A local copy cannot be compared with checksums of the release (fcflow has no network to
+    fetch them, and redistributions such as cropped copies differ byte for byte while holding
+    the same labels), so its content is checked instead: each MPM must read to the end (a
+    truncated file failed later with a bare ``EOFError``), hold labels, and have its labelled
+    voxels on its own side (median MNI x < 0 for the left map, > 0 for the right; a left file
+    holding the right map gave a right-only seed of 149 voxels instead of 305, silently); each
+    label table must parse and name areas.
+
+    Raises
+    ------
+    AtlasError
+        Naming the file, what is wrong and what to do.
+    """
+    import zlib
+
+    release = load_atlas_release()
+    for hemi, side in (("left", -1.0), ("right", 1.0)):
+        path = find_atlas_file(atlas_dir, release.mpm_file(hemi))
+        xml = find_atlas_file(atlas_dir, release.labels_file(hemi))
+        if path is None or xml is None:
+            continue  # _check_local_dir names missing files
+        try:
+            img = nib.load(path)
+            labels = np.asarray(img.dataobj)
+        except (EOFError, OSError, ValueError, zlib.error) as exc:
+            raise AtlasError(
+                f"{path}: cannot be read as the {hemi} hemisphere's Julich-Brain map ({type(exc).__name__}: {exc}); "
+                f"the file is truncated or damaged: copy it again from {release.landing_page}."
+            ) from exc
+        ijk = np.argwhere(labels.reshape(labels.shape[:3]) > 0)
+        if len(ijk) == 0:
+            raise AtlasError(f"{path}: the {hemi} hemisphere's Julich-Brain map holds no label: copy it again "
+                             f"from {release.landing_page}.")
+        x = np.median(ijk[:: max(1, len(ijk) // 20000)] @ img.affine[0, :3] + img.affine[0, 3])
+        if x * side <= 0:
+            other = "right" if hemi == "left" else "left"
+            raise AtlasError(
+                f"{path} should hold the {hemi} hemisphere's Julich-Brain map, but its labelled voxels lie in the "
+                f"{other} hemisphere (median x = {x:.0f} mm): the two hemispheres' files are swapped or renamed; "
+                "give each file its own hemisphere's name (_lh_ left, _rh_ right)."
+            )
+        try:
+            names = read_label_table(xml)
+        except Exception as exc:  # noqa: BLE001 - any parse failure is the same user error
+            raise AtlasError(f"{xml}: cannot be read as a Julich-Brain label table ({exc}): copy it again from "
+                             f"{release.landing_page}.") from exc
+        if not names:
+            raise AtlasError(f"{xml}: the Julich-Brain label table names no area: copy it again from "
+                             f"{release.landing_page}.")
 
 
 def _normalize_base_url(url: str) -> str:

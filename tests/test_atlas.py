@@ -739,3 +739,31 @@ def test_science_layer_does_not_import_nipype() -> None:
     code = "import sys, fcflow.atlas; sys.exit('nipype' in sys.modules)"
     repo = Path(__file__).resolve().parents[1]
     assert subprocess.run([sys.executable, "-c", code], cwd=repo, check=False).returncode == 0
+
+
+@pytest.mark.parametrize("kind", ["synthetic", "real"])
+def test_local_atlas_with_swapped_or_truncated_files_is_refused(kind, tmp_path: Path, request) -> None:
+    # issue 17: a left file holding the right map gave a right-only seed (exit 0); a truncated file a
+    # bare EOFError naming no file
+    import shutil
+
+    source = request.getfixturevalue("real_dir") if kind == "real" else make_synthetic_atlas(tmp_path / "syn")
+    names = {hemi: Path(RELEASE.mpm_file(hemi)).name for hemi in ("left", "right")}
+    swapped = tmp_path / "swapped"
+    shutil.copytree(source, swapped, copy_function=shutil.copyfile)  # the shared copy is read-only
+    swapped.chmod(0o755)
+    (swapped / names["left"]).rename(swapped / "tmp.nii.gz")
+    (swapped / names["right"]).rename(swapped / names["left"])
+    (swapped / "tmp.nii.gz").rename(swapped / names["right"])
+    with pytest.raises(AtlasError, match=rf"{names['left']} should hold the left hemisphere's Julich-Brain map, but "
+                                         r"its labelled voxels lie in the right hemisphere \(median x = \d+ mm\)"):
+        atlas.resolve_atlas_dir(swapped)
+    truncated = tmp_path / "truncated"
+    shutil.copytree(source, truncated, copy_function=shutil.copyfile)
+    truncated.chmod(0o755)
+    data = (truncated / names["right"]).read_bytes()
+    (truncated / names["right"]).write_bytes(data[: len(data) // 2])
+    with pytest.raises(AtlasError, match=rf"{names['right']}: cannot be read as the right hemisphere's Julich-Brain "
+                                         r"map .* truncated or damaged"):
+        atlas.resolve_atlas_dir(truncated)
+    assert atlas.resolve_atlas_dir(source) == Path(source)
