@@ -20,3 +20,7 @@ class InputDataError(FcflowError, ValueError):
 
 class AtlasError(FcflowError):
     """An atlas that cannot be found, downloaded, verified or read."""
+
+
+class OutputError(FcflowError, OSError):
+    """An output that cannot be written: disk full, read-only or not a folder; names the file."""

@@ -8,6 +8,7 @@ either the previous file or nothing, never a truncated one that a later step wou
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -17,6 +18,8 @@ from typing import Any
 
 import nibabel as nib
 import pandas as pd
+
+from fcflow.errors import OutputError
 
 # nibabel chooses the format from the suffix, so temporary names keep the full suffix.
 _COMPOUND_SUFFIXES = (".nii.gz", ".tsv.gz")
@@ -30,6 +33,17 @@ def _split_suffix(name: str) -> tuple[str, str]:
     return (stem, dot + ext) if dot else (name, "")
 
 
+#: OS errors of writing an output that the user fixes, and how
+_OUTPUT_ERRNOS = {
+    errno.ENOSPC: "Free space on that disk (or choose another OUTPUT_DIR / --work-dir) and rerun the same "
+                  "command: it resumes, and nothing was left half-written.",
+    errno.EDQUOT: "The disk quota is used up: free space or raise the quota, then rerun the same command.",
+    errno.EROFS: "The file system is read-only: choose a writable OUTPUT_DIR / --work-dir.",
+    errno.EACCES: "No permission to write there: choose a folder you can write to, or fix its permissions.",
+    errno.ENOTDIR: "A path component is a file, not a folder: choose another OUTPUT_DIR or move the file.",
+}
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it to ``path`` if the block succeeds.
@@ -38,16 +52,22 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     left untouched.
     """
     final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
     stem, suffix = _split_suffix(final.name)
     tmp = final.with_name(f".{stem}.tmp-{os.getpid()}{suffix}")
     try:
-        yield tmp
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, final)
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            yield tmp
+            with open(tmp, "rb") as handle:
+                os.fsync(handle.fileno())
+            os.replace(tmp, final)
+        except OSError as exc:
+            if exc.errno in _OUTPUT_ERRNOS and not isinstance(exc, OutputError):
+                raise OutputError(exc.errno, f"Cannot write {final}: {exc.strerror}. "
+                                             f"{_OUTPUT_ERRNOS[exc.errno]}") from exc
+            raise
     finally:
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError, PermissionError):
             tmp.unlink()
 
 

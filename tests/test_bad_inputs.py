@@ -54,6 +54,7 @@ recipe-not-toml                before  ``<recipe>: is not valid TOML (... (at li
 recipe-unknown-key             before  ``<recipe>: [study] has an unknown key 'colour'; expected one of [...]``
 seed-misses-brain-mask         node    ``Seed 'pgACC' has 0 voxels inside the brain mask of sub-01_ses-baseline_task-rest``
 output-inside-input            before  ``OUTPUT_DIR ... is inside the input dataset``
+output-is-a-file               before  ``OUTPUT_DIR '<out>' is a file, not a folder: give a folder``
 derivatives-missing            before  ``fMRIPrep derivatives folder <dir> does not exist: pass --derivatives``
 participants-tsv-missing       before  ``<participants.tsv> is missing``
 output-locked                  before  ``<.fcflow-participant-sub-01.lock>: participant sub-01 is locked by another fcflow process``
@@ -369,6 +370,8 @@ CASES: dict[str, Case] = {
                                          "--plugin", "Linear", "--no-reports"]),
     "output-inside-input": Case(lambda r: None, r"OUTPUT_DIR .* is inside the input dataset",
                                 r"Choose a folder outside it"),
+    "output-is-a-file": Case(lambda r: (r.parent / "out").write_text("not a folder") and None,
+                             r"OUTPUT_DIR .*out' is a file, not a folder", r"give a folder"),
     "derivatives-missing": Case(lambda r: ["--derivatives", str(r / "derivatives" / "nowhere")],
                                 r"derivatives folder .*nowhere does not exist", r"pass --derivatives with the folder"),
     "participants-tsv-missing": Case(lambda r: (r / "participants.tsv").unlink(), r"participants\.tsv is missing",

@@ -79,3 +79,40 @@ def test_participant_qc_table_is_updated_per_run_never_truncated(tmp_path):
     write_participant_qc(tmp_path, "01", [row("baseline", "rest", 0.1), row("infusion", "rest", 0.2),
                                           row("infusion", "nback", 0.3, "too few volumes")])
     assert path.read_text() == before
+
+
+def test_disk_full_is_one_error_naming_the_file_and_leaves_nothing(tmp_path, monkeypatch):
+    # issue 17: a full disk surfaced as a traceback inside nipype's report copy
+    import errno
+    import pathlib
+
+    import pytest
+
+    from fcflow.errors import FcflowError, OutputError
+    from fcflow.io import write_json, write_text
+
+    write_text(tmp_path / "kept.txt", "before")
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pathlib.Path, "write_text", full)
+    with pytest.raises(OutputError, match=r"Cannot write .*kept\.txt: No space left on device\. Free space") as info:
+        write_text(tmp_path / "kept.txt", "after")
+    assert isinstance(info.value, FcflowError) and info.value.errno == errno.ENOSPC
+    with pytest.raises(OutputError, match=r"new\.json"):
+        write_json(tmp_path / "new.json", {"a": 1})
+    monkeypatch.undo()
+    assert (tmp_path / "kept.txt").read_text() == "before"  # the old file is untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.txt"]  # no temporary file left
+
+
+def test_writing_under_a_file_is_one_error(tmp_path):
+    import pytest
+
+    from fcflow.errors import OutputError
+    from fcflow.io import write_text
+
+    (tmp_path / "out").write_text("a file")
+    with pytest.raises(OutputError, match=r"Cannot write .*out/sub-01/x\.txt: .*not a folder"):
+        write_text(tmp_path / "out" / "sub-01" / "x.txt", "x")

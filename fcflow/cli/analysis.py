@@ -10,13 +10,15 @@ the group level turns those maps into group x session contrasts, cluster tables 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import os
 import re
 from pathlib import Path
 
 from fcflow.config import load_recipe
 from fcflow.workflows.execution import add_execution_arguments, plugin_settings, positive_type
-from fcflow.errors import InputDataError
+from fcflow.errors import InputDataError, OutputError
 from fcflow.lock import lock_output_dir
 
 _LABEL = re.compile(r"^[A-Za-z0-9]+$")
@@ -122,6 +124,17 @@ def _check_output_dir(args: argparse.Namespace) -> None:
             f"{str(fmriprep if inside_fmriprep else bids)!r}: fcflow would write among its inputs. "
             f"Choose a folder outside it, e.g. {str(bids / 'derivatives' / 'fcflow')!r}."
         )
+    if output.exists() and not output.is_dir():
+        raise OutputError(errno.ENOTDIR, f"OUTPUT_DIR {str(args.output_dir)!r} is a file, not a folder: give a "
+                                         "folder (it is created if missing).")
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(exc.errno, f"Cannot create OUTPUT_DIR {str(args.output_dir)!r}: {exc.strerror}. Choose a "
+                                     "folder you can write to.") from exc
+    if not os.access(output, os.W_OK | os.X_OK):
+        raise OutputError(errno.EACCES, f"OUTPUT_DIR {str(args.output_dir)!r} is not writable (read-only file system "
+                                        "or permissions): choose a folder you can write to.")
 
 
 def run(args: argparse.Namespace) -> int:
