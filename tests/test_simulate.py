@@ -608,3 +608,21 @@ def test_julich_seed(tmp_path):
     assert abs(centre[0]) < 8 and 25 < centre[1] < 60 and -10 < centre[2] < 30
     description = json.loads((tmp_path / "j" / "dataset_description.json").read_text())
     assert "julich-brain" in description["Name"]
+
+
+def test_a_finished_simulation_is_reused_untouched(tmp_path):
+    # issue 17: rerunning a finished `fcflow demo` re-simulated every run, so its analysis recomputed
+    out = tmp_path / "study"
+    first = simulate_study(out, n_per_group=1, resolution_mm=6, n_volumes=30, seed=4)
+    stamps = {p: (p.stat().st_mtime_ns, p.stat().st_ctime_ns) for p in out.rglob("*") if p.is_file()}
+    again = simulate_study(out, n_per_group=1, resolution_mm=6, n_volumes=30, seed=4)
+    assert {p: (p.stat().st_mtime_ns, p.stat().st_ctime_ns) for p in out.rglob("*") if p.is_file()} == stamps
+    pd.testing.assert_frame_equal(again.runs, first.runs, check_dtype=False)
+    assert again.seed_source == first.seed_source and len(again.participants) == 3
+    # a damaged file (another size) makes it simulate again, and so does an interrupted run
+    bold = next(out.rglob("*_desc-preproc_bold.nii.gz"))
+    bold.write_bytes(bold.read_bytes()[:100])
+    simulate_study(out, n_per_group=1, resolution_mm=6, n_volumes=30, seed=4)
+    assert bold.stat().st_size > 100
+    with pytest.raises(SimulationError, match="'out_dir' must be empty"):
+        simulate_study(out, n_per_group=1, resolution_mm=6, n_volumes=30, seed=5)

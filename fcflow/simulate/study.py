@@ -154,6 +154,43 @@ def _julich_seed(julich_dir: Path, anatomy: Anatomy) -> NDArray[np.bool_]:
     return mask
 
 
+#: Written last by :func:`simulate_study`: the parameters and every file's size
+COMPLETE_RECORD = "simulation_complete.json"
+
+
+def _finished_simulation(out_dir: Path, parameters: dict[str, Any]) -> bool:
+    """True when ``out_dir`` holds a finished simulation of these parameters, every file intact in size."""
+    record = out_dir / "derivatives" / "ground_truth" / COMPLETE_RECORD
+    try:
+        done = json.loads(record.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return False
+    if done.get("parameters") != json.loads(json.dumps(parameters, default=str)):
+        return False
+    for rel, size in done.get("files", {}).items():
+        path = out_dir / rel
+        if not path.is_file() or path.stat().st_size != size:
+            return False
+    return True
+
+
+def _load_finished(out: Path) -> SimulationResult:
+    gt_dir = out / "derivatives" / "ground_truth"
+
+    def table(name: str) -> pd.DataFrame | None:
+        path = gt_dir / name
+        return pd.read_csv(path, sep="\t", keep_default_na=False, na_values=["n/a"]) if path.is_file() else None
+
+    meta = json.loads((gt_dir / "simulation.json").read_text(encoding="utf-8"))
+    participants = pd.read_csv(out / "participants.tsv", sep="\t", keep_default_na=False, na_values=["n/a"])
+    missing = table("missing_sessions.tsv")
+    return SimulationResult(bids_dir=out, fmriprep_dir=out / "derivatives" / "fmriprep", ground_truth_dir=gt_dir,
+                            participants=participants, runs=table("runs.tsv"), effects=table("effects.tsv"),
+                            seed_source=meta["seed_source"],
+                            missing_sessions=missing if missing is not None else pd.DataFrame(
+                                columns=["participant_id", "group", "session"]))
+
+
 def _check_out_dir(out_dir: Path, parameters: dict[str, Any]) -> None:
     if not out_dir.exists() or not any(out_dir.iterdir()):
         return
@@ -374,7 +411,12 @@ def _simulate_study(
             parameters[f"n_volumes_{task}"] = task_volumes[task]
     if missing_sessions:
         parameters["missing_sessions"] = missing_sessions
+    if _finished_simulation(out, parameters):
+        # a rerun (e.g. of `fcflow demo`) reuses it untouched, so that the analysis of it resumes
+        LOGGER.info("%s holds a finished simulation with the same parameters: reused as it is.", out)
+        return _load_finished(out)
     _check_out_dir(out, parameters)
+    (out / "derivatives" / "ground_truth" / COMPLETE_RECORD).unlink(missing_ok=True)
     started = time.monotonic()
 
     anatomy = build_anatomy(resolution_mm)
@@ -507,6 +549,13 @@ def _simulate_study(
         del run
     runs = pd.DataFrame(rows)
     write_tsv(gt_dir / "runs.tsv", runs)
+    write_json(gt_dir / COMPLETE_RECORD, {
+        "Description": "Written last: the simulation finished. A rerun with the same parameters reuses the "
+                       "files listed (sizes checked) instead of writing them again.",
+        "parameters": parameters,
+        "files": {str(p.relative_to(out)): p.stat().st_size for p in sorted(out.rglob("*"))
+                  if p.is_file() and p.name != COMPLETE_RECORD},
+    })
     LOGGER.info("Simulated %d runs in %.0f s into %s", len(jobs), time.monotonic() - started,
                 out)
     return SimulationResult(bids_dir=out, fmriprep_dir=prep_dir, ground_truth_dir=gt_dir,
