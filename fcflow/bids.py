@@ -246,6 +246,12 @@ def _check_headers(run_name: str, bold_file: Path, mask_file: Path, t_r: float, 
     mask = _load_header(mask_file, "fMRIPrep's 3D brain mask of the run")
     if len(bold.shape) != 4:
         raise InputDataError(f"{bold_file} must be a 4D BOLD series. Got shape {bold.shape}.")
+    if bold.shape[3] < 2:
+        # checked before the confounds' row count, which would otherwise take the blame
+        raise InputDataError(
+            f"{bold_file}: expected a BOLD time series. Got {bold.shape[3]} volume: the file is not a complete "
+            f"fMRIPrep output. {_REREAD}."
+        )
     if bold.shape[:3] != mask.shape[:3] or not np.allclose(bold.affine, mask.affine, atol=1e-3):
         raise InputDataError(
             f"{run_name}: the brain mask {mask_file.name} is on another grid than the BOLD run "

@@ -277,6 +277,19 @@ def load_run_confounds(
             f"{confounds_file}: expected fMRIPrep's motion columns {needed} (fcflow measures motion and "
             f"censors with them). Got no {absent}. Use the confounds TSV fMRIPrep wrote for this run."
         )
+    # fMRIPrep writes n/a only in the first row (derivatives, FD, DVARS); anything else missing or
+    # not a number would reach the regression as NaN (issue 17: it failed naming no file or column)
+    values = raw.apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
+    broken = np.isnan(values[1:]).any(axis=0) if len(values) > 1 else np.zeros(values.shape[1], dtype=bool)
+    if broken.any():
+        column = raw.columns[int(np.flatnonzero(broken)[0])]
+        rows = np.flatnonzero(np.isnan(values[1:, int(np.flatnonzero(broken)[0])])) + 2  # 1-based, after the header
+        raise InputDataError(
+            f"{confounds_file}: expected numbers in every row after the first (fMRIPrep writes n/a only in the first "
+            f"row). Got n/a or text in column {column!r} at data row(s) {rows[:5].tolist()}"
+            f"{' and more' if rows.size > 5 else ''} ({int(broken.sum())} column(s) affected). Use the confounds "
+            "TSV fMRIPrep wrote for this run."
+        )
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="strategy is empty")

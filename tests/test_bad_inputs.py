@@ -27,11 +27,13 @@ bold-nan                       node    ``BOLD file <bold> must hold finite value
 bold-inf                       node    ``BOLD file <bold> must hold finite values inside the mask. Got 1 NaN or Inf``
 mask-missing                   before  ``the brain mask <mask> is missing``
 mask-other-grid                before  ``the brain mask <mask> is on another grid than the BOLD run``
+bold-one-volume                before  ``<bold>: expected a BOLD time series. Got 1 volume``
 affine-oblique                 before  ``<bold>: expected an axis-aligned grid ... Got an oblique affine``
 affine-lpi-flipped             --      handled: same maps as the RAS run (test_lpi_flipped_run_gives_the_same_maps)
 space-other                    before  ``No *_space-MNI152NLin2009cAsym_*desc-preproc_bold.nii.gz ... Found other spaces: ['T1w']``
 confounds-missing              before  ``the confounds file <confounds> is missing``
 confounds-short                before  ``<confounds>: expected one row per volume ... (60 volumes). Got 55 rows``
+confounds-na-inside            node    ``<confounds>: expected numbers in every row after the first ... column 'trans_y'``
 confounds-no-motion-columns    node    ``<confounds>: expected fMRIPrep's motion columns ['framewise_displacement', 'std_dvars']``
 confounds-missing-columns      node    ``<confounds>: expected the confound columns of the denoising strategy '24P'``
 tr-disagrees                   before  ``RepetitionTime 2.5 s in <sidecar> disagrees with the NIfTI header``
@@ -296,6 +298,9 @@ CASES: dict[str, Case] = {
                            re.escape(BOLD.name) + r": expected a complete gzip stream",
                            r"ends early or is corrupt .*copy the file again"),
     "bold-3d": Case(lambda r: _edit_bold(r / BOLD, lambda d: d[..., 0]), re.escape(BOLD.name), r"must be a 4D BOLD series"),
+    "bold-one-volume": Case(lambda r: _edit_bold(r / BOLD, lambda d: d[..., :1]),
+                            re.escape(BOLD.name) + r": expected a BOLD time series\. Got 1 volume",
+                            r"Re-run fMRIPrep for this run or copy the file again"),
     "bold-corrupted": Case(_corrupt_middle, re.escape(BOLD.name), r"truncated or corrupt: re-run fMRIPrep", node=True,
                            args=NODE_FILTERS),
     "bold-nan": Case(lambda r: _edit_bold(r / BOLD, _nan), re.escape(BOLD.name) + r" must hold finite values .*Got 3 NaN",
@@ -317,6 +322,11 @@ CASES: dict[str, Case] = {
     "confounds-no-motion-columns": Case(
         lambda r: _edit_table(r / CONFOUNDS, lambda t: t.drop(columns=["framewise_displacement"])),
         re.escape(CONFOUNDS.name) + r": expected fMRIPrep's motion columns .*Got no \['framewise_displacement'\]",
+        r"Use the confounds TSV fMRIPrep wrote for this run", node=True, args=NODE_FILTERS),
+    "confounds-na-inside": Case(
+        lambda r: _edit_table(r / CONFOUNDS, lambda t: t.assign(trans_y=t["trans_y"].where(t.index != 7, "n/a"))),
+        re.escape(CONFOUNDS.name) + r": expected numbers in every row after the first .*column 'trans_y' at data "
+                                    r"row\(s\) \[8\]",
         r"Use the confounds TSV fMRIPrep wrote for this run", node=True, args=NODE_FILTERS),
     "confounds-missing-columns": Case(
         lambda r: _edit_table(r / CONFOUNDS, lambda t: t.drop(columns=["trans_x"])),
