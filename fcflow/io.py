@@ -125,10 +125,11 @@ def input_stamps(paths: Sequence[str | os.PathLike[str] | None]) -> str:
     ``cp -p``, ``os.utime``), changes its ``ctime``, which no user tool can set back, so a node
     whose inputs include this text reruns on any change of content. Why not nipype's content
     hashing: it reads every input file in full at every node check and on every resume; measured
-    here, md5 of a 43 MB (4 mm, 300-volume) BOLD took 0.26 s against 2.2 s for nibabel to read
-    it, i.e. about 2 s per hash for a 2 mm run, hashed by two nodes of each run on every
-    invocation: about 30 min of one core per invocation of a 450-run 2 mm study, for a check that
-    ``stat`` answers without reading. The cost of this one is a false positive: copying the
+    here (2 shared cores), nipype's md5 runs at about 170 MB/s (0.26 s for a 43 MB 4 mm
+    300-volume BOLD, 0.65 s for a 110 MB one), so a 2 mm run's 366 MB .nii.gz costs about 2.2 s
+    per hash, as much as fcflow's whole read of it (2.2-4.3 s, benchmarks/); it is hashed by two
+    nodes of each run on every invocation: about 33 min of one core per invocation (resumes
+    included) of a 450-run 2 mm study, for a check that ``stat`` answers without reading. The cost of this one is a false positive: copying the
     dataset elsewhere recomputes everything.
     """
     stamps = []
