@@ -433,3 +433,23 @@ def test_report_of_some_runs_keeps_the_subjects_other_runs(reported, tmp_path):
     page = write_participant_report(out, "01", [reported["reports"]["rest"]])
     sections = re.findall(r'<section id="([^"]+)" class="run">', page.read_text())
     assert sorted(sections) == sorted([nback.name, rest.name])
+
+
+def test_map_captions_and_colour_bars_differ_by_map_kind(reported):
+    # issue 19: every map's caption said "Fisher z (gPPI: z of the interaction)" and colour bars had no label
+    import nibabel as nib
+
+    from fcflow.reports.figures import plot_connectivity_map
+    from fcflow.reports.participant import map_caption
+
+    kinds = {desc: map_caption(desc) for desc in ("correlation", "background", "gppi2backMinus0back")}
+    assert len({caption for caption, _ in kinds.values()}) == 3
+    assert kinds["correlation"][1] == kinds["background"][1] == "Fisher z"
+    assert "gPPI" in kinds["gppi2backMinus0back"][1]
+    html = reported["page"].read_text()
+    assert kinds["correlation"][0] in html and "colour bar in Fisher z" in html
+    assert "Fisher z (gPPI: z of the interaction)" not in html
+    path = next(f for f in reported["reports"]["rest_maps"]["map_files"] if "stat-z" in f)
+    img = nib.load(path)
+    figure = plot_connectivity_map(img, img, title="t", colorbar_label="Fisher z")
+    assert figure.axes[-1].get_ylabel() == "Fisher z"

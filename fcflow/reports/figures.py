@@ -319,6 +319,7 @@ def plot_connectivity_map(
     *,
     title: str,
     n_cuts: int = 7,
+    colorbar_label: str = "",
 ) -> Figure:
     """A first-level map, unthresholded, as an axial mosaic on a background.
 
@@ -334,6 +335,9 @@ def plot_connectivity_map(
     plotting.plot_stat_map(stat_img, bg_img=bg_img, display_mode="z", cut_coords=n_cuts, figure=figure,
                            title=title, colorbar=True, vmax=vmax, symmetric_cbar=True, black_bg=True,
                            cmap="RdBu_r", threshold=1e-6)
+    if colorbar_label:
+        # nilearn draws the colour bar last, on an axes of its own
+        figure.axes[-1].set_ylabel(colorbar_label, color="white", fontsize=7)
     return figure
 
 

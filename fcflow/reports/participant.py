@@ -61,6 +61,20 @@ def _maps_to_show(map_files: Sequence[str]) -> list[tuple[str, str, str]]:
             if not (contrasts and d.startswith("gppi") and "Minus" not in d)]
 
 
+def map_caption(desc: str) -> tuple[str, str]:
+    """What a first-level z map shows, and the unit of its colour bar, by its ``desc``."""
+    if desc == "correlation":
+        return ("Fisher z of the correlation between the cleaned seed signal and each voxel (rest)", "Fisher z")
+    if desc == "background":
+        return ("Fisher z of the correlation between the seed and each voxel once the task condition regressors "
+                "are removed (background connectivity)", "Fisher z")
+    if desc.startswith("gppi"):
+        condition = desc.removeprefix("gppi")
+        return (f"z of the t statistic of the gPPI interaction (seed x {condition}): the change in seed "
+                "coupling with each voxel between conditions", "z (gPPI interaction t)")
+    return (f"{desc}, z", "z")
+
+
 def _task_blocks(events_file: str | None, conditions: Sequence[str]) -> dict[str, list[tuple[float, float]]]:
     if not events_file or not conditions:
         return {}
@@ -319,8 +333,10 @@ def make_run_report(
     map_figures = []
     for seed, desc, path in _maps_to_show(map_files):
         key = f"map{seed}{desc[0].upper()}{desc[1:]}"
-        save(key, figures.plot_connectivity_map(nib.load(path), mean_img, title=f"seed-{seed} {desc} (z)"))
-        map_figures.append({"key": key, "seed": seed, "desc": desc})
+        caption, unit = map_caption(desc)
+        save(key, figures.plot_connectivity_map(nib.load(path), mean_img, title=f"seed-{seed} {desc}",
+                                                colorbar_label=unit))
+        map_figures.append({"key": key, "seed": seed, "desc": desc, "caption": caption, "unit": unit})
 
     no_denoise = {}
     if not run_qc.get("excluded") and not censoring["excluded"]:
