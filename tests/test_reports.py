@@ -453,3 +453,17 @@ def test_map_captions_and_colour_bars_differ_by_map_kind(reported):
     img = nib.load(path)
     figure = plot_connectivity_map(img, img, title="t", colorbar_label="Fisher z")
     assert figure.axes[-1].get_ylabel() == "Fisher z"
+
+
+def test_qcfc_reading_compares_the_recipe_with_chance_and_no_denoising():
+    # issue 19: QC-FC had no chance reference and nothing said when the recipe raised the share
+    from fcflow.reports.group import qcfc_reading
+
+    raised = qcfc_reading({"no denoising": {"percent_p05": 4.0}, "24P+aCompCor (recipe)": {"percent_p05": 9.5}})
+    assert raised.startswith("Chance is 5 % of edges at p < 0.05; the recipe's strategy leaves 9.5 % (4.0 % without")
+    assert "denoising raised the share" in raised
+    near = qcfc_reading({"no denoising": {"percent_p05": 28.5}, "24P+aCompCor (recipe)": {"percent_p05": 4.3}})
+    assert "near chance" in near
+    above = qcfc_reading({"no denoising": {"percent_p05": 28.5}, "24P (recipe)": {"percent_p05": 12.0}})
+    assert "still above chance" in above
+    assert qcfc_reading({}) == ""

@@ -382,6 +382,7 @@ def _qcfc_section(output_dir: Path, recipe: Recipe, qc: pd.DataFrame) -> list[di
                 entry = {k: result[k] for k in ("task", "seed", "session", "n_subjects", "n_runs", "note")}
                 entry["strategies"] = {label: {k: v for k, v in s.items() if k != "r"}
                                        for label, s in result["strategies"].items()}
+                entry["reading"] = qcfc_reading(entry["strategies"])
                 if result["strategies"]:
                     name = (f"ses-{session}_" if session else "") + f"task-{task.name}_seed-{seed.name}_qcfc.png"
                     figures.save_figure(figures.plot_qcfc(
@@ -504,6 +505,33 @@ def _ground_truth(output_dir: Path, bids_dir: Path) -> dict[str, Any] | None:
     except (ValueError, KeyError, FileNotFoundError) as exc:
         out["note"] = f"The results could not be scored against the planted truth: {exc}"
     return out
+
+
+def qcfc_reading(strategies: dict[str, dict[str, Any]], chance_percent: float = 5.0) -> str:
+    """One sentence that reads a QC-FC table against chance (5 % of edges at p < 0.05 under no motion effect).
+
+    ``strategies`` maps a label to its summary (``percent_p05``); the recipe's entry is the one
+    labelled ``(recipe)``, the no-denoising one ``no denoising``. Edges are correlated, so the
+    share is compared with chance descriptively, not tested.
+    """
+    recipe = next((v for k, v in strategies.items() if k.endswith("(recipe)")), None)
+    raw = next((v for k, v in strategies.items() if k.startswith("no denoising")), None)
+    if recipe is None or recipe.get("percent_p05") is None:
+        return ""
+    share = float(recipe["percent_p05"])
+    text = f"Chance is {chance_percent:g} % of edges at p < 0.05; the recipe's strategy leaves {share:.1f} %"
+    if raw is not None and raw.get("percent_p05") is not None:
+        before = float(raw["percent_p05"])
+        text += f" ({before:.1f} % without denoising)"
+        if share > before:
+            text += ": denoising raised the share of motion-related edges, which deserves a look at this session"
+        elif share <= 1.5 * chance_percent:
+            text += ": motion left in the maps is near chance"
+        else:
+            text += ": lower than without denoising, but still above chance"
+    elif share <= 1.5 * chance_percent:
+        text += ": near chance"
+    return text + "."
 
 
 def stand_in_seeds_of_study(output_dir: str | Path) -> dict[str, str]:
