@@ -467,3 +467,17 @@ def test_qcfc_reading_compares_the_recipe_with_chance_and_no_denoising():
     above = qcfc_reading({"no denoising": {"percent_p05": 28.5}, "24P (recipe)": {"percent_p05": 12.0}})
     assert "still above chance" in above
     assert qcfc_reading({}) == ""
+
+
+def test_run_data_kept_by_an_earlier_fcflow_still_render(reported, tmp_path):
+    # a rerun after an upgrade renders the runs reported earlier, whose kept data lack newer keys
+    from fcflow.reports.participant import write_participant_report
+
+    report = json.loads(Path(reported["reports"]["rest"]).read_text())
+    report.pop("stand_in_seeds", None)
+    report["maps"] = [{k: v for k, v in m.items() if k not in ("caption", "unit")} for m in report["maps"]]
+    assert report["maps"]
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps(report))
+    html = write_participant_report(tmp_path / "out", "01", [old]).read_text()
+    assert '<section id="' in html
