@@ -420,10 +420,16 @@ def test_end_to_end_simulated_study(tmp_path, julich_dir):
     results = pd.read_csv(out / "group" / "results.tsv", sep="\t", keep_default_na=False)
     n_measures = sum(len(t.measures) for t in recipe.tasks)
     n_tests = len(recipe.group_contrasts) + len(recipe.f_tests)
-    assert len(results) == n_measures * len(recipe.session_contrasts) * n_tests
-    expected = {(t.name, m, s.expression) for t in recipe.tasks for m in t.measures for s in recipe.session_contrasts}
+    # each session contrast's tests, then the repeated-measures interaction and session main
+    # effect, and the group main effect on the mean over the sessions
+    assert len(results) == n_measures * (len(recipe.session_contrasts) * n_tests + 2 + 1)
+    sessions = ", ".join(recipe.sessions)
+    analyses = [s.expression for s in recipe.session_contrasts] + [f"group x session ({sessions})",
+                                                                   f"mean of {sessions}"]
+    expected = {(t.name, m, a) for t in recipe.tasks for m in t.measures for a in analyses}
     assert set(zip(results["task"], results["measure"], results["session_contrast"])) == expected
-    assert set(results["group_contrast"]) == {c.expression for c in recipe.group_contrasts} | {"groups"}
+    assert set(results["group_contrast"]) == ({c.expression for c in recipe.group_contrasts}
+                                              | {"groups", "groupBySession", "session", "group"})
     for rel in results["stat_map"].tolist() + results["logp_fwe_map"].tolist() + results["cluster_table"].tolist():
         assert (out / rel).is_file()
     assert (results["n_significant_clusters"].astype(int) >= 0).all()
