@@ -1005,10 +1005,9 @@ def run_group_level(
                                    f"{rank} design columns {list(design.columns)}")
             all_columns = list(recipe.groups)
             if repeated is not None:
-                from fcflow.repeated import cell_name
+                from fcflow.repeated import repeated_cells
 
-                all_columns = [cell_name(g, k) for g in recipe.groups for k in maps.sessions
-                               if k != recipe.reference_session]
+                all_columns = repeated_cells(recipe.groups, maps.sessions, recipe.reference_session)
             try:
                 tests = analysis_tests(recipe, analysis, design.columns if design is not None else all_columns)
             except ValueError as exc:
@@ -1023,6 +1022,22 @@ def run_group_level(
             family = inference.family_wise == "contrasts" and not skip_reason and len(tests) > 1 and bool(
                 set(inference.methods) & set(PERMUTATION_INFERENCES))
             computed: dict[str, InferenceResult] = {}
+            shuffles: dict[str, NDArray] = {}
+
+            def exchange(test: GroupTest) -> tuple[NDArray | None, str]:
+                """Whole-subject shuffles of a repeated-measures test, drawn once per scheme (the voxel
+                and region tests, and the tests of one scheme, share them); the engine's own otherwise."""
+                if repeated is None:
+                    return None, "auto"
+                from fcflow.repeated import permutation_scheme, whole_block_permutations
+
+                scheme = permutation_scheme(test.name, variance_labels is not None)
+                if scheme not in shuffles:
+                    shuffles[scheme] = whole_block_permutations(
+                        repeated.row_subject, repeated.row_session, n_perm, scheme=scheme,
+                        patterns=repeated.patterns(), random_state=inference.random_seed)
+                return shuffles[scheme], scheme
+
             family_rows: dict[str, dict[str, Any]] = {}
             for test in tests:
                 done += 1
@@ -1044,17 +1059,6 @@ def run_group_level(
                                                              max_vif=inference.max_vif)
                     for message in diagnostics.warnings:
                         LOGGER.warning("%s: %s: %s.", where, test.expression, message)
-
-                def exchange(test: GroupTest) -> tuple[NDArray | None, str]:
-                    """Whole-subject shuffles of a repeated-measures test; the engine's own otherwise."""
-                    if repeated is None:
-                        return None, "auto"
-                    from fcflow.repeated import permutation_scheme, whole_block_permutations
-
-                    scheme = permutation_scheme(test.name, variance_labels is not None)
-                    return whole_block_permutations(
-                        repeated.row_subject, repeated.row_session, n_perm, scheme=scheme,
-                        patterns=repeated.patterns(), random_state=inference.random_seed), scheme
 
                 def infer(test: GroupTest = test) -> InferenceResult:
                     permutations, scheme = exchange(test)
@@ -1206,8 +1210,8 @@ def _check_permutation_memory(recipe: Recipe, *, n_rows: int) -> None:
     n_tests = max(len(recipe.group_contrasts) + len(recipe.f_tests), 2)
     need = permutation_memory_bytes(inference.n_permutations, n_rows, len(methods), n_tests)
     if need > physical / 2:
-        fits = int((physical / 2 - permutation_memory_bytes(0, n_rows, len(methods), n_tests))
-                   // (need - permutation_memory_bytes(0, n_rows, len(methods), n_tests)) * inference.n_permutations)
+        base = permutation_memory_bytes(0, n_rows, len(methods), n_tests)
+        fits = int((physical / 2 - base) // (need - base) * inference.n_permutations)
         raise InputDataError(
             f"n_permutations = {inference.n_permutations} needs about {need / 2**30:.1f} GiB for the permutations of "
             f"{n_rows} rows and {n_tests} tests, more than half of this machine's {physical / 2**30:.1f} GiB: use at "

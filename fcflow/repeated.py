@@ -56,6 +56,7 @@ __all__ = [
     "RepeatedMeasures",
     "build_repeated_measures",
     "cell_name",
+    "repeated_cells",
     "repeated_measures_contrasts",
     "whole_block_permutations",
 ]
@@ -64,6 +65,11 @@ __all__ = [
 def cell_name(group: str, session: str) -> str:
     """Design column of the cell ``group`` x ``session`` (a difference from the reference)."""
     return f"{group}:{session}"
+
+
+def repeated_cells(groups: Sequence[str], sessions: Sequence[str], reference: str) -> list[str]:
+    """Every group x non-reference session cell, in the design's column order."""
+    return [cell_name(g, k) for g in groups for k in sessions if k != reference]
 
 
 @dataclass(frozen=True)
@@ -105,10 +111,17 @@ class RepeatedMeasures:
 
     def patterns(self) -> NDArray[np.intp]:
         """Per subject, an integer naming its set of sessions (equal sets, equal integers)."""
-        sets = [tuple(sorted(s for i, s in zip(self.row_subject, self.row_session) if i == k))
-                for k in range(len(self.subjects))]
+        sets = _session_sets(self.row_subject, self.row_session, len(self.subjects))
         _, codes = np.unique(np.array(["|".join(s) for s in sets]), return_inverse=True)
         return codes.astype(np.intp)
+
+
+def _session_sets(row_subject: NDArray[np.intp], row_session: Sequence[str], n_subjects: int) -> list[tuple[str, ...]]:
+    """Each subject's sorted sessions (the rows it owns)."""
+    sets: list[list[str]] = [[] for _ in range(n_subjects)]
+    for i, session in zip(row_subject, row_session):
+        sets[int(i)].append(session)
+    return [tuple(sorted(s)) for s in sets]
 
 
 def build_repeated_measures(
@@ -260,23 +273,25 @@ def whole_block_permutations(
     if patterns is None:
         patterns = np.zeros(n_subjects, dtype=np.intp)
     patterns = np.asarray(patterns, dtype=np.intp)
-    where = {(int(i), s): r for r, (i, s) in enumerate(zip(row_subject, row_session))}
-    for i in range(n_subjects):
-        mine = sorted(s for (j, s) in where if j == i)
-        same = [j for j in range(n_subjects) if patterns[j] == patterns[i]]
-        for j in same:
-            if sorted(s for (m, s) in where if m == j) != mine:
-                raise ValueError(
-                    f"Subjects {i} and {j} share a pattern code but not their sessions: whole blocks can only be "
-                    "exchanged between subjects with the same sessions."
-                )
-    out = np.empty((n_out, row_subject.size), dtype=np.int32)
+    sets = _session_sets(row_subject, row_session, n_subjects)
     members = [np.flatnonzero(patterns == p) for p in np.unique(patterns)]
+    for block in members:
+        odd = next((j for j in block if sets[j] != sets[block[0]]), None)
+        if odd is not None:
+            raise ValueError(
+                f"Subjects {block[0]} and {odd} share a pattern code but not their sessions: whole blocks can only "
+                "be exchanged between subjects with the same sessions."
+            )
+    # row_of[subject, session]: the row holding that subject's difference at that session
+    names, row_code = np.unique(np.asarray(row_session, dtype=str), return_inverse=True)
+    row_of = np.full((n_subjects, len(names)), -1, dtype=np.int32)
+    row_of[row_subject, row_code] = np.arange(row_subject.size, dtype=np.int32)
+    out = np.empty((n_out, row_subject.size), dtype=np.int32)
+    target = np.arange(n_subjects)
     for n in range(n_out):
-        target = np.arange(n_subjects)
         for block in members:
             target[block] = rng.permutation(block)
-        out[n] = [where[(int(target[i]), s)] for i, s in zip(row_subject, row_session)]
+        out[n] = row_of[target[row_subject], row_code]
     return out
 
 
@@ -306,7 +321,7 @@ def repeated_measures_design(
     from fcflow.stats import make_group_design
 
     present = set(measures.cells)
-    cells = [cell_name(g, k) for g in groups for k in sessions if k != reference and cell_name(g, k) in present]
+    cells = [c for c in repeated_cells(groups, sessions, reference) if c in present]
     design = make_group_design(measures.cells, cells, covariates)
     design.index = pd.Index(measures.row_names, name="row")
     return design
