@@ -1211,7 +1211,8 @@ def _check_permutation_memory(recipe: Recipe, *, n_rows: int) -> None:
     need = permutation_memory_bytes(inference.n_permutations, n_rows, len(methods), n_tests)
     if need > physical / 2:
         base = permutation_memory_bytes(0, n_rows, len(methods), n_tests)
-        fits = int((physical / 2 - base) // (need - base) * inference.n_permutations)
+        # memory grows linearly with the count: the largest count that stays within half
+        fits = int((physical / 2 - base) / (need - base) * inference.n_permutations)
         raise InputDataError(
             f"n_permutations = {inference.n_permutations} needs about {need / 2**30:.1f} GiB for the permutations of "
             f"{n_rows} rows and {n_tests} tests, more than half of this machine's {physical / 2**30:.1f} GiB: use at "

@@ -573,8 +573,19 @@ def test_permutation_count_is_checked_and_the_effective_one_recorded(tmp_path):
     with pytest.raises(RecipeError, match=r"'--n-permutations' must be an integer of at least 20: the smallest "
                                           r"permutation p is 1 / n_permutations, and alpha is 0.05. Got 1"):
         run_group_level(truth["out"], _recipe(), bids_dir=truth["bids"], n_permutations=1)
-    with pytest.raises(InputDataError, match=r"n_permutations = 1000000000 needs about \d+\.\d GiB .* use at most \d+"):
+    with pytest.raises(InputDataError, match=r"n_permutations = 1000000000 needs about \d+\.\d GiB .* use at most "
+                                             r"[1-9]\d*") as refused:
         run_group_level(truth["out"], _recipe(), bids_dir=truth["bids"], n_permutations=10**9)
+    # the count it suggests fits (and is not far below what would)
+    import os
+    import re
+
+    from fcflow.permutation import permutation_memory_bytes
+
+    fits = int(re.search(r"use at most (\d+)", str(refused.value)).group(1))
+    half = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2
+    n_rows = len(truth["participants"]) * 2
+    assert permutation_memory_bytes(fits, n_rows, 2, 3) <= half < permutation_memory_bytes(2 * fits, n_rows, 2, 3)
     assert not (truth["out"] / "group").exists()  # refused before anything was written
     run_group_level(truth["out"], _recipe(methods=["maxt"], primary="maxt", covariates=[]), bids_dir=truth["bids"],
                     n_permutations=40)
