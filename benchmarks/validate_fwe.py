@@ -204,6 +204,9 @@ def run_scenario(
     sd = np.repeat(scenario.sd_per_group, scenario.n_per_group).astype(np.float32)
     children = np.random.SeedSequence(seed).spawn(repetitions)
     hits = {(setting, name): 0 for setting in variance_groups for name in INFERENCE}
+    settings = {"alpha": alpha, "n_permutations": n_permutations, "mask": mask, "shape": shape,
+                "smoothing_sigma": smoothing_sigma, "cluster_forming_p": cluster_forming_p, "seed": seed,
+                "residuals": residuals}
     started = time.perf_counter()
     for repetition, child in enumerate(children):
         rng = np.random.default_rng(child)
@@ -220,20 +223,10 @@ def run_scenario(
                 variance_estimate="voxel" if setting == "voxel" else "brain", residuals=residuals,
             )  # fmt: skip
             for name in INFERENCE:
-                min_p = 10.0 ** -result.logp_fwe[name].max()
-                # p = k / n_permutations; the tolerance only absorbs the float round trip
-                hits[(setting, name)] += bool(min_p <= alpha * (1 + 1e-9))
-        if verbose:
-            elapsed = time.perf_counter() - started
-            print(f"{scenario.name} {repetition + 1}/{repetitions} ({elapsed:.0f} s): "
-                  + ", ".join(f"{s}/{n}={v}" for (s, n), v in hits.items()), file=sys.stderr, flush=True)
-        if checkpoint is not None and (repetition + 1) % checkpoint_every == 0 and repetition + 1 < repetitions:
-            checkpoint(_scenario_table(scenario, hits, repetition + 1, alpha=alpha, n_permutations=n_permutations,
-                                       mask=mask, shape=shape, smoothing_sigma=smoothing_sigma,
-                                       cluster_forming_p=cluster_forming_p, seed=seed, residuals=residuals))
-    return _scenario_table(scenario, hits, repetitions, alpha=alpha, n_permutations=n_permutations, mask=mask,
-                           shape=shape, smoothing_sigma=smoothing_sigma, cluster_forming_p=cluster_forming_p,
-                           seed=seed, residuals=residuals)
+                hits[(setting, name)] += _rejects(result.logp_fwe[name], alpha)
+        _after_repetition(scenario, hits, repetition, repetitions, started, verbose=verbose, checkpoint=checkpoint,
+                          checkpoint_every=checkpoint_every, settings=settings)
+    return _scenario_table(scenario, hits, repetitions, **settings)
 
 
 def simulate_repeated_study(
@@ -294,6 +287,9 @@ def run_repeated_scenario(
     children = np.random.SeedSequence(seed).spawn(repetitions)
     hits = {(setting, f"{test}/{name}"): 0 for setting in variance_groups for test in scenario.tests
             for name in INFERENCE}
+    settings = {"alpha": alpha, "n_permutations": n_permutations, "mask": mask, "shape": shape,
+                "smoothing_sigma": smoothing_sigma, "cluster_forming_p": cluster_forming_p, "seed": seed,
+                "residuals": "auto"}
     started = time.perf_counter()
     for repetition, child in enumerate(children):
         rng = np.random.default_rng(child)
@@ -316,19 +312,23 @@ def run_repeated_scenario(
                     group_variances="voxel" if setting == "voxel" else "brain", permutations=rows, scheme=scheme,
                 )  # fmt: skip
                 for name in INFERENCE:
-                    min_p = 10.0 ** -result.logp[name].max()
-                    hits[(setting, f"{test}/{name}")] += bool(min_p <= alpha * (1 + 1e-9))
-        if verbose:
-            elapsed = time.perf_counter() - started
-            print(f"{scenario.name} {repetition + 1}/{repetitions} ({elapsed:.0f} s): "
-                  + ", ".join(f"{s}/{n}={v}" for (s, n), v in hits.items()), file=sys.stderr, flush=True)
-        if checkpoint is not None and (repetition + 1) % checkpoint_every == 0 and repetition + 1 < repetitions:
-            checkpoint(_scenario_table(scenario, hits, repetition + 1, alpha=alpha, n_permutations=n_permutations,
-                                       mask=mask, shape=shape, smoothing_sigma=smoothing_sigma,
-                                       cluster_forming_p=cluster_forming_p, seed=seed, residuals="auto"))
-    return _scenario_table(scenario, hits, repetitions, alpha=alpha, n_permutations=n_permutations, mask=mask,
-                           shape=shape, smoothing_sigma=smoothing_sigma, cluster_forming_p=cluster_forming_p,
-                           seed=seed, residuals="auto")
+                    hits[(setting, f"{test}/{name}")] += _rejects(result.logp[name], alpha)
+        _after_repetition(scenario, hits, repetition, repetitions, started, verbose=verbose, checkpoint=checkpoint,
+                          checkpoint_every=checkpoint_every, settings=settings)
+    return _scenario_table(scenario, hits, repetitions, **settings)
+
+
+def _after_repetition(
+    scenario: Scenario | RepeatedScenario, hits: dict, repetition: int, repetitions: int, started: float, *,
+    verbose: bool, checkpoint: Callable[[pd.DataFrame], None] | None, checkpoint_every: int, settings: dict,
+) -> None:
+    """Progress line and, every ``checkpoint_every`` repetitions, the table so far."""
+    if verbose:
+        elapsed = time.perf_counter() - started
+        print(f"{scenario.name} {repetition + 1}/{repetitions} ({elapsed:.0f} s): "
+              + ", ".join(f"{s}/{n}={v}" for (s, n), v in hits.items()), file=sys.stderr, flush=True)
+    if checkpoint is not None and (repetition + 1) % checkpoint_every == 0 and repetition + 1 < repetitions:
+        checkpoint(_scenario_table(scenario, hits, repetition + 1, **settings))
 
 
 def _scenario_table(
@@ -357,12 +357,16 @@ def _scenario_table(
     return pd.DataFrame(rows)
 
 
+def _rejects(logp_fwe: np.ndarray, alpha: float) -> bool:
+    """Any voxel at FWE p <= alpha, from a -log10 p map."""
+    # p = k / n_permutations; the tolerance only absorbs the float round trip
+    return bool(10.0 ** -logp_fwe.max() <= alpha * (1 + 1e-9))
+
+
 def _count(hits: dict[str, int], result, alpha: float) -> None:
     """Add one to ``hits[name]`` for each inference with any voxel at FWE p <= alpha."""
     for name in hits:
-        min_p = 10.0 ** -result.logp_fwe[name].max()
-        # p = k / n_permutations; the tolerance only absorbs the float round trip
-        hits[name] += bool(min_p <= alpha * (1 + 1e-9))
+        hits[name] += _rejects(result.logp_fwe[name], alpha)
 
 
 def _progress(repetition: int, n_repetitions: int, started: float, hits: dict[str, int]) -> None:
