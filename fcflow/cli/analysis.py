@@ -84,6 +84,8 @@ def _run_group(args: argparse.Namespace, recipe) -> int:
     from fcflow.errors import AtlasError
     from fcflow.grouplevel import run_group_level
 
+    # the recipe that runs, with --n-permutations checked, for the group level and its report alike
+    recipe = recipe.with_overrides(n_permutations=args.n_permutations)
     try:
         atlas_dir = resolve_atlas_dir(args.julich_dir)
     except AtlasError as exc:
@@ -94,14 +96,13 @@ def _run_group(args: argparse.Namespace, recipe) -> int:
     with lock_output_dir(args.output_dir.resolve(), "group", command=["fcflow", *sys.argv[1:]]):
         results = run_group_level(
             args.output_dir.resolve(), recipe, bids_dir=args.bids_dir.resolve(), atlas_dir=atlas_dir,
-            n_permutations=args.n_permutations, command=["fcflow", *sys.argv[1:]],
+            command=["fcflow", *sys.argv[1:]],
         )
         if not args.no_reports:
-            from fcflow.reports.group import resolve_recipe, write_group_report
+            from fcflow.reports.group import write_group_report
 
-            report = write_group_report(
-                args.output_dir.resolve(), resolve_recipe(recipe, n_permutations=args.n_permutations),
-                bids_dir=args.bids_dir.resolve(), command=["fcflow", *sys.argv[1:]])
+            report = write_group_report(args.output_dir.resolve(), recipe, bids_dir=args.bids_dir.resolve(),
+                                        command=["fcflow", *sys.argv[1:]])
             print(f"Group report: {report}")
     print(f"Group level done: {results}")
     return 0

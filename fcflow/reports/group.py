@@ -39,16 +39,10 @@ import pandas as pd
 from fcflow.config import Recipe
 from fcflow.io import write_text
 
-__all__ = ["resolve_recipe", "read_qc_tables", "collect_qcfc", "write_group_report"]
+__all__ = ["read_qc_tables", "collect_qcfc", "write_group_report"]
 
 LOGGER = logging.getLogger("fcflow.report")
 _FIGURES = "group/figures"
-
-
-def resolve_recipe(recipe: Recipe, *, n_permutations: int | None = None) -> Recipe:
-    """The recipe the group level ran with: the command line's ``--n-permutations`` applied
-    (:meth:`fcflow.config.Recipe.with_overrides`)."""
-    return recipe.with_overrides(n_permutations=None if n_permutations is None else int(n_permutations))
 
 
 def read_qc_tables(output_dir: str | Path) -> pd.DataFrame:
@@ -565,7 +559,7 @@ def write_group_report(
     output_dir : path
         The analysis OUTPUT_DIR (participant maps, QC tables, ``group/``).
     recipe : Recipe
-        The resolved recipe the group level ran with (:func:`resolve_recipe`).
+        The recipe the group level ran with (:meth:`fcflow.config.Recipe.with_overrides`).
     bids_dir : path
         The raw BIDS dataset (``participants.tsv``; a simulated study's ground truth).
     command : sequence of str, optional
