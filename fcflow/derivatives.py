@@ -1,20 +1,35 @@
 """BIDS-derivative names, the dataset description and provenance for fcflow's outputs.
 
 First-level file names carry ``sub``, ``ses``, ``task``, ``run``, ``space``, ``res``, the
-non-standard ``seed`` entity (declared in ``dataset_description.json``), a ``desc`` that says which
-measure the map is (``correlation``, ``background``, ``gppi2back``, ``gppi2backMinus0back``) and a
-``stat`` that says which statistic (``r``, ``z``, ``beta``, ``t``), e.g.::
+non-standard ``seed`` entity, a ``stat`` that says which statistic (``r``, ``z``, ``beta``, ``t``)
+and, last as BIDS wants it, a ``desc`` that says which measure the map is (``correlation``,
+``background``, ``gppi2back``, ``gppi2backMinus0back``), e.g.::
 
     sub-01/ses-infusion/func/
-      sub-01_ses-infusion_task-rest_space-MNI152NLin2009cAsym_res-2_seed-pgACC_desc-correlation_stat-z_statmap.nii.gz
+      sub-01_ses-infusion_task-rest_space-MNI152NLin2009cAsym_res-2_seed-pgACC_stat-z_desc-correlation_statmap.nii.gz
       sub-01_ses-infusion_task-rest_space-MNI152NLin2009cAsym_res-2_seed-pgACC_mask.nii.gz
       sub-01_ses-infusion_task-rest_seed-pgACC_timeseries.tsv
+
+The ``statmap`` suffix, ``contrast`` and ``stat`` follow the BIDS statistical-model derivatives
+proposal (BEP041, as FitLins and nilearn's ``save_glm_to_bids`` write them; XCP-D puts ``stat``
+before ``desc`` too). Entities BIDS does not define (:data:`CUSTOM_ENTITIES`) are declared in the
+pybids configuration shipped with fcflow (:data:`PYBIDS_CONFIG`), so that::
+
+    from bids import BIDSLayout
+    from fcflow.derivatives import PYBIDS_CONFIG
+    layout = BIDSLayout(OUTPUT_DIR, validate=False, config=["bids", "derivatives", PYBIDS_CONFIG])
+    layout.get(task="rest", seed="pgACC", session="infusion", desc="correlation", stat="z",
+               suffix="statmap", extension=".nii.gz")
+
+finds the rest correlation z maps of one seed and session (:func:`bids_layout` does the first
+two lines).
 """
 
 from __future__ import annotations
 
 import json
 import platform
+import re
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -25,14 +40,42 @@ import nibabel as nib
 from fcflow import __version__
 from fcflow.io import atomic_path, save_img, sha256_file, write_json, write_tsv
 
-#: Entities fcflow adds to BIDS, declared in the dataset description.
-CUSTOM_ENTITIES = {"seed": "Seed region the map or series was computed from (see the sidecar)."}
-_ORDER = ("sub", "ses", "task", "acq", "run", "space", "res", "seed", "contrast", "desc", "stat")
+#: Entities fcflow's file names use that BIDS does not define (``stat`` and ``contrast`` are those of
+#: the statistical-model derivatives proposal), each declared in :data:`PYBIDS_CONFIG`.
+CUSTOM_ENTITIES = {
+    "seed": "Seed region the map or series was computed from (see the sidecar).",
+    "contrast": "Group contrast (t) or F test of the map, named as in the recipe.",
+    "stat": "Statistic the map holds (r, z, beta, t, F, logpFWE, ...).",
+    "inference": "Inference the p map, thresholded map or cluster table belongs to (tfce, maxt, ...).",
+    "alpha": "Significance level of a thresholded map or cluster table ('0p05' is 0.05).",
+    "cluster": "Cluster number in the cluster table of the same contrast.",
+}
+#: pybids configuration that declares :data:`CUSTOM_ENTITIES` (use with pybids' "bids" and "derivatives").
+PYBIDS_CONFIG = Path(__file__).with_name("pybids_config.json")
+# BIDS order; desc last, as the specification orders it; stat before it, as BEP041 and XCP-D do
+_ORDER = ("sub", "ses", "task", "acq", "run", "space", "res", "seed", "contrast", "stat", "inference", "alpha",
+          "cluster", "desc")
 
 
-def bids_name(entities: Mapping[str, str | None], suffix: str, extension: str) -> str:
-    """Join entities in BIDS order (unknown keys last), then the suffix and extension."""
+def bids_label(value: str) -> str:
+    """``value`` as a BIDS label (letters and digits only): ``cluster_mass`` -> ``clusterMass``."""
+    head, *rest = re.split(r"[^A-Za-z0-9]+", str(value))
+    return head + "".join(part[:1].upper() + part[1:] for part in rest)
+
+
+def bids_name(entities: Mapping[str, Any], suffix: str, extension: str) -> str:
+    """Join entities in BIDS order (unknown keys last), then the suffix and extension.
+
+    Raises
+    ------
+    ValueError
+        When a label holds anything but letters and digits (BIDS labels cannot; pybids would read
+        ``inference-cluster_mass`` as ``inference-cluster``): pass it through :func:`bids_label`.
+    """
     keys = [k for k in _ORDER if entities.get(k)] + sorted(k for k in entities if k not in _ORDER and entities[k])
+    bad = {k: entities[k] for k in keys if not re.fullmatch(r"[A-Za-z0-9]+", str(entities[k]))}
+    if bad:
+        raise ValueError(f"BIDS labels hold letters and digits only; got {bad} for the {suffix} file.")
     return "_".join([f"{k}-{entities[k]}" for k in keys] + [suffix]) + extension
 
 
@@ -56,9 +99,26 @@ def write_dataset_description(
             "Description": "Seed-to-voxel functional connectivity and group x session inference",
         }],
         "SourceDatasets": [{"URL": Path(p).resolve().as_uri()} for p in source_datasets],
-        "CustomEntities": CUSTOM_ENTITIES,
     }
     return write_json(Path(output_dir) / "dataset_description.json", payload)
+
+
+def bids_layout(output_dir: str | Path) -> Any:
+    """A pybids ``BIDSLayout`` of fcflow's outputs that can be queried by every fcflow entity.
+
+    Parameters
+    ----------
+    output_dir : path
+        fcflow's OUTPUT_DIR (first level in ``sub-*/``, group level in ``group/``).
+
+    Returns
+    -------
+    bids.BIDSLayout
+        Indexed with pybids' ``bids`` and ``derivatives`` configurations and :data:`PYBIDS_CONFIG`.
+    """
+    from bids import BIDSLayout
+
+    return BIDSLayout(Path(output_dir), validate=False, config=["bids", "derivatives", str(PYBIDS_CONFIG)])
 
 
 def file_record(path: Path, *, checksum: bool = True) -> dict[str, Any]:

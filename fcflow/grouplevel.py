@@ -31,23 +31,29 @@ every task x measure x seed of the recipe:
    thresholded map and cluster table, per-cluster subject means and plots, and finally
    ``group/results.tsv`` (:func:`write_results`).
 
-Outputs, in ``OUTPUT_DIR/group/`` (BIDS-derivative names; non-standard entities ``seed``,
-``contrast``, ``inference``, ``alpha``, ``cluster`` declared in ``group/dataset_description.json``;
-every image and table has a JSON sidecar with the design matrix, contrast weights, subjects and
-their group, dropped subjects and why, inference settings, permutations, seed and software)::
+Outputs, in ``OUTPUT_DIR/group/task-<t>/desc-<measure>/`` (:func:`measure_dir`; BIDS-derivative
+names, ``stat`` before ``desc`` as the statistical-model derivatives proposal writes them; entities
+BIDS does not define, ``seed``, ``contrast``, ``stat``, ``inference``, ``alpha``, ``cluster``, are
+declared in fcflow's pybids configuration, :data:`fcflow.derivatives.PYBIDS_CONFIG`; every image
+and table has a JSON sidecar with the design matrix, contrast weights, subjects and their group,
+dropped subjects and why, inference settings, permutations, seed and software)::
 
-    ses-<sessioncontrast>_task-<t>_space-<s>_res-<r>_seed-<seed>_contrast-<c>_desc-<measure>_
-        stat-{t,F}_statmap.nii.gz                          statistic
-        stat-z_statmap.nii.gz                              z of the same tail probability
-        stat-logpFWE_inference-<m>_statmap.nii.gz          -log10 corrected p, per inference
-        stat-logpFamilyFWE_inference-<m>_statmap.nii.gz    the same, corrected over all group tests too
-        stat-{t,F}_alpha-0p05_inference-<primary>_statmap.nii.gz   statistic where significant
-        alpha-0p05_inference-<primary>_clusters.tsv        cluster table (Julich-Brain areas)
-        alpha-0p05_cluster-<k>_inference-<primary>_clustermeans.{tsv,png}
+    ses-<sessioncontrast>_task-<t>_space-<s>_res-<r>_seed-<seed>_contrast-<c>_
+        stat-{t,F}_desc-<measure>_statmap.nii.gz                          statistic
+        stat-z_desc-<measure>_statmap.nii.gz                              z of the same tail probability
+        stat-logpFWE_inference-<m>_desc-<measure>_statmap.nii.gz          -log10 corrected p, per inference
+        stat-logpFamilyFWE_inference-<m>_desc-<measure>_statmap.nii.gz    the same, over all group tests too
+        stat-{t,F}_inference-<primary>_alpha-0p05_desc-<measure>_statmap.nii.gz   statistic where significant
+        inference-<primary>_alpha-0p05_desc-<measure>_clusters.tsv        cluster table (Julich-Brain areas)
+        inference-<primary>_alpha-0p05_cluster-<k>_desc-<measure>_clustermeans.{tsv,png}
                                                            subject means in the cluster per session
-        regions.tsv                                        region level (below)
+        desc-<measure>_regions.tsv                         region level (below)
+
+and, in ``OUTPUT_DIR/group/``::
+
     results.tsv             one row per task x measure x seed x session analysis x test
-                            (``skip_reason`` says why a test could not run)
+                            (``skip_reason`` says why a test could not run; file columns are
+                            relative to OUTPUT_DIR)
     baseline_results.tsv    the same tests on the reference session (baseline equivalence)
 
 Region level (recipe ``[regions]``, :mod:`fcflow.regions`): every test is also run on each
@@ -106,14 +112,6 @@ from fcflow.io import save_img, write_json, write_tsv
 LOGGER = logging.getLogger("fcflow.group")
 
 GROUP_DIR = "group"
-#: Entities of the group outputs that BIDS does not define (declared in group/dataset_description.json).
-CUSTOM_ENTITIES = {
-    "seed": "Seed region the first-level maps were computed from.",
-    "contrast": "Group contrast (t) or F test of the map, named as in the recipe.",
-    "inference": "Inference the p map, thresholded map or cluster table belongs to (tfce, maxt, ...).",
-    "alpha": "Significance level of a thresholded map or cluster table ('0p05' is 0.05).",
-    "cluster": "Cluster number in the cluster table of the same contrast.",
-}
 _MAP_RE = re.compile(r"^sub-(?P<sub>[A-Za-z0-9]+)_(?P<rest>.+)_statmap\.nii\.gz$")
 # -log10 p of each inference's map; stat label in the file name
 _LOGP_STAT = {"tfce": "logpFWE", "maxt": "logpFWE", "cluster_mass": "logpFWE", "cluster_size": "logpFWE",
@@ -219,8 +217,8 @@ def collect_first_level(output_dir: str | Path, measure: MeasureMap, *, space: s
     """
     output_dir = Path(output_dir)
     found = []
-    pattern = (f"sub-*/ses-*/func/sub-*_task-{measure.task}_*seed-{measure.seed}_desc-{measure.desc}_"
-               f"stat-{measure.stat}_statmap.nii.gz")
+    pattern = (f"sub-*/ses-*/func/sub-*_task-{measure.task}_*seed-{measure.seed}_stat-{measure.stat}_"
+               f"desc-{measure.desc}_statmap.nii.gz")
     for path in sorted(output_dir.glob(pattern)):
         match = _MAP_RE.match(path.name)
         if match is None:
@@ -1133,6 +1131,30 @@ def run_group_level(
 
 #: group/ files every run writes (not per test)
 _GROUP_FILES = ("results.tsv", "baseline_results.tsv", "dataset_description.json", "desc-recipe_config.json")
+#: folders of group/ that hold no test outputs: resume records, set-apart files, the report's figures
+_GROUP_SPECIAL_DIRS = (".fcflow-resume", ".fcflow-stale", "figures")
+
+
+def measure_dir(group_dir: str | Path, measure: MeasureMap) -> Path:
+    """``group/task-<task>/desc-<measure>/``: where the tests of one task x measure are written.
+
+    One folder per task and measure (every seed and session analysis of it) instead of one folder
+    of hundreds of files; the file names carry every entity, so the folder adds no meaning.
+    """
+    return Path(group_dir) / f"task-{measure.task}" / f"desc-{measure.desc}"
+
+
+def _group_outputs(group_dir: Path) -> list[Path]:
+    """Every file of ``group/`` a group-level run writes: top level and measure folders, without
+    :data:`_GROUP_SPECIAL_DIRS` and hidden files (atomic writes' temporary files)."""
+    found = []
+    for path in Path(group_dir).rglob("*"):
+        relative = path.relative_to(group_dir).parts
+        if relative[0] in _GROUP_SPECIAL_DIRS or any(part.startswith(".") for part in relative):
+            continue
+        if path.is_file():
+            found.append(path)
+    return sorted(found)
 
 
 def set_apart_stale_outputs(group_dir: str | Path, records: Sequence[str]) -> Path | None:
@@ -1141,8 +1163,9 @@ def set_apart_stale_outputs(group_dir: str | Path, records: Sequence[str]) -> Pa
     A rerun with fewer contrasts, sessions or measures would otherwise leave the earlier run's
     maps and tables beside the new ones, under names a reader cannot tell apart. This run's files
     are those of its tests' resume records (``records``, ``group/.fcflow-resume/<name>.json``) and
-    :data:`_GROUP_FILES`; everything else at the top of ``group/`` and every other record is moved
-    (a rename on the same file system, atomic per file) with a ``manifest.json`` of what was there.
+    :data:`_GROUP_FILES`; every other file of ``group/`` and its measure folders (:func:`_group_outputs`)
+    and every other record is moved (a rename on the same file system, atomic per file) with a
+    ``manifest.json`` of what was there; measure folders left empty are removed.
     The group report's ``figures/`` are rewritten by the report itself.
 
     Returns
@@ -1163,7 +1186,7 @@ def set_apart_stale_outputs(group_dir: str | Path, records: Sequence[str]) -> Pa
             keep |= {output_dir / rel for rel in json.loads(record.read_text()).get("Files", {})}
         except (OSError, ValueError):
             continue
-    stale = sorted(p for p in group_dir.iterdir() if p.is_file() and p not in keep)
+    stale = sorted(p for p in _group_outputs(group_dir) if p not in keep)
     stale += sorted(p for p in record_dir.glob("*.json") if p not in wanted) if record_dir.is_dir() else []
     if not stale:
         return None
@@ -1176,6 +1199,11 @@ def set_apart_stale_outputs(group_dir: str | Path, records: Sequence[str]) -> Pa
         (target / relative).parent.mkdir(parents=True, exist_ok=True)
         path.rename(target / relative)
         moved.append(str(relative))
+    for folder in sorted({p.parent for p in stale}, key=lambda p: len(p.parts), reverse=True):
+        # the measure folders the stale files leave empty (task-<t>/desc-<d>/, then task-<t>/)
+        while folder != group_dir and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+            folder = folder.parent
     write_json(target / "manifest.json", {
         "Description": "Files of an earlier group-level run that the run of this time did not write or reuse "
                        "(other tests, contrasts, sessions or measures), set apart so that group/ holds one run's "
@@ -1230,7 +1258,6 @@ def _write_group_description(group_dir: Path, output_dir: Path, recipe: Recipe) 
         "GeneratedBy": [{"Name": "fcflow", "Version": __version__,
                          "Description": "Group x session inference on seed-to-voxel maps"}],
         "SourceDatasets": [{"URL": "../"}],
-        "CustomEntities": CUSTOM_ENTITIES,
     })
     write_json(group_dir / "desc-recipe_config.json",
                {"Recipe": recipe.to_dict(), "RecipeSHA256": recipe.fingerprint()})
@@ -1309,7 +1336,7 @@ def _reuse_or_compute_test(
     record_file.unlink(missing_ok=True)
 
     def snapshot() -> dict[Path, tuple[int, int]]:
-        return {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in group_dir.glob("*") if p.is_file()}
+        return {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in _group_outputs(group_dir)}
 
     before = snapshot()
     row = compute()
@@ -1334,10 +1361,10 @@ def _write_test_outputs(
     space_res = _space_res(maps, output_dir)
     ents = {"ses": analysis.label, "task": measure.task, "space": recipe.space, "res": space_res,
             "seed": measure.seed, "contrast": test.name, "desc": measure.desc}
-    from fcflow.derivatives import bids_name
+    from fcflow.derivatives import bids_label, bids_name
 
     def path(suffix: str, ext: str, **extra: str) -> Path:
-        return group_dir / bids_name({**ents, **extra}, suffix, ext)
+        return measure_dir(group_dir, measure) / bids_name({**ents, **extra}, suffix, ext)
 
     def rel(p: Path) -> str:
         return str(p.relative_to(output_dir))
@@ -1393,7 +1420,7 @@ def _write_test_outputs(
                {**meta, "Statistic": "z", "Description": _z_description(result)})
     logp_files = {}
     for method, values in result.logp.items():
-        f = path("statmap", ".nii.gz", stat=_LOGP_STAT[method], inference=method)
+        f = path("statmap", ".nii.gz", stat=_LOGP_STAT[method], inference=bids_label(method))
         save_img(_volume(values, maps.mask, maps.affine), f)
         write_json(f.with_name(f.name.replace(".nii.gz", ".json")),
                    {**meta, "Statistic": _LOGP_STAT[method], "InferenceMethod": method,
@@ -1410,7 +1437,7 @@ def _write_test_outputs(
     significant = result.logp[primary] > -math.log10(inference.alpha)
     thresholded = np.where(significant, result.stat, 0.0)
     alpha = _alpha_label(inference.alpha)
-    thr_file = path("statmap", ".nii.gz", stat=test.kind, inference=primary, alpha=alpha)
+    thr_file = path("statmap", ".nii.gz", stat=test.kind, inference=bids_label(primary), alpha=alpha)
     save_img(_volume(thresholded, maps.mask, maps.affine), thr_file)
     write_json(thr_file.with_name(thr_file.name.replace(".nii.gz", ".json")),
                {**meta, "Statistic": test.kind, "InferenceMethod": primary,
@@ -1424,7 +1451,7 @@ def _write_test_outputs(
         warnings.simplefilter("ignore")
         table = make_cluster_table((volume, maps.affine), 0.0, logp_fwe=logp_volume, two_sided=two_sided,
                                    min_size_voxels=inference.min_cluster_voxels, atlas_lookup=lookup)
-    table_file = path("clusters", ".tsv", inference=primary, alpha=alpha)
+    table_file = path("clusters", ".tsv", inference=bids_label(primary), alpha=alpha)
     write_tsv(table_file, table.round(6))
     write_json(table_file.with_name(table_file.name.replace(".tsv", ".json")), {
         **meta, "InferenceMethod": primary,
@@ -1460,7 +1487,7 @@ def _write_region_outputs(
     recipe_sha: str, provenance: Mapping[str, Any], permutations: NDArray | None = None, scheme: str = "auto",
 ) -> dict[str, Any]:
     """One test's region table (``..._regions.tsv`` and its sidecar) and its ``results.tsv`` values."""
-    from fcflow.derivatives import bids_name
+    from fcflow.derivatives import bids_label, bids_name
     from fcflow.regions import compute_region_values, run_region_inference, significant_regions
 
     inference, settings = recipe.inference, recipe.regions
@@ -1477,7 +1504,7 @@ def _write_region_outputs(
     )  # fmt: skip
     ents = {"ses": analysis.label, "task": measure.task, "space": recipe.space, "res": _space_res(maps, output_dir),
             "seed": measure.seed, "contrast": test.name, "desc": measure.desc}
-    table_file = group_dir / bids_name(ents, "regions", ".tsv")
+    table_file = measure_dir(group_dir, measure) / bids_name(ents, "regions", ".tsv")
     # p to 6 significant digits, not decimals: a region's p of 1e-9 must not print as 0
     p_columns = ["p_uncorrected", "p_fwe", "q_fdr"]
     write_tsv(table_file, table.round({"effect": 8, "stat": 8}).assign(
@@ -1525,7 +1552,7 @@ def _write_family_outputs(
     (e.g. a one-group mean, sign-flipped, beside permuted group differences) cannot share one
     null: a warning, and no family-wise maps.
     """
-    from fcflow.derivatives import bids_name
+    from fcflow.derivatives import bids_label, bids_name
     from fcflow.permutation import combine_family_wise
 
     try:
@@ -1541,8 +1568,9 @@ def _write_family_outputs(
     for test, logps in zip(tests, family):
         entry: dict[str, Any] = {}
         for method, values in logps.items():
-            f = group_dir / bids_name({**ents, "contrast": test.name, "stat": "logpFamilyFWE", "inference": method},
-                                      "statmap", ".nii.gz")
+            f = measure_dir(group_dir, measure) / bids_name(
+                {**ents, "contrast": test.name, "stat": "logpFamilyFWE", "inference": bids_label(method)},
+                "statmap", ".nii.gz")
             save_img(_volume(values, maps.mask, maps.affine), f)
             write_json(f.with_name(f.name.replace(".nii.gz", ".json")), {
                 "Task": measure.task, "Measure": measure.measure, "Seed": measure.seed,
@@ -1650,6 +1678,7 @@ def _write_cluster_values(
     measure: MeasureMap, test: GroupTest, primary: str, alpha: str,
 ) -> None:
     """Per significant cluster: each subject's mean map value at every session, TSV and plot."""
+    from fcflow.derivatives import bids_label
     from fcflow.plotting import plot_group_session_means
 
     labels, _ = label_clusters(volume, 0.0, two_sided=two_sided)
@@ -1669,7 +1698,7 @@ def _write_cluster_values(
                                     "session": session, "value": round(float(means[k]), 8)})
         values = pd.DataFrame(records, columns=["participant_id", "group", "session", "value"])
         number = str(int(cluster["cluster_id"]))
-        tsv = path("clustermeans", ".tsv", inference=primary, alpha=alpha, cluster=number)
+        tsv = path("clustermeans", ".tsv", inference=bids_label(primary), alpha=alpha, cluster=number)
         write_tsv(tsv, values)
         where = f"peak ({cluster['peak_x']:.0f}, {cluster['peak_y']:.0f}, {cluster['peak_z']:.0f}) mm"
         if "peak_area" in cluster:

@@ -514,7 +514,7 @@ def test_lpi_flipped_run_gives_the_same_maps(study, tmp_path, capsys):
                        "--work-dir", str(case / "work"), "--participant-label", "01", "--session-label",
                        "baseline", "--task", "rest", "--plugin", "Linear"])
         assert status == 0, capsys.readouterr().err[-3000:]
-        (z_file,) = (case / "out").rglob("*_desc-correlation_stat-z_statmap.nii.gz")
+        (z_file,) = (case / "out").rglob("*_stat-z_desc-correlation_statmap.nii.gz")
         maps[orientation] = nib.load(z_file)
     ras, lpi = maps["RAS"], maps["LPI"]
     assert lpi.affine[0, 0] < 0 < ras.affine[0, 0]

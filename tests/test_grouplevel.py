@@ -116,7 +116,7 @@ def write_first_level(root: Path, seed: int = 0) -> dict:
                 func.mkdir(parents=True, exist_ok=True)
                 for stat, data in (("z", values), ("r", np.tanh(values))):
                     name = (f"sub-{sub}_ses-{session}_task-rest_space-MNI152NLin2009cAsym_res-4_seed-pgACC_"
-                            f"desc-correlation_stat-{stat}_statmap")
+                            f"stat-{stat}_desc-correlation_statmap")
                     nib.Nifti1Image(data.astype(np.float32), AFFINE).to_filename(func / f"{name}.nii.gz")
                     (func / f"{name}.json").write_text("{}")
             pd.DataFrame(qc_rows).to_csv(out / f"sub-{sub}" / f"sub-{sub}_desc-runs_qc.tsv", sep="\t",
@@ -334,8 +334,25 @@ def test_results_paths_exist_and_baseline_equivalence_is_written(study):
     assert len(baseline) == 3 and set(baseline["session_contrast"]) == {"baseline"}
     assert set(baseline["n_per_group"]) == {"placebo=6;ketamine=6;lamotrigine_ketamine=6"}
     assert all("ses-baseline_" in Path(p).name for p in baseline["stat_map"])
-    description = json.loads((study["out"] / "group" / "dataset_description.json").read_text())
-    assert {"contrast", "seed", "inference"} <= set(description["CustomEntities"])
+    # pybids with fcflow's configuration finds each test's maps by entity (issue 19)
+    from fcflow.derivatives import bids_label, bids_layout
+
+    layout = bids_layout(study["out"])
+    row = results.query("session_contrast == 'infusion - baseline' and group_contrast == 'ketamine - placebo'").iloc[0]
+    contrast = Path(row["stat_map"]).name.split("_contrast-")[1].split("_")[0]
+    from bids.layout import Query
+
+    found = layout.get(session="infusionMinusBaseline", task="rest", seed="pgACC", contrast=contrast, stat="t",
+                       desc="correlation", suffix="statmap", extension=".nii.gz", return_type="filename")
+    # the t map and the primary inference's thresholded t map (alpha, inference)
+    assert sorted(found) == sorted(str(study["out"] / row[c]) for c in ("stat_map", "thresholded_map"))
+    unthresholded = layout.get(contrast=contrast, session="infusionMinusBaseline", stat="t", alpha=Query.NONE,
+                               suffix="statmap", extension=".nii.gz", return_type="filename")
+    assert unthresholded == [str(study["out"] / row["stat_map"])]
+    primary = layout.get(contrast=contrast, session="infusionMinusBaseline", stat="logpFWE",
+                         inference=bids_label(row["primary_inference"]), suffix="statmap", extension=".nii.gz", return_type="filename")
+    assert primary == [str(study["out"] / row["logp_fwe_map"])]
+    assert Path(row["stat_map"]).parent == Path("group/task-rest/desc-correlation")
 
 
 def test_second_run_gives_identical_bytes(study):
@@ -381,7 +398,7 @@ def test_missing_covariate_column_is_an_error(study):
 
 def test_maps_on_different_grids_are_an_error(tmp_path):
     truth = write_first_level(tmp_path)
-    odd = next(truth["out"].glob("sub-18/ses-24h/func/*stat-z_statmap.nii.gz"))
+    odd = next(truth["out"].glob("sub-18/ses-24h/func/*stat-z_desc-correlation_statmap.nii.gz"))
     nib.Nifti1Image(np.ones((5, 5, 5), np.float32), AFFINE).to_filename(odd)
     measure = MeasureMap("rest", "correlation", "pgACC", "correlation", "z")
     runs = collect_first_level(truth["out"], measure, space="MNI152NLin2009cAsym")
@@ -562,6 +579,14 @@ def test_report_summary_gives_cluster_one_its_own_peak(study):
     assert cells[3] == _number(table.loc[0, "peak_stat"])
     assert cells[4] == _number(row["peak_stat"])
     assert "most extreme stat in the map (any p)" in html
+    # the test's own section prints the same cluster 1 peak, which is the thresholded map's value at
+    # the table's peak coordinate (read from the map, not from the table)
+    section = html.split(f'data-stat-map="{row["stat_map"]}"')[1].split("</section>")[0]
+    assert re.search(r'class="cluster-peak">([^<]*)<', section).group(1) == _number(table.loc[0, "peak_stat"])
+    img = nib.load(study["out"] / row["thresholded_map"])
+    ijk = np.rint(np.linalg.inv(img.affine) @ [*table.loc[0, ["peak_x", "peak_y", "peak_z"]], 1.0])[:3].astype(int)
+    assert float(np.asarray(img.dataobj)[tuple(ijk)]) == pytest.approx(float(table.loc[0, "peak_stat"]), rel=1e-4)
+    assert re.search(r'class="map-peak">([^<]*)<', section).group(1) == _number(row["peak_stat"])
 
 
 def test_permutation_count_is_checked_and_the_effective_one_recorded(tmp_path):
@@ -591,7 +616,7 @@ def test_permutation_count_is_checked_and_the_effective_one_recorded(tmp_path):
                     n_permutations=40)
     config = json.loads((truth["out"] / "group" / "desc-recipe_config.json").read_text())
     assert config["Recipe"]["inference"]["n_permutations"] == 40
-    sidecar = next((truth["out"] / "group").glob("ses-infusionMinusBaseline_*_stat-t_statmap.json"))
+    sidecar = next((truth["out"] / "group").rglob("ses-infusionMinusBaseline_*_stat-t_desc-correlation_statmap.json"))
     assert json.loads(sidecar.read_text())["Inference"]["n_permutations"] == 40
 
 
@@ -632,11 +657,17 @@ def test_rerun_with_fewer_tests_sets_the_earlier_outputs_apart(tmp_path, caplog)
     recipe = _recipe(methods=["maxt"], primary="maxt", covariates=[])
     run_group_level(truth["out"], recipe, bids_dir=truth["bids"], n_permutations=20)
     group = truth["out"] / "group"
-    before = {p.name for p in group.iterdir() if p.is_file()}
+    def outputs() -> set[str]:
+        return {str(p.relative_to(group)) for p in group.rglob("*")
+                if p.is_file() and not p.relative_to(group).parts[0].startswith(".")}
+
+    before = outputs()
+    # the tests' outputs sit in one folder per task and measure (issue 19)
+    assert {str(Path(p).parent) for p in before if "/" in p} == {"task-rest/desc-correlation"}
     fewer = recipe.replace(group_contrasts=recipe.group_contrasts[:1], f_tests=())
     with caplog.at_level("WARNING", logger="fcflow.group"):
         run_group_level(truth["out"], fewer, bids_dir=truth["bids"], n_permutations=20)
-    after = {p.name for p in group.iterdir() if p.is_file()}
+    after = outputs()
     assert after < before and not any("lamotrigineKetamineMinusPlacebo" in n for n in after)
     (stale,) = (group / ".fcflow-stale").iterdir()
     manifest = json.loads((stale / "manifest.json").read_text())

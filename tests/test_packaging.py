@@ -46,6 +46,8 @@ def test_wheel_carries_the_data_folders(tmp_path):
     assert len(templates) >= 3
     for path in templates:
         assert f"fcflow/reports/templates/{path.name}" in names
+    # the pybids configuration that declares fcflow's entities (fcflow.derivatives.PYBIDS_CONFIG)
+    assert "fcflow/pybids_config.json" in names
     # No atlas voxels: the Julich-Brain files are CC BY-NC-SA and are fetched, never shipped.
     assert not [n for n in names if n.endswith((".nii", ".nii.gz"))]
 

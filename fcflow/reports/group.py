@@ -226,6 +226,70 @@ def _dof(recipe: Recipe, qc: pd.DataFrame, participants: pd.DataFrame) -> list[d
 
 
 # ----------------------------------------------------------------------------------------------
+# Seed coverage and tSNR across subjects
+# ----------------------------------------------------------------------------------------------
+def _seed_quality(output_dir: Path, recipe: Recipe, qc: pd.DataFrame, participants: pd.DataFrame) -> list[dict]:
+    """Per task x seed: the seed's coverage and tSNR over runs, by group x session, and a figure.
+
+    Reads the QC tables' ``<seed>_coverage`` (fraction of the seed's voxels inside the run's brain
+    mask), ``<seed>_tsnr`` (median tSNR of the seed's voxels) and ``<seed>_n_voxels`` columns, the
+    numbers each run's report shows one at a time. A run below the seed's ``min_coverage`` is
+    counted; a group x session whose median tSNR is more than 20 % below the task's is flagged (a
+    seed signal that is noisier in one cell weakens its maps there, which looks like an effect).
+    """
+    from fcflow.reports import figures
+
+    group_of = participants[recipe.group_column].to_dict()
+    out = []
+    for task in recipe.tasks:
+        runs = qc[qc["task"] == task.name].copy()
+        if runs.empty:
+            continue
+        runs["group"] = runs["participant"].map(group_of)
+        for seed in recipe.seeds:
+            coverage, tsnr, voxels = (f"{seed.name}_{k}" for k in ("coverage", "tsnr", "n_voxels"))
+            if coverage not in runs or not runs[coverage].notna().any():
+                continue
+            overall = float(runs[tsnr].median()) if tsnr in runs and runs[tsnr].notna().any() else np.nan
+            entry: dict[str, Any] = {"task": task.name, "seed": seed.name, "min_coverage": seed.min_coverage,
+                                     "n_runs": len(runs), "cells": [], "warnings": [], "figures": {}}
+            for session in recipe.sessions:
+                for group in recipe.groups:
+                    cell = runs[(runs["group"] == group) & (runs["session"] == session)]
+                    cov = cell[coverage].dropna()
+                    snr = cell[tsnr].dropna() if tsnr in cell else pd.Series(dtype=float)
+                    median_tsnr = float(snr.median()) if len(snr) else np.nan
+                    entry["cells"].append({
+                        "group": group, "session": session, "n_runs": len(cell),
+                        "median_coverage": float(cov.median()) if len(cov) else np.nan,
+                        "min_coverage": float(cov.min()) if len(cov) else np.nan,
+                        "n_below": int((cov < seed.min_coverage).sum()),
+                        "median_tsnr": median_tsnr, "min_tsnr": float(snr.min()) if len(snr) else np.nan,
+                        "median_voxels": float(cell[voxels].median()) if voxels in cell and cell[voxels].notna().any()
+                        else np.nan,
+                    })
+                    if np.isfinite(median_tsnr) and np.isfinite(overall) and median_tsnr < 0.8 * overall:
+                        entry["warnings"].append(
+                            f"task {task.name} seed {seed.name}: {group} at {session} has a median seed tSNR of "
+                            f"{median_tsnr:.1f} against {overall:.1f} over the task: its seed signal is noisier.")
+            per_subject = (runs.groupby(["participant", "session"], as_index=False)
+                           .agg(**{"coverage": (coverage, "mean")},
+                                **({"tsnr": (tsnr, "mean")} if tsnr in runs else {})))
+            per_subject["group"] = per_subject["participant"].map(group_of)
+            for value, label in (("coverage", "seed coverage (fraction)"), ("tsnr", "seed tSNR (median of voxels)")):
+                if value not in per_subject or not per_subject[value].notna().any():
+                    continue
+                name = f"task-{task.name}_seed-{seed.name}_desc-{value}_seedqc.png"
+                figures.save_figure(figures.plot_motion_by_group(
+                    per_subject, value=value, ylabel=label, groups=recipe.groups, sessions=recipe.sessions,
+                    title=f"task-{task.name} seed-{seed.name}: {label} per subject (all runs)"),
+                    output_dir / _FIGURES / name)
+                entry["figures"][value] = f"{_FIGURES}/{name}"
+            out.append(entry)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
 # Denoising strategies compared on the study's own data
 # ----------------------------------------------------------------------------------------------
 def _strategies(output_dir: Path, recipe: Recipe, qc: pd.DataFrame) -> list[dict]:
@@ -283,7 +347,7 @@ def _strategies(output_dir: Path, recipe: Recipe, qc: pd.DataFrame) -> list[dict
 # ----------------------------------------------------------------------------------------------
 def _map_files(output_dir: Path, task: str, seed: str, desc: str, space: str) -> dict[tuple[str, str], list[Path]]:
     found: dict[tuple[str, str], list[Path]] = {}
-    for path in sorted(output_dir.glob(f"sub-*/ses-*/func/sub-*_task-{task}_*seed-{seed}_desc-{desc}_stat-z_"
+    for path in sorted(output_dir.glob(f"sub-*/ses-*/func/sub-*_task-{task}_*seed-{seed}_stat-z_desc-{desc}_"
                                        "statmap.nii.gz")):
         ents = dict(p.split("-", 1) for p in path.name.removesuffix("_statmap.nii.gz").split("_") if "-" in p)
         if ents.get("space") == space and ents.get("desc") == desc and ents.get("task") == task:
@@ -396,7 +460,9 @@ def _qcfc_section(output_dir: Path, recipe: Recipe, qc: pd.DataFrame) -> list[di
 def _cluster_plots(output_dir: Path, table_file: str) -> list[str]:
     """The group x session PNGs of a cluster table's clusters, in cluster order."""
     table = Path(table_file)
-    pattern = table.name.replace("_inference-", "_cluster-*_inference-").replace("_clusters.tsv", "_clustermeans.png")
+    # ..._alpha-0p05_desc-<m>_clusters.tsv -> ..._alpha-0p05_cluster-<k>_desc-<m>_clustermeans.png
+    head, _, tail = table.name.rpartition("_desc-")
+    pattern = f"{head}_cluster-*_desc-{tail}".replace("_clusters.tsv", "_clustermeans.png")
     found = list((output_dir / table.parent).glob(pattern))
 
     def number(path: Path) -> int:
@@ -423,6 +489,7 @@ def _results(output_dir: Path, recipe: Recipe, results: pd.DataFrame, *, baselin
                  "design_warnings": [w for w in str(getattr(row, "design_warnings", "") or "").split(" | ") if w],
                  "n_clusters": None if pd.isna(row.n_significant_clusters) else int(row.n_significant_clusters),
                  "skipped": not row.stat_map, "skip_reason": str(getattr(row, "skip_reason", "") or ""),
+                 "stat_map": row.stat_map,
                  "figures": {}, "clusters": [], "cluster_plots": []}
         if entry["n_clusters"] and row.thresholded_map and row.cluster_table:
             table = pd.read_csv(output_dir / row.cluster_table, sep="\t", keep_default_na=False)
@@ -528,20 +595,24 @@ def qcfc_reading(strategies: dict[str, dict[str, Any]], chance_percent: float = 
     return text + "."
 
 
-def stand_in_seeds_of_study(output_dir: str | Path) -> dict[str, str]:
-    """Seeds that any run used as a declared stand-in, from the seed masks' sidecars in OUTPUT_DIR.
+def seed_caveats_of_study(output_dir: str | Path, kind: str) -> dict[str, str]:
+    """Seeds that any run used with a caveat of ``kind`` (``"stand-in"`` or ``"unverified"``).
 
-    The participant level writes ``sub-*/[ses-*/]func/*_seed-<name>_mask.json`` with the seed's
-    provenance (``StandIn`` and ``MaskDescription`` from :func:`fcflow.atlas.seed_from_mask_file`).
+    Read from the seed masks' sidecars the participant level writes
+    (``sub-*/[ses-*/]func/*_seed-<name>_mask.json``) by :func:`fcflow.atlas.seed_caveat`, the same
+    reading as the participant report's.
     """
+    from fcflow.atlas import seed_caveat
+
     out: dict[str, str] = {}
     for path in sorted(Path(output_dir).glob("sub-*/**/func/*_mask.json")):
         try:
             meta = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        if isinstance(meta, dict) and meta.get("StandIn"):
-            out.setdefault(str(meta.get("Seed") or path.name), str(meta.get("MaskDescription") or "stand-in mask"))
+        caveat = seed_caveat(meta) if isinstance(meta, dict) else None
+        if caveat is not None and caveat[0] == kind:
+            out.setdefault(str(meta.get("Seed") or path.name), caveat[1])
     return out
 
 
@@ -573,7 +644,7 @@ def write_group_report(
     import sys
 
     from fcflow.bids import read_participants
-    from fcflow.reports.methods import describe_methods, software_versions
+    from fcflow.reports.methods import describe_methods, software_versions, write_bibtex
     from fcflow.reports.render import render
 
     output_dir, bids_dir = Path(output_dir), Path(bids_dir)
@@ -591,12 +662,18 @@ def write_group_report(
         "motion": _motion(output_dir, recipe, qc, participants),
         "qcfc": _qcfc_section(output_dir, recipe, qc),
         "dof": _dof(recipe, qc, participants),
+        "seed_quality": _seed_quality(output_dir, recipe, qc, participants),
         "strategies": _strategies(output_dir, recipe, qc),
         "results": _results(output_dir, recipe, results, baseline=False),
         "baseline": _results(output_dir, recipe, baseline, baseline=True),
         "truth": _ground_truth(output_dir, bids_dir),
-        "stand_in_seeds": stand_in_seeds_of_study(output_dir),
+        "stand_in_seeds": seed_caveats_of_study(output_dir, "stand-in"),
+        "unverified_seeds": seed_caveats_of_study(output_dir, "unverified"),
         "methods": describe_methods(recipe),
         "software": software_versions(),
     }
+    # the references of the methods paragraph as BibTeX, beside the report
+    bibtex = write_bibtex(output_dir / "group_references.bib", context["methods"]["cited"],
+                          context["methods"]["notes"])
+    context["methods"]["bibtex"] = bibtex.name
     return write_text(output_dir / "group.html", render("group.html.j2", **context))

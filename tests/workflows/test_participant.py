@@ -117,7 +117,7 @@ def test_rest_maps_equal_nilearn_recipe(study, tmp_path, julich_dir):
             "--recipe", str(recipe))
     (run,) = _runs(study, participant_labels=["02"], session_labels=["infusion"], task_labels=["rest"])
     func = out / "sub-02" / "ses-infusion" / "func"
-    (z_file,) = func.glob("*task-rest*_seed-pgACC_desc-correlation_stat-z_statmap.nii.gz")
+    (z_file,) = func.glob("*task-rest*_seed-pgACC_stat-z_desc-correlation_statmap.nii.gz")
     (seed_file,) = func.glob("*task-rest*_seed-pgACC_mask.nii.gz")
     confounds, sample_mask = load_confounds(
         str(run.bold_file), strategy=("motion", "high_pass", "compcor"), motion="full",

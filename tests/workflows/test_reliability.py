@@ -178,7 +178,7 @@ def _write_first_level(folder: Path) -> None:
             func = out / f"sub-{sub}" / f"ses-{session}" / "func"
             func.mkdir(parents=True)
             name = (f"sub-{sub}_ses-{session}_task-rest_space-MNI152NLin2009cAsym_res-4_seed-pgACC_"
-                    "desc-correlation_stat-z_statmap")
+                    "stat-z_desc-correlation_statmap")
             nib.Nifti1Image(np.where(brain, values, 0).astype(np.float32), affine).to_filename(func / f"{name}.nii.gz")
             (func / f"{name}.json").write_text("{}")
             qc.append({"participant_id": f"sub-{sub}", "session": session, "task": "rest", "run": "n/a",
@@ -282,7 +282,7 @@ def test_second_process_on_the_same_participant_is_refused(reference):
 
 def test_reference_outputs_are_complete(reference, group_reference):
     files = reference["participant"]
-    assert len([f for f in files if f.endswith("_desc-correlation_stat-z_statmap.nii.gz")]) >= 5
+    assert len([f for f in files if f.endswith("_stat-z_desc-correlation_statmap.nii.gz")]) >= 5
     assert len([f for f in files if f.endswith("_desc-runs_qc.tsv")]) == 3
     assert not [f for f in files if ".tmp-" in f or f.endswith(".lock")]
     group = group_reference["group"]
@@ -323,7 +323,7 @@ def test_group_level_twice_gives_the_same_bytes(study, group_reference):
 
 def test_sidecars_rebuild_the_command(reference):
     sidecar = json.loads(next(v for k, v in reference["participant"].items()
-                              if k.endswith("_desc-correlation_stat-z_statmap.json")))
+                              if k.endswith("_stat-z_desc-correlation_statmap.json")))
     assert sidecar["Command"][:3] == ["fcflow", "bids", "out"]
     assert "--nprocs" not in sidecar["Command"] and "--work-dir" not in sidecar["Command"]
     assert sidecar["RecipeSHA256"] and sidecar["Recipe"]["inference"]["n_permutations"] == 100

@@ -91,7 +91,7 @@ def test_array_route_with_the_real_levels(small_study, tmp_path, julich_dir, sub
     for label in ("01", "02"):
         qc = pd.read_csv(output_dir / f"sub-{label}" / f"sub-{label}_desc-runs_qc.tsv", sep="\t")
         assert len(qc) == 2
-        assert list((output_dir / f"sub-{label}").rglob("*desc-correlation_stat-z_statmap.nii.gz"))
+        assert list((output_dir / f"sub-{label}").rglob("*stat-z_desc-correlation_statmap.nii.gz"))
     assert not (output_dir / "sub-03").exists()
     results = pd.read_csv(output_dir / "group" / "results.tsv", sep="\t")
     assert set(results["task"]) == {"rest"} and len(results) > 0

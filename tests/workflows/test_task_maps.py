@@ -57,8 +57,8 @@ def test_gppi_peaks_in_the_planted_target_and_background_fc_ignores_coactivation
     )
     assert done.returncode == 0, done.stderr[-3000:]
     func = out / f"sub-{subject}" / "ses-infusion" / "func"
-    (ppi_file,) = func.glob("*_desc-gppi2backMinus0back_stat-z_statmap.nii.gz")
-    (background_file,) = func.glob("*_desc-background_stat-z_statmap.nii.gz")
+    (ppi_file,) = func.glob("*_stat-z_desc-gppi2backMinus0back_statmap.nii.gz")
+    (background_file,) = func.glob("*_stat-z_desc-background_statmap.nii.gz")
     ppi_img = nib.load(ppi_file)
     ppi = ppi_img.get_fdata()
     dmpfc, dlpfc, seed = (_mask(task_study, r) for r in ("dmPFC", "leftdlPFC", "pgACC"))
