@@ -731,7 +731,43 @@ def atlas_provenance(
                 "Sha256": sha256_file(path) if path else None,
             })
         prov["Files"] = listed
+        prov["Verification"] = atlas_verification(atlas_dir, release)
     return prov
+
+
+def atlas_verification(atlas_dir: str | os.PathLike[str], release: AtlasRelease | None = None) -> dict[str, Any]:
+    """How far the atlas files in ``atlas_dir`` were verified, for sidecars and the reports' banner.
+
+    fcflow's cache holds files downloaded from the release's own URL with the SHA-256 recorded at
+    download and checked on every use (``AgainstRelease`` true). A local copy (``--julich-dir``)
+    passes :func:`check_mpm_files`'s content checks only: the release publishes no checksums that
+    ``atlases/*.toml`` could record offline (``AgainstRelease`` false; the reports then show a
+    banner).
+    """
+    release = load_atlas_release() if release is None else release
+    if (Path(atlas_dir) / MANIFEST_NAME).is_file():
+        return {"Method": "downloaded from the release URL; SHA-256 recorded at download and checked on every use",
+                "AgainstRelease": True}
+    return {"Method": "local copy: content checks only (each map reads to the end, holds labels, lies on its own "
+                      "hemisphere; the label tables parse)",
+            "AgainstRelease": False,
+            "Note": f"No release checksums are recorded in atlases/julich_brain_v{release.version}.toml to compare "
+                    f"the files with; compare them with the release ({release.landing_page}) before publishing."}
+
+
+def seed_caveat(meta: Mapping[str, Any]) -> tuple[str, str] | None:
+    """What a report must say above its results about a seed, from the seed mask's sidecar.
+
+    Returns ``("stand-in", description)`` for a declared stand-in mask (the simulator's sphere:
+    ``StandIn`` in the sidecar), ``("unverified", note)`` for an atlas seed whose files were not
+    verified against the release (:func:`atlas_verification`), else None.
+    """
+    if meta.get("StandIn"):
+        return "stand-in", str(meta.get("MaskDescription") or meta.get("MaskFile") or "stand-in mask")
+    verification = (meta.get("Atlas") or {}).get("Verification") if isinstance(meta.get("Atlas"), Mapping) else None
+    if isinstance(verification, Mapping) and verification.get("AgainstRelease") is False:
+        return "unverified", f"{verification.get('Method', '')}. {verification.get('Note', '')}".strip()
+    return None
 
 
 # --------------------------------------------------------------------------------------------

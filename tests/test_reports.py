@@ -133,13 +133,14 @@ def test_methods_paragraph_follows_the_recipe():
     assert "strategy 36P" in text and STRATEGY_TEXT["36P"] in text
     no_censoring = describe_methods(_with(RECIPE, "denoising", fd_threshold_mm=None, std_dvars_threshold=None))
     assert "censored" not in no_censoring["paragraph"]
-    assert describe_methods(RECIPE)["references"][0].startswith("Amunts K")
+    assert any(r.startswith("Amunts K") for r in describe_methods(RECIPE)["references"])
     # variance groups and the correction over tests follow the recipe too
     assert "sign-flipped" in base and "over all group tests" in base and "ordinary least squares" not in base
     pooled = describe_methods(_with(RECIPE, "inference", variance_groups="none", family_wise="none"))
     assert "ordinary least squares" in pooled["paragraph"] and "Freedman-Lane" in pooled["paragraph"]
     assert "sign-flipped" not in pooled["paragraph"] and "over all group tests" not in pooled["paragraph"]
-    assert not any(r.startswith("Winkler AM") for r in pooled["references"])
+    cited = {r.key for r in pooled["cited"]}
+    assert "Freedman1983" in cited and not {"Winkler2014", "Winkler2016"} & cited
     voxel = describe_methods(_with(RECIPE, "inference", group_variances="voxel"))["paragraph"]
     assert "Winkler's v" in voxel and "weighted least-squares" not in voxel
     # smoothing is described only when the recipe smooths, with the recipe's kernel
@@ -147,6 +148,47 @@ def test_methods_paragraph_follows_the_recipe():
     assert "Gaussian kernel of 4.5 mm FWHM" in describe_methods(_with(RECIPE, "denoising", smoothing_fwhm=4.5))[
         "paragraph"]
     assert "smoothed" not in describe_methods(_with(RECIPE, "denoising", smoothing_fwhm=None))["paragraph"]
+
+
+#: What the paragraph names -> the reference that must then be in the list
+_NAMED = {"fMRIPrep": "Esteban2019", "nilearn": "Abraham2014", "nipype": "Gorgolewski2011",
+          "24-parameter": "Friston1996", "CompCor": "Behzadi2007", "36-parameter": "Satterthwaite2013",
+          "ICA-AROMA": "Pruim2015", "censored": "Power2014", "standardised DVARS": "Afyouni2018",
+          "Lindquist et al.": "Lindquist2019", "Worsley-Friston": "Worsley1995", "gPPI": "McLaren2012",
+          "background connectivity": "AlAidroos2012", "threshold-free cluster enhancement": "Smith2009",
+          "Freedman-Lane": "Freedman1983", "Benjamini-Hochberg": "Benjamini1995", "Julich-Brain": "Amunts2020",
+          "by permutation": "Nichols2002"}
+
+
+@pytest.mark.parametrize("changes", [
+    {},
+    {"denoising": {"strategy": "36P", "std_dvars_threshold": None}},
+    {"denoising": {"strategy": "ICA-AROMA", "fd_threshold_mm": None, "std_dvars_threshold": None}},
+    {"inference": {"variance_groups": "none", "family_wise": "none", "methods": ("maxt", "fdr"), "primary": "maxt"}},
+])
+def test_every_method_the_paragraph_names_is_in_the_references_and_the_bibtex(changes, tmp_path):
+    import re
+
+    from fcflow.reports.methods import REFERENCES, write_bibtex
+
+    recipe = RECIPE
+    for section, values in changes.items():
+        recipe = _with(recipe, section, **values)
+    methods = describe_methods(recipe)
+    paragraph, cited = methods["paragraph"], {r.key for r in methods["cited"]}
+    for name, key in _NAMED.items():
+        assert (name in paragraph) == (key in cited), (name, key, changes)
+    # every "Author et al. YEAR" in the paragraph is a reference of that first author and year
+    for author, year in re.findall(r"(\w+) et al\. (\d{4})", paragraph):
+        assert f"{author}{year}" in cited, (author, year)
+    assert [r.text for r in methods["cited"]] == methods["references"][:len(cited)]
+    bib = write_bibtex(tmp_path / "refs.bib", methods["cited"], methods["notes"]).read_text()
+    keys = re.findall(r"^@(\w+)\{(\w+),$", bib, flags=re.M)
+    assert [k for _, k in keys] == [r.key for r in methods["cited"]] + [
+        f"fcflowNote{i}" for i in range(1, len(methods["notes"]) + 1)]
+    assert bib.count("{") == bib.count("}")
+    for key in cited:
+        assert f"doi = {{{REFERENCES[key].doi}}}" in bib
 
 
 def test_methods_name_the_declared_regions_by_their_patterns():
@@ -294,7 +336,7 @@ def test_no_denoise_map_is_the_plain_correlation_and_differs_from_the_recipes(re
 
     run = reported["runs"]["rest"]
     func = reported["out"] / "sub-01" / "ses-infusion" / "func"
-    (none_file,) = func.glob("*task-rest*_seed-pgACC_desc-correlationNoDenoise_stat-z_statmap.nii.gz")
+    (none_file,) = func.glob("*task-rest*_seed-pgACC_stat-z_desc-correlationNoDenoise_statmap.nii.gz")
     assert json.loads(none_file.with_name(none_file.name.replace(".nii.gz", ".json")).read_text())["Statistic"] == "z"
     brain = nib.load(run.mask_file).get_fdata() > 0
     seed = nib.load(next((reported["bids"] / "derivatives" / "ground_truth")
@@ -402,23 +444,35 @@ def test_save_figure_writes_png_or_svg_only(tmp_path):
         save_figure(figure, tmp_path / "a.pdf")
 
 
-def test_stand_in_seeds_are_found_from_the_seed_sidecars(tmp_path):
-    from fcflow.reports.group import stand_in_seeds_of_study
-    from fcflow.reports.participant import stand_in_seeds
+def test_stand_in_and_unverified_seeds_are_found_from_the_seed_sidecars(tmp_path):
+    from fcflow.atlas import atlas_provenance
+    from fcflow.reports.group import seed_caveats_of_study
+    from fcflow.reports.participant import seed_caveats
 
     func = tmp_path / "sub-01" / "ses-baseline" / "func"
     func.mkdir(parents=True)
     (func / "sub-01_ses-baseline_task-rest_seed-pgACC_mask.json").write_text(json.dumps(
         {"Seed": "pgACC", "StandIn": True, "MaskDescription": "STAND-IN pgACC: a 10 mm sphere"}))
+    # a seed from a local atlas copy (no manifest): content checks only, not against the release
+    local = tmp_path / "julich"
+    local.mkdir()
     (func / "sub-01_ses-baseline_task-rest_seed-real_mask.json").write_text(json.dumps(
-        {"Seed": "real", "Source": "mpm"}))
-    assert stand_in_seeds_of_study(tmp_path) == {"pgACC": "STAND-IN pgACC: a 10 mm sphere"}
+        {"Seed": "real", "Source": "mpm", "Atlas": atlas_provenance(local, files=[])}))
+    assert seed_caveats_of_study(tmp_path, "stand-in") == {"pgACC": "STAND-IN pgACC: a 10 mm sphere"}
+    (unverified,) = seed_caveats_of_study(tmp_path, "unverified").items()
+    assert unverified[0] == "real" and "content checks only" in unverified[1] and "No release checksums" in unverified[1]
+    # the cache's files came from the release URL with their SHA-256 recorded: no caveat
+    (local / "manifest.json").write_text("{}")
+    (func / "sub-01_ses-baseline_task-rest_seed-real_mask.json").write_text(json.dumps(
+        {"Seed": "real", "Source": "mpm", "Atlas": atlas_provenance(local, files=[])}))
+    assert seed_caveats_of_study(tmp_path, "unverified") == {}
     work = tmp_path / "work"
     work.mkdir()
     (work / "seed-pgACC_mask.json").write_text(json.dumps({"StandIn": True, "MaskDescription": "sphere"}))
     (work / "seed-real_mask.json").write_text(json.dumps({"StandIn": False}))
     files = [str(work / "seed-pgACC_mask.nii.gz"), str(work / "seed-real_mask.nii.gz")]
-    assert stand_in_seeds(files, ["pgACC", "real"]) == {"pgACC": "sphere"}
+    assert seed_caveats(files, ["pgACC", "real"], "stand-in") == {"pgACC": "sphere"}
+    assert seed_caveats(files, ["pgACC", "real"], "unverified") == {}
 
 
 def test_report_of_some_runs_keeps_the_subjects_other_runs(reported, tmp_path):

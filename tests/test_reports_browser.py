@@ -176,6 +176,50 @@ def reports(tmp_path_factory) -> dict:
     return {"out": out, "participant_stdout": participant, "group_stdout": group}
 
 
+def _check_group_numbers(browser: DevTools, out: Path) -> None:
+    """Issue 19: each result's numbers, as the browser shows them, against the maps and cluster tables."""
+    import nibabel as nib
+    import numpy as np
+
+    shown = browser.evaluate("""Array.from(document.querySelectorAll('section.result[data-stat-map]')).map(s => {
+        const table = s.querySelector('table.clusters');
+        const head = table ? Array.from(table.rows[0].cells).map(c => c.textContent) : [];
+        const first = table ? Array.from(table.rows[1].cells).map(c => c.textContent) : [];
+        const peak = s.querySelector('.cluster-peak');
+        return {map: s.dataset.statMap, mapPeak: s.querySelector('.map-peak').textContent,
+                clusterPeak: peak ? peak.textContent : null, head: head, first: first};
+    })""")
+    assert shown, "no tested result in group.html"
+    n_clusters = 0
+    for entry in shown:
+        values = np.asarray(nib.load(out / entry["map"]).dataobj, dtype=np.float64)
+        extreme = values.ravel()[np.argmax(np.abs(values))]
+        assert float(entry["mapPeak"]) == pytest.approx(extreme, rel=5e-3), entry["map"]
+        if entry["clusterPeak"] is not None:
+            n_clusters += 1
+            # the peak printed with the result is cluster 1's, the first row of its own table
+            row = dict(zip(entry["head"], entry["first"], strict=True))
+            assert float(row["cluster_id"]) == 1 and row["peak_stat"] and \
+                float(entry["clusterPeak"]) == pytest.approx(float(row["peak_stat"]), rel=5e-3), entry
+    print(f"group.html: {len(shown)} results checked against their maps, {n_clusters} with a cluster table")
+
+
+def _check_map_captions(browser: DevTools) -> None:
+    """Issue 19: the connectivity maps' captions and colour-bar units differ by map kind."""
+    captions = browser.evaluate(
+        "Array.from(document.querySelectorAll('figcaption')).map(c => c.textContent)"
+        ".filter(t => t.startsWith('seed-'))")
+    by_desc: dict[str, set[str]] = {}
+    for text in captions:
+        desc = text.split(",")[1].split(":")[0].strip()
+        by_desc.setdefault(desc, set()).add(text.split(":", 1)[1])
+    assert {"correlation", "background"} <= set(by_desc) and any(d.startswith("gppi") for d in by_desc), captions
+    # one wording per map kind, and no two kinds share one
+    words = {desc: {t.split(";")[0] for t in texts} for desc, texts in by_desc.items()}
+    assert all(len(w) == 1 for w in words.values()) and len(set.union(*words.values())) == len(words), words
+    assert any("display threshold, not inference" in t for t in captions)
+
+
 @pytest.mark.slow
 def test_reports_load_in_a_browser_without_errors(reports, browser_path, tmp_path):
     out = reports["out"]
@@ -198,9 +242,16 @@ def test_reports_load_in_a_browser_without_errors(reports, browser_path, tmp_pat
             broken = [i["src"] for i in images if not (i["complete"] and i["width"] > 0)]
             assert not broken, f"{page.name}: images that did not load: {broken[:5]}"
             assert not browser.errors(), f"{page.name}: {browser.errors()[:5]}"
+            # nothing wider than the window (a wide table scrolls inside itself instead)
+            width = browser.evaluate("[document.documentElement.scrollWidth, window.innerWidth]")
+            assert width[0] <= width[1], f"{page.name}: the page is {width[0]} px wide in a {width[1]} px window"
             # the demo's seed without an atlas is the simulator's stand-in sphere: both reports say so
             banner = browser.evaluate("Array.from(document.querySelectorAll('.stand-in')).map(e => e.textContent)")
             assert len(banner) == 1 and "Stand-in seed." in banner[0] and "pgACC" in banner[0], (page.name, banner)
+            if page.name == "group.html":
+                _check_group_numbers(browser, out)
+            elif page.name == "sub-01.html":
+                _check_map_captions(browser)
             if page.name in ("group.html", "sub-01.html"):
                 shot = browser.screenshot(artifacts / f"report_{page.stem}.png")
                 assert shot.stat().st_size > 10_000
@@ -247,7 +298,7 @@ def test_pooled_qcfc_is_the_correlation_over_every_included_run(reports):
     fd, maps = [], []
     for row in kept.sort_values(["participant", "session"]).itertuples():
         (path,) = (out / f"sub-{row.participant}" / f"ses-{row.session}" / "func").glob(
-            "*task-rest*_seed-pgACC_desc-correlation_stat-z_statmap.nii.gz")
+            "*task-rest*_seed-pgACC_stat-z_desc-correlation_statmap.nii.gz")
         maps.append(np.asarray(nib.load(path).dataobj))
         fd.append(float(row.mean_fd_mm))
     maps = np.stack(maps)
@@ -257,3 +308,31 @@ def test_pooled_qcfc_is_the_correlation_over_every_included_run(reports):
     expected = np.array([np.corrcoef(edges[:, j], fd)[0, 1] for j in range(0, edges.shape[1], 97)])
     ours = pooled["strategies"]["24P+aCompCor (recipe)"]["r"][::97]
     np.testing.assert_allclose(ours, expected, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_outputs_are_found_by_entity_with_pybids_and_fcflow_config(reports):
+    """Issue 19: pybids with fcflow's configuration finds the rest correlation z maps of one seed and
+    session, and a group test's maps, by entity query; the same files a file-name search finds."""
+    import pandas as pd
+
+    from fcflow.derivatives import PYBIDS_CONFIG, bids_layout
+
+    out = reports["out"]
+    layout = bids_layout(out)
+    assert layout.config.keys() >= {"bids", "derivatives", "fcflow"} and PYBIDS_CONFIG.is_file()
+    found = layout.get(task="rest", seed="pgACC", session="infusion", desc="correlation", stat="z",
+                       suffix="statmap", extension=".nii.gz", return_type="filename")
+    expected = sorted(str(p) for p in out.glob(
+        "sub-*/ses-infusion/func/sub-*_ses-infusion_task-rest_*_seed-pgACC_stat-z_desc-correlation_statmap.nii.gz"))
+    assert len(expected) >= 5 and sorted(found) == expected
+    results = pd.read_csv(out / "group" / "results.tsv", sep="\t", keep_default_na=False)
+    row = results[results["stat_map"] != "n/a"].iloc[0]
+    entities = layout.parse_file_entities(str(out / row["stat_map"]))
+    assert entities["task"] == row["task"] and entities["seed"] == row["seed"] and entities["desc"] == row["desc"]
+    from bids.layout import Query
+
+    # without inference and alpha: not the thresholded map of the same test
+    again = layout.get(**{k: v for k, v in entities.items() if k != "extension"}, extension=".nii.gz",
+                       inference=Query.NONE, alpha=Query.NONE, return_type="filename")
+    assert again == [str(out / row["stat_map"])]

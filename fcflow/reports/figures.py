@@ -43,6 +43,9 @@ __all__ = [
 
 _DPI = 80
 _SEED_COLOURS = ("#ffb000", "#00c0ff", "#ff4080", "#60ff60", "#c080ff")
+#: Font sizes (points) of the reports' figures: legends and tick-level text, axis labels, titles. The
+#: figures are drawn at 6.5-8 inches and shown at about that width, so 9 pt reads like the page's text.
+LEGEND_SIZE, LABEL_SIZE, TITLE_SIZE = 9, 9, 10
 _TISSUE_COLOURS = {"GM": "#d95f02", "WM": "#7570b3", "CSF/other": "#1b9e77"}
 
 
@@ -137,7 +140,7 @@ def plot_seed_overlay(
     for k, name in enumerate(names, start=1):
         display.add_contours(nib.Nifti1Image((labels == k).astype(np.int8), first.affine), levels=[0.5],
                              colors=[colours[k - 1]], linewidths=1.0)
-    figure.legend(handles=_patches(names, colours), loc="lower right", fontsize=8, frameon=False,
+    figure.legend(handles=_patches(names, colours), loc="lower right", fontsize=LABEL_SIZE, frameon=False,
                   labelcolor="white")
     return figure
 
@@ -193,14 +196,14 @@ def plot_motion_trace(
         if threshold is not None:
             ax.axhline(threshold, color="#e41a1c", linestyle="--", linewidth=0.8,
                        label=f"threshold {threshold:g}")
-            ax.legend(loc="upper right", fontsize=7, frameon=False)
-        ax.set_ylabel(label, fontsize=8)
+            ax.legend(loc="upper right", fontsize=LEGEND_SIZE, frameon=False)
+        ax.set_ylabel(label, fontsize=LABEL_SIZE)
         ax.tick_params(labelsize=7)
         ax.set_xlim(-0.5 * t_r, (len(values) - 0.5) * t_r)
     n_censored = int(np.count_nonzero(censored))
     axes[0].set_title(f"{title}{' - ' if title else ''}{n_censored} of {len(censored)} volumes censored "
-                      "(shaded)", fontsize=9)
-    axes[-1].set_xlabel("time (s)", fontsize=8)
+                      "(shaded)", fontsize=TITLE_SIZE)
+    axes[-1].set_xlabel("time (s)", fontsize=LABEL_SIZE)
     figure.subplots_adjust(left=0.08, right=0.98, top=1 - 0.4 / figure.get_figheight(),
                            bottom=0.45 / figure.get_figheight(), hspace=0.15)
     return figure
@@ -250,12 +253,12 @@ def plot_carpet(
                   interpolation="nearest", extent=extent)
         ax.set_yticks([])
         ax.set_title(f"{title}{' - ' if title else ''}{label} ({values.shape[0]} voxels, z-scored)",
-                     fontsize=9)
+                     fontsize=TITLE_SIZE)
         ax.tick_params(labelsize=7)
         if row == len(panels) - 1:
-            ax.set_xlabel("time (s); censored volumes blank", fontsize=8)
+            ax.set_xlabel("time (s); censored volumes blank", fontsize=LABEL_SIZE)
     figure.legend(handles=_patches(classes, [_TISSUE_COLOURS.get(c, "#999999") for c in classes]),
-                  loc="lower left", ncol=len(classes), fontsize=7, frameon=False)
+                  loc="lower left", ncol=len(classes), fontsize=LEGEND_SIZE, frameon=False)
     return figure
 
 
@@ -304,11 +307,11 @@ def plot_seed_timeseries(
         full[volumes] = table[name].to_numpy(dtype=float)
         ax.plot(np.arange(n_timepoints) * t_r, full, linewidth=0.9, label=name)
     ax.set_xlim(-0.5 * t_r, (n_timepoints - 0.5) * t_r)
-    ax.set_xlabel("time (s); gaps are censored volumes", fontsize=8)
-    ax.set_ylabel("cleaned signal", fontsize=8)
+    ax.set_xlabel("time (s); gaps are censored volumes", fontsize=LABEL_SIZE)
+    ax.set_ylabel("cleaned signal", fontsize=LABEL_SIZE)
     ax.tick_params(labelsize=7)
-    ax.set_title(title, fontsize=9)
-    ax.legend(loc="upper right", fontsize=7, frameon=False, ncol=4)
+    ax.set_title(title, fontsize=TITLE_SIZE)
+    ax.legend(loc="upper right", fontsize=LEGEND_SIZE, frameon=False, ncol=4)
     figure.subplots_adjust(left=0.08, right=0.98, top=0.88, bottom=0.2)
     return figure
 
@@ -320,24 +323,28 @@ def plot_connectivity_map(
     title: str,
     n_cuts: int = 7,
     colorbar_label: str = "",
+    threshold: float | None = None,
 ) -> Figure:
-    """A first-level map, unthresholded, as an axial mosaic on a background.
+    """A first-level map as an axial mosaic on a background, shown where ``|value| > threshold``.
 
     The colour scale is symmetric and saturates at the 99th percentile of the absolute values, so that the
-    seed's own voxels (r near 1) do not wash out the rest of the brain.
+    seed's own voxels (r near 1) do not wash out the rest of the brain. ``threshold`` None shows every
+    non-zero voxel.
     """
     from nilearn import plotting
 
     values = np.asarray(stat_img.dataobj)
     finite = np.abs(values[np.isfinite(values) & (values != 0)])
     vmax = float(np.percentile(finite, 99)) if finite.size else 1.0
+    if threshold is not None and threshold >= vmax:
+        vmax = 1.5 * threshold  # nothing above the threshold: keep a scale that shows it
     figure = new_figure(8.0, 1.9)
     plotting.plot_stat_map(stat_img, bg_img=bg_img, display_mode="z", cut_coords=n_cuts, figure=figure,
                            title=title, colorbar=True, vmax=vmax, symmetric_cbar=True, black_bg=True,
-                           cmap="RdBu_r", threshold=1e-6)
+                           cmap="RdBu_r", threshold=1e-6 if threshold is None else threshold)
     if colorbar_label:
         # nilearn draws the colour bar last, on an axes of its own
-        figure.axes[-1].set_ylabel(colorbar_label, color="white", fontsize=7)
+        figure.axes[-1].set_ylabel(colorbar_label, color="white", fontsize=LEGEND_SIZE)
     return figure
 
 
@@ -406,10 +413,10 @@ def plot_motion_by_group(
                 ax.scatter(centre + rng.uniform(-width / 4, width / 4, x.size), x, s=9,
                            color=colours[g % len(colours)], zorder=3)
     ax.set_xticks(np.arange(len(sessions)), list(sessions))
-    ax.set_ylabel(ylabel, fontsize=8)
+    ax.set_ylabel(ylabel, fontsize=LABEL_SIZE)
     ax.tick_params(labelsize=7)
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7, frameon=False)
+    ax.set_title(title, fontsize=TITLE_SIZE)
+    ax.legend(fontsize=LEGEND_SIZE, frameon=False)
     figure.subplots_adjust(left=0.1, right=0.98, top=0.9, bottom=0.1)
     return figure
 
@@ -445,15 +452,15 @@ def plot_qcfc(
         scatter.scatter(distance_mm[::step], r[::step], s=2, alpha=0.35, color=colour, label=label,
                         rasterized=True)
     hist.axvline(0.0, color="black", linewidth=0.6)
-    hist.set_xlabel("QC-FC r (connectivity vs mean FD across subjects)", fontsize=8)
-    hist.set_ylabel("edges (voxels)", fontsize=8)
-    hist.legend(fontsize=7, frameon=False)
+    hist.set_xlabel("QC-FC r (connectivity vs mean FD across subjects)", fontsize=LABEL_SIZE)
+    hist.set_ylabel("edges (voxels)", fontsize=LABEL_SIZE)
+    hist.legend(fontsize=LEGEND_SIZE, frameon=False)
     scatter.axhline(0.0, color="black", linewidth=0.6)
-    scatter.set_xlabel("distance from the seed centroid (mm)", fontsize=8)
-    scatter.set_ylabel("QC-FC r", fontsize=8)
+    scatter.set_xlabel("distance from the seed centroid (mm)", fontsize=LABEL_SIZE)
+    scatter.set_ylabel("QC-FC r", fontsize=LABEL_SIZE)
     for ax in (hist, scatter):
         ax.tick_params(labelsize=7)
-    figure.suptitle(title, fontsize=9)
+    figure.suptitle(title, fontsize=TITLE_SIZE)
     figure.subplots_adjust(left=0.08, right=0.98, top=0.88, bottom=0.15, wspace=0.25)
     return figure
 
@@ -483,9 +490,9 @@ def plot_region_effects(
     ax.barh(np.arange(len(order)), values, color=colours, edgecolor="#555555", linewidth=0.5)
     ax.set_yticks(np.arange(len(order)), [f"{n} *" if m else n for n, m in zip(names, marked)])
     ax.axvline(0.0, color="#555555", linewidth=0.6)
-    ax.set_xlabel(xlabel, fontsize=8)
+    ax.set_xlabel(xlabel, fontsize=LABEL_SIZE)
     ax.tick_params(labelsize=7)
-    ax.set_title(title, fontsize=9)
+    ax.set_title(title, fontsize=TITLE_SIZE)
     figure.subplots_adjust(left=0.42, right=0.97, top=1 - 0.35 / figure.get_figheight(),
                            bottom=0.45 / figure.get_figheight())
     return figure

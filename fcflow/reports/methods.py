@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fcflow.config import Recipe
 
-__all__ = ["STRATEGY_TEXT", "INFERENCE_TEXT", "software_versions", "describe_methods"]
+__all__ = ["STRATEGY_TEXT", "INFERENCE_TEXT", "REFERENCES", "Reference", "references_for", "software_versions",
+           "describe_methods", "write_bibtex"]
 
 #: What each denoising strategy regresses (fixed by fcflow.denoise.DENOISING_STRATEGIES).
 STRATEGY_TEXT = {
@@ -295,7 +297,9 @@ def describe_methods(
     Returns
     -------
     dict
-        ``paragraph`` (str) and ``references`` (list of str).
+        ``paragraph`` (str), ``references`` (list of str: every paper and tool the paragraph names,
+        :func:`references_for`, and the atlas release's citation), ``cited`` (the :class:`Reference`
+        objects) and ``notes`` (the citations known only as text), for :func:`write_bibtex`.
     """
     from fcflow.permutation import permutation_test
 
@@ -318,28 +322,156 @@ def describe_methods(
                                  "tfce_height_exponent": defaults["tfce_height_exponent"],
                                  "connectivity": defaults["connectivity"]}),
     ])
-    references = list(atlas.citation) if (atlas is not None and uses_atlas) else []
-    references += list(DENOISING_REFERENCES)
-    if recipe.inference.variance_groups == "auto" or recipe.inference.family_wise == "contrasts":
-        references += list(INFERENCE_REFERENCES)
-    return {"paragraph": paragraph, "references": references}
+    cited = references_for(recipe)
+    # the atlas release's own citation (its data set), beside the Julich-Brain paper
+    notes = [c for c in (atlas.citation if (atlas is not None and uses_atlas) else ())
+             if REFERENCES["Amunts2020"].doi not in c]
+    return {"paragraph": paragraph, "references": [r.text for r in cited] + notes, "cited": cited, "notes": notes}
 
 
-#: The papers behind the first level's censoring, filtering and degrees of freedom.
-DENOISING_REFERENCES = (
-    "Power JD, Mitra A, Laumann TO, Snyder AZ, Schlaggar BL, Petersen SE (2014) Methods to detect, "
-    "characterize, and remove motion artifact in resting state fMRI. NeuroImage 84:320-341.",
-    "Lindquist MA, Geuter S, Wager TD, Caffo BS (2019) Modular preprocessing pipelines can reintroduce "
-    "artifacts into fMRI data. Human Brain Mapping 40:2358-2376.",
-    "Worsley KJ, Friston KJ (1995) Analysis of fMRI time-series revisited - again. NeuroImage 2:173-181.",
-)
+@dataclass(frozen=True)
+class Reference:
+    """A paper or software the methods paragraph names: the text in the report and its BibTeX."""
 
-#: The papers behind the group level's variance groups and family-wise correction over tests.
-INFERENCE_REFERENCES = (
-    "Winkler AM, Ridgway GR, Webster MA, Smith SM, Nichols TE (2014) Permutation inference for the general "
-    "linear model. NeuroImage 92:381-397.",
-    "Winkler AM, Webster MA, Brooks JC, Tracey I, Smith SM, Nichols TE (2016) Non-parametric combination and "
-    "related permutation tests for neuroimaging. Human Brain Mapping 37:1486-1511.",
-    "Winkler AM, Webster MA, Vidaurre D, Nichols TE, Smith SM (2015) Multi-level block permutation. "
-    "NeuroImage 123:253-268.",
-)
+    key: str
+    kind: str  # BibTeX entry type
+    authors: str  # "Last, F. and Last, F."
+    year: int
+    title: str
+    journal: str
+    volume: str = ""
+    pages: str = ""
+    doi: str = ""
+
+    @property
+    def text(self) -> str:
+        names = [a.strip() for a in self.authors.split(" and ")]
+        short = ", ".join(f"{n.split(',')[0]} {''.join(i[0] for i in n.split(',')[1].split())}" if "," in n else n
+                          for n in names)
+        where = f"{self.journal} {self.volume}:{self.pages}" if self.volume else self.journal
+        return f"{short} ({self.year}) {self.title}. {where}." + (f" doi:{self.doi}" if self.doi else "")
+
+    @property
+    def bibtex(self) -> str:
+        fields = {"author": self.authors, "year": str(self.year), "title": "{" + self.title + "}",
+                  "journal": self.journal, "volume": self.volume, "pages": self.pages.replace("-", "--"),
+                  "doi": self.doi}
+        body = ",\n".join(f"  {k} = {{{v}}}" for k, v in fields.items() if v)
+        return f"@{self.kind}{{{self.key},\n{body}\n}}"
+
+
+def _ref(key: str, authors: str, year: int, title: str, journal: str, volume: str = "", pages: str = "",
+         doi: str = "") -> Reference:
+    return Reference(key, "article", authors, year, title, journal, volume, pages, doi)
+
+
+#: Every paper and tool the methods paragraph can name, by key (:func:`references_for` picks them).
+REFERENCES = {r.key: r for r in (
+    _ref("Esteban2019", "Esteban, O. and Markiewicz, C. J. and Blair, R. W. and Moodie, C. A. and Isik, A. I. and "
+         "Erramuzpe, A. and Kent, J. D. and Goncalves, M. and DuPre, E. and Snyder, M. and Oya, H. and Ghosh, S. S. "
+         "and Wright, J. and Durnez, J. and Poldrack, R. A. and Gorgolewski, K. J.", 2019,
+         "fMRIPrep: a robust preprocessing pipeline for functional MRI", "Nature Methods", "16", "111-116",
+         "10.1038/s41592-018-0235-4"),
+    _ref("Abraham2014", "Abraham, A. and Pedregosa, F. and Eickenberg, M. and Gervais, P. and Mueller, A. and "
+         "Kossaifi, J. and Gramfort, A. and Thirion, B. and Varoquaux, G.", 2014,
+         "Machine learning for neuroimaging with scikit-learn", "Frontiers in Neuroinformatics", "8", "14",
+         "10.3389/fninf.2014.00014"),
+    _ref("Gorgolewski2011", "Gorgolewski, K. and Burns, C. D. and Madison, C. and Clark, D. and Halchenko, Y. O. and "
+         "Waskom, M. L. and Ghosh, S. S.", 2011, "Nipype: a flexible, lightweight and extensible neuroimaging data "
+         "processing framework in Python", "Frontiers in Neuroinformatics", "5", "13", "10.3389/fninf.2011.00013"),
+    _ref("Friston1996", "Friston, K. J. and Williams, S. and Howard, R. and Frackowiak, R. S. J. and Turner, R.", 1996,
+         "Movement-related effects in fMRI time-series", "Magnetic Resonance in Medicine", "35", "346-355",
+         "10.1002/mrm.1910350312"),
+    _ref("Behzadi2007", "Behzadi, Y. and Restom, K. and Liau, J. and Liu, T. T.", 2007,
+         "A component based noise correction method (CompCor) for BOLD and perfusion based fMRI", "NeuroImage",
+         "37", "90-101", "10.1016/j.neuroimage.2007.04.042"),
+    _ref("Satterthwaite2013", "Satterthwaite, T. D. and Elliott, M. A. and Gerraty, R. T. and Ruparel, K. and "
+         "Loughead, J. and Calkins, M. E. and Eickhoff, S. B. and Hakonarson, H. and Gur, R. C. and Gur, R. E. and "
+         "Wolf, D. H.", 2013, "An improved framework for confound regression and filtering for control of motion "
+         "artifact in the preprocessing of resting-state functional connectivity data", "NeuroImage", "64",
+         "240-256", "10.1016/j.neuroimage.2012.08.052"),
+    _ref("Pruim2015", "Pruim, R. H. R. and Mennes, M. and van Rooij, D. and Llera, A. and Buitelaar, J. K. and "
+         "Beckmann, C. F.", 2015, "ICA-AROMA: a robust ICA-based strategy for removing motion artifacts from fMRI "
+         "data", "NeuroImage", "112", "267-277", "10.1016/j.neuroimage.2015.02.064"),
+    _ref("Power2014", "Power, J. D. and Mitra, A. and Laumann, T. O. and Snyder, A. Z. and Schlaggar, B. L. and "
+         "Petersen, S. E.", 2014, "Methods to detect, characterize, and remove motion artifact in resting state "
+         "fMRI", "NeuroImage", "84", "320-341", "10.1016/j.neuroimage.2013.08.048"),
+    _ref("Afyouni2018", "Afyouni, S. and Nichols, T. E.", 2018, "Insight and inference for DVARS", "NeuroImage",
+         "172", "291-312", "10.1016/j.neuroimage.2017.12.098"),
+    _ref("Lindquist2019", "Lindquist, M. A. and Geuter, S. and Wager, T. D. and Caffo, B. S.", 2019,
+         "Modular preprocessing pipelines can reintroduce artifacts into fMRI data", "Human Brain Mapping", "40",
+         "2358-2376", "10.1002/hbm.24528"),
+    _ref("Worsley1995", "Worsley, K. J. and Friston, K. J.", 1995, "Analysis of fMRI time-series revisited - again",
+         "NeuroImage", "2", "173-181", "10.1006/nimg.1995.1023"),
+    _ref("McLaren2012", "McLaren, D. G. and Ries, M. L. and Xu, G. and Johnson, S. C.", 2012,
+         "A generalized form of context-dependent psychophysiological interactions (gPPI): a comparison to "
+         "standard approaches", "NeuroImage", "61", "1277-1286", "10.1016/j.neuroimage.2012.03.068"),
+    _ref("AlAidroos2012", "Al-Aidroos, N. and Said, C. P. and Turk-Browne, N. B.", 2012,
+         "Top-down attention switches coupling between low-level and high-level areas of human visual cortex",
+         "Proceedings of the National Academy of Sciences", "109", "14675-14680", "10.1073/pnas.1202095109"),
+    _ref("Nichols2002", "Nichols, T. E. and Holmes, A. P.", 2002, "Nonparametric permutation tests for functional "
+         "neuroimaging: a primer with examples", "Human Brain Mapping", "15", "1-25", "10.1002/hbm.1058"),
+    _ref("Smith2009", "Smith, S. M. and Nichols, T. E.", 2009, "Threshold-free cluster enhancement: addressing "
+         "problems of smoothing, threshold dependence and localisation in cluster inference", "NeuroImage", "44",
+         "83-98", "10.1016/j.neuroimage.2008.03.061"),
+    _ref("Freedman1983", "Freedman, D. and Lane, D.", 1983, "A nonstochastic interpretation of reported "
+         "significance levels", "Journal of Business and Economic Statistics", "1", "292-298",
+         "10.1080/07350015.1983.10509354"),
+    _ref("Benjamini1995", "Benjamini, Y. and Hochberg, Y.", 1995, "Controlling the false discovery rate: a practical "
+         "and powerful approach to multiple testing", "Journal of the Royal Statistical Society: Series B", "57",
+         "289-300", "10.1111/j.2517-6161.1995.tb02031.x"),
+    _ref("Winkler2014", "Winkler, A. M. and Ridgway, G. R. and Webster, M. A. and Smith, S. M. and Nichols, T. E.",
+         2014, "Permutation inference for the general linear model", "NeuroImage", "92", "381-397",
+         "10.1016/j.neuroimage.2014.01.060"),
+    _ref("Winkler2016", "Winkler, A. M. and Webster, M. A. and Brooks, J. C. and Tracey, I. and Smith, S. M. and "
+         "Nichols, T. E.", 2016, "Non-parametric combination and related permutation tests for neuroimaging",
+         "Human Brain Mapping", "37", "1486-1511", "10.1002/hbm.23115"),
+    _ref("Winkler2015", "Winkler, A. M. and Webster, M. A. and Vidaurre, D. and Nichols, T. E. and Smith, S. M.",
+         2015, "Multi-level block permutation", "NeuroImage", "123", "253-268",
+         "10.1016/j.neuroimage.2015.05.092"),
+    _ref("Amunts2020", "Amunts, K. and Mohlberg, H. and Bludau, S. and Zilles, K.", 2020, "Julich-Brain: a 3D "
+         "probabilistic atlas of the human brain's cytoarchitecture", "Science", "369", "988-992",
+         "10.1126/science.abb4588"),
+)}
+
+
+def references_for(recipe: Recipe) -> list[Reference]:
+    """The references of every method the recipe's methods paragraph names, in the paragraph's order."""
+    d, inf = recipe.denoising, recipe.inference
+    keys = ["Esteban2019", "Abraham2014", "Gorgolewski2011"]
+    keys += {"24P": ["Friston1996"], "24P+aCompCor": ["Friston1996", "Behzadi2007"], "6P+aCompCor": ["Behzadi2007"],
+             "36P": ["Satterthwaite2013"], "ICA-AROMA": ["Pruim2015"]}.get(d.strategy, [])
+    if d.fd_threshold_mm is not None or d.std_dvars_threshold is not None:
+        keys.append("Power2014")
+    if d.std_dvars_threshold is not None:
+        keys.append("Afyouni2018")
+    if d.filter == "dct":
+        keys.append("Lindquist2019")
+    keys.append("Worsley1995")  # the paragraph names the Worsley-Friston degrees of freedom
+    measures = {m for task in recipe.tasks for m in task.measures}
+    keys += ["McLaren2012"] if "gppi" in measures else []
+    keys += ["AlAidroos2012"] if "background" in measures else []
+    methods = set(inf.methods)
+    if methods & set(_PERMUTATION):
+        keys += ["Nichols2002"]
+        keys += ["Winkler2014"] if inf.variance_groups == "auto" else ["Freedman1983"]
+    keys += ["Smith2009"] if "tfce" in methods else []
+    if inf.family_wise == "contrasts" and methods & set(_PERMUTATION):
+        keys.append("Winkler2016")
+    if inf.repeated_measures and len(recipe.sessions) >= 3 and len(recipe.groups) >= 2:
+        keys.append("Winkler2015")
+    if "fdr" in methods or recipe.regions.enabled:
+        keys.append("Benjamini1995")
+    if any(seed.mask is None for seed in recipe.seeds) or (recipe.regions.enabled and recipe.regions.labels is None):
+        keys.append("Amunts2020")
+    return [REFERENCES[k] for k in dict.fromkeys(keys)]
+
+
+def write_bibtex(path: str | Path, references: Sequence[Reference], notes: Sequence[str] = ()) -> Path:
+    """Write ``references`` as a BibTeX file (atomic), one entry per reference, then each of
+    ``notes`` (citations known only as text, e.g. the atlas release's data set) as a ``@misc``."""
+    from fcflow.io import write_text
+
+    entries = [r.bibtex for r in references]
+    entries += [f"@misc{{fcflowNote{i},\n  note = {{{text}}}\n}}" for i, text in enumerate(notes, 1)]
+    return write_text(Path(path), "\n\n".join(entries) + "\n")

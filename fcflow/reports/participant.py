@@ -75,6 +75,28 @@ def map_caption(desc: str) -> tuple[str, str]:
     return (f"{desc}, z", "z")
 
 
+#: Uncorrected two-sided p at which the participant report's maps are thresholded for display.
+DISPLAY_P = 0.001
+
+
+def display_threshold(desc: str, dof: float | None, p: float = DISPLAY_P) -> float | None:
+    """The |value| above which a first-level z map is shown: uncorrected two-sided ``p`` for the run.
+
+    A Fisher z map with ``dof`` effective degrees of freedom has null SD 1/sqrt(dof - 3), so its
+    threshold is ``norm.isf(p / 2) / sqrt(dof - 3)``; a gPPI map is already a z (of the interaction
+    t), so its threshold is ``norm.isf(p / 2)``. None (show unthresholded) when the dof is unknown.
+    It is a display threshold: a single run's map is not inference, and the caption says so.
+    """
+    from scipy import stats
+
+    z = float(stats.norm.isf(p / 2))
+    if desc.startswith("gppi"):
+        return z
+    if dof is None or not np.isfinite(dof) or dof <= 3:
+        return None
+    return z / float(np.sqrt(dof - 3))
+
+
 def _task_blocks(events_file: str | None, conditions: Sequence[str]) -> dict[str, list[tuple[float, float]]]:
     if not events_file or not conditions:
         return {}
@@ -334,9 +356,13 @@ def make_run_report(
     for seed, desc, path in _maps_to_show(map_files):
         key = f"map{seed}{desc[0].upper()}{desc[1:]}"
         caption, unit = map_caption(desc)
+        measure = "gppi" if desc.startswith("gppi") else desc
+        threshold = display_threshold(desc, (run_qc.get("dof") or {}).get(measure))
         save(key, figures.plot_connectivity_map(nib.load(path), mean_img, title=f"seed-{seed} {desc}",
-                                                colorbar_label=unit))
-        map_figures.append({"key": key, "seed": seed, "desc": desc, "caption": caption, "unit": unit})
+                                                colorbar_label=unit, threshold=threshold))
+        map_figures.append({"key": key, "seed": seed, "desc": desc, "caption": caption, "unit": unit,
+                            "threshold": threshold, "display_p": DISPLAY_P,
+                            "dof": (run_qc.get("dof") or {}).get(measure)})
 
     no_denoise = {}
     if not run_qc.get("excluded") and not censoring["excluded"]:
@@ -391,24 +417,28 @@ def make_run_report(
         # the first level's kernel, which the no-denoising maps were smoothed with too
         "smoothing_fwhm": run_qc.get("smoothing_fwhm"),
         "carpet_rows": int(arrays["carpet_columns"].size),
-        "stand_in_seeds": stand_in_seeds(seed_files, seed_names),
+        "stand_in_seeds": seed_caveats(seed_files, seed_names, "stand-in"),
+        "unverified_seeds": seed_caveats(seed_files, seed_names, "unverified"),
     }
     return write_json(out / "run_report.json", report)
 
 
-def stand_in_seeds(seed_files: Sequence[str], seed_names: Sequence[str]) -> dict[str, str]:
-    """Seeds whose provenance sidecar (beside the mask) says they are stand-ins, with its description.
+def seed_caveats(seed_files: Sequence[str], seed_names: Sequence[str], kind: str) -> dict[str, str]:
+    """Seeds whose provenance sidecar (beside the mask) carries a caveat of ``kind``, with its text.
 
-    The first level writes ``<mask>.json`` beside each seed mask (:func:`fcflow.atlas.seed_from_mask_file`
-    sets ``StandIn`` for a mask declared a stand-in, e.g. the simulator's pgACC sphere).
+    ``kind`` is ``"stand-in"`` (a declared stand-in mask, e.g. the simulator's pgACC sphere) or
+    ``"unverified"`` (atlas files not verified against the release); :func:`fcflow.atlas.seed_caveat`
+    reads the sidecar the first level writes beside each seed mask.
     """
+    from fcflow.atlas import seed_caveat
+
     out = {}
     for name, path in zip(seed_names, seed_files, strict=True):
         sidecar = Path(str(path).removesuffix(".gz").removesuffix(".nii") + ".json")
         if sidecar.is_file():
-            meta = json.loads(sidecar.read_text())
-            if meta.get("StandIn"):
-                out[name] = str(meta.get("MaskDescription") or meta.get("MaskFile") or "stand-in mask")
+            caveat = seed_caveat(json.loads(sidecar.read_text()))
+            if caveat is not None and caveat[0] == kind:
+                out[name] = caveat[1]
     return out
 
 
