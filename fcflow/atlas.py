@@ -46,6 +46,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from fcflow import __version__
+from fcflow.config import SeedConfig
 from fcflow.errors import AtlasError, InputDataError
 from fcflow.io import atomic_path, sha256_file, write_json
 from fcflow.resources import data_dir
@@ -1169,7 +1170,7 @@ def seed_qc(
     seed_img: nib.spatialimages.SpatialImage | str | os.PathLike[str],
     brain_mask_img: nib.spatialimages.SpatialImage | str | os.PathLike[str],
     bold_data_or_img: NDArray[Any] | nib.spatialimages.SpatialImage | str | os.PathLike[str] | None = None,
-    min_coverage: float = 0.8,
+    min_coverage: float = SeedConfig.min_coverage,
     run_name: str = "the run",
     *,
     seed_name: str = "seed",

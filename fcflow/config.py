@@ -269,6 +269,59 @@ class Recipe:
         return dataclasses.replace(self, inference=dataclasses.replace(self.inference, n_permutations=n_permutations))
 
 
+def to_plain(value: Any) -> Any:
+    """A recipe section (dataclass) as JSON-ready data, for nipype traits and sidecars.
+
+    :func:`from_plain` rebuilds the dataclass; the pair is how a typed recipe crosses the nipype
+    boundary (whose inputs must hash as plain data) without the science code reading dicts.
+    """
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return to_plain(dataclasses.asdict(value))
+    if isinstance(value, Mapping):
+        return {str(k): to_plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [to_plain(v) for v in value]
+    return value
+
+
+def from_plain(cls: type, data: Any) -> Any:
+    """Rebuild the recipe dataclass ``cls`` (:class:`SeedConfig`, :class:`TaskConfig`,
+    :class:`DenoisingConfig`, ...) from :func:`to_plain`'s output: lists become tuples again, nested
+    sections (a task's :class:`Contrast` list) are rebuilt too, and every field must be present.
+
+    Raises
+    ------
+    TypeError
+        ``data`` lacks a field of ``cls`` or has one it does not define: the two sides of the
+        nipype boundary disagree, which is a bug, not a user error.
+    """
+    import typing
+
+    if not isinstance(data, Mapping):
+        raise TypeError(f"{cls.__name__}: expected the mapping to_plain() makes, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    if set(data) != names:
+        raise TypeError(f"{cls.__name__}: fields {sorted(names)} expected, got {sorted(data)}")
+
+    def rebuild(hint: Any, value: Any) -> Any:
+        if value is None:
+            return None
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if typing.get_origin(hint) is tuple:
+            item = args[0] if args else Any
+            if len(args) == 2 and args[1] is Ellipsis:
+                return tuple(rebuild(item, v) for v in value)
+            return tuple(rebuild(a, v) for a, v in zip(args, value, strict=True))
+        if len(args) == 1 and typing.get_origin(hint) is not tuple:  # X | None
+            return rebuild(args[0], value)
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+            return from_plain(hint, value)
+        return value
+
+    return cls(**{name: rebuild(hints[name], data[name]) for name in names})
+
+
 # ----------------------------------------------------------------------------------------------
 # Reading and validation
 # ----------------------------------------------------------------------------------------------

@@ -352,7 +352,7 @@ def compute_multiseed_connectivity(
     low_pass: float | None = 0.08,
     detrend: bool = True,
     standardize_confounds: bool = True,
-    seed_method: Literal["mean", "eigenvariate"] = "mean",
+    seed_method: Literal["mean", "eigenvariate"] | Mapping[str, str] = "mean",
     interpolation: Literal["spline", "nilearn"] = "spline",
     filter: Literal["dct", "butterworth"] = "dct",
     run_name: str = "",
@@ -366,8 +366,10 @@ def compute_multiseed_connectivity(
     ----------
     seed_masks_in_brain : mapping of str to ndarray of bool, shape (n_voxels,)
         Each seed's columns, by seed name.
+    seed_method : {"mean", "eigenvariate"} or mapping of seed name to it
+        One summary for every seed, or each seed's own (the recipe's per-seed ``signal``).
     data, t_r, confounds, sample_mask, high_pass, low_pass, detrend, standardize_confounds,
-    seed_method, interpolation, filter, run_name :
+    interpolation, filter, run_name :
         As :func:`compute_rest_connectivity`.
 
     Returns
@@ -376,10 +378,13 @@ def compute_multiseed_connectivity(
         In the order of ``seed_masks_in_brain``.
     """
     data = np.asarray(data)
-    if seed_method not in ("mean", "eigenvariate"):
-        raise InputDataError(
-            f"'seed_method' must be 'mean' or 'eigenvariate'. Got {seed_method!r}."
-        )
+    methods = (dict(seed_method) if isinstance(seed_method, Mapping)
+               else dict.fromkeys(seed_masks_in_brain, seed_method))
+    for name in seed_masks_in_brain:
+        if methods.get(name) not in ("mean", "eigenvariate"):
+            raise InputDataError(
+                f"'seed_method' of seed {name!r} must be 'mean' or 'eigenvariate'. Got {methods.get(name)!r}."
+            )
     columns = {
         name: _seed_columns(mask, data.shape[1], name, run_name)
         for name, mask in seed_masks_in_brain.items()
@@ -393,7 +398,7 @@ def compute_multiseed_connectivity(
         cleaned_seed_voxels = operator @ data[:, cols].astype(np.float64)
         seeds[name] = (
             cleaned_seed_voxels.mean(axis=1)
-            if seed_method == "mean"
+            if methods[name] == "mean"
             else _eigenvariate(cleaned_seed_voxels)
         )
     r = _correlate_cleaned_seeds(data, operator, np.column_stack(list(seeds.values())))

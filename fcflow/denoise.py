@@ -108,7 +108,11 @@ import pandas as pd
 from numpy.typing import NDArray
 from scipy import linalg
 
+from fcflow.config import DenoisingConfig
 from fcflow.errors import InputDataError
+
+# the recipe's defaults are the functions' defaults: one place (fcflow.config.DenoisingConfig)
+_DEFAULTS = DenoisingConfig()
 
 __all__ = [
     "DENOISING_STRATEGIES",
@@ -204,10 +208,10 @@ def load_run_confounds(
     strategy: str,
     *,
     censor: bool = True,
-    fd_threshold_mm: float = 0.5,
-    std_dvars_threshold: float = 1.5,
-    scrub: int = 5,
-    n_compcor: int | Literal["all"] = 5,
+    fd_threshold_mm: float = _DEFAULTS.fd_threshold_mm,
+    std_dvars_threshold: float = _DEFAULTS.std_dvars_threshold,
+    scrub: int = _DEFAULTS.scrub_min_segment,
+    n_compcor: int | Literal["all"] = _DEFAULTS.n_compcor,
     demean: bool = True,
 ) -> RunConfounds:
     """Select the confounds of an fMRIPrep run for a named denoising strategy.

@@ -44,6 +44,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -51,6 +52,7 @@ import pandas as pd
 from numpy.typing import NDArray
 
 from fcflow.atlas import SeedQC, seed_qc
+from fcflow.config import DenoisingConfig, SeedConfig, TaskConfig
 from fcflow.connectivity import compute_multiseed_connectivity, extract_seed_signal
 from fcflow.denoise import build_cleaning_operator, confound_blocks, correlation_dof, dof_budget
 from fcflow.errors import InputDataError
@@ -125,8 +127,8 @@ def compute_run_maps(
     condition_contrasts: Mapping[str, str] | None = None,
     events: pd.DataFrame | None = None,
     events_file: str = "",
-    seed_signal: str = "mean",
-    min_coverage: float = 0.8,
+    seed_signal: str | Mapping[str, str] = "mean",
+    min_coverage: float | Mapping[str, float] = SeedConfig.min_coverage,
     detrend: bool = True,
     standardize_confounds: bool = True,
     filter: str = "dct",
@@ -158,9 +160,11 @@ def compute_run_maps(
     conditions, condition_contrasts, events, events_file :
         For task measures: the modelled conditions, named contrasts over them
         (``{"2backMinus0back": "2back - 0back"}``), the events table and its file name.
-    seed_signal : {"mean", "eigenvariate"}, default="mean"
-    min_coverage : float, default=0.8
-        A seed with less of its volume inside the brain mask excludes the run.
+    seed_signal : {"mean", "eigenvariate"} or mapping of seed name to it, default="mean"
+        How each seed's signal is summarised (one value for every seed, or each seed's own).
+    min_coverage : float or mapping of seed name to float, default=SeedConfig.min_coverage (0.8)
+        A seed with less of its volume inside the brain mask excludes the run (one value for
+        every seed, or each seed's own).
     detrend, standardize_confounds : bool, default=True
     filter : {"dct", "butterworth"}, default="dct"
         See :func:`fcflow.denoise.build_cleaning_operator`.
@@ -181,9 +185,11 @@ def compute_run_maps(
     brain = np.asarray(mask_img.dataobj).reshape(mask_img.shape[:3]) > 0
     result = RunMaps()
     columns = {}
+    signals = _per_seed(seed_signal, seed_imgs, "seed_signal")
+    coverages = _per_seed(min_coverage, seed_imgs, "min_coverage")
     for name, img in seed_imgs.items():
         # Coverage first: a run that loses its seed is excluded before its data are read.
-        qc = seed_qc(img, mask_img, None, min_coverage=min_coverage, run_name=run_name, seed_name=name)
+        qc = seed_qc(img, mask_img, None, min_coverage=coverages[name], run_name=run_name, seed_name=name)
         result.seed_qc[name] = qc
         if qc.excluded:
             result.excluded, result.exclusion_reason = True, qc.exclusion_reason or ""
@@ -229,14 +235,14 @@ def compute_run_maps(
     for name in seed_imgs:
         # tSNR of the seed on the raw (preprocessed) data, before any cleaning.
         result.seed_qc[name] = seed_qc(
-            seed_imgs[name], mask_img, data, min_coverage=min_coverage, run_name=run_name, seed_name=name
+            seed_imgs[name], mask_img, data, min_coverage=coverages[name], run_name=run_name, seed_name=name
         )
 
     if "correlation" in measures:
         # one cleaning operator and one pass over the data for all seeds
         connectivity = compute_multiseed_connectivity(
             data, columns, t_r, confounds, sample_mask, high_pass=high_pass, low_pass=low_pass,
-            detrend=detrend, standardize_confounds=standardize_confounds, seed_method=seed_signal,
+            detrend=detrend, standardize_confounds=standardize_confounds, seed_method=signals,
             filter=filter, run_name=run_name,
         )
         for name, conn in connectivity.items():
@@ -248,7 +254,7 @@ def compute_run_maps(
     if task_measures:
         _task_maps(result, data, columns, t_r=t_r, confounds=confounds, sample_mask=sample_mask,
                    high_pass=high_pass, low_pass=low_pass, measures=task_measures, conditions=conditions,
-                   condition_contrasts=condition_contrasts or {}, task=task, seed_signal=seed_signal,
+                   condition_contrasts=condition_contrasts or {}, task=task, seed_signal=signals,
                    detrend=detrend, filter=filter, min_dof=min_dof, run_name=run_name)
         if result.excluded:
             return result
@@ -275,7 +281,7 @@ def _task_maps(
     conditions: Sequence[str],
     condition_contrasts: Mapping[str, str],
     task: pd.DataFrame,
-    seed_signal: str,
+    seed_signal: Mapping[str, str],
     detrend: bool,
     filter: str,
     min_dof: float,
@@ -309,7 +315,7 @@ def _task_maps(
         residual = background_operator(task_prepared, confounds_prepared, operator.shape[0])
         result.dof["background"] = correlation_dof(residual @ operator)
     for name, cols in columns.items():
-        seed = extract_seed_signal(prepared, cols, seed_signal, seed_name=name, run_name=run_name)
+        seed = extract_seed_signal(prepared, cols, seed_signal[name], seed_name=name, run_name=run_name)
         result.seed_signals[name] = seed
         if "gppi" in measures:
             design = build_gppi_design(seed, task_prepared, confounds_prepared, conditions=list(conditions))
@@ -361,11 +367,21 @@ def _dof_shortfall(budget: Mapping[str, float], min_dof: float, *, measure: str,
             "noise. Longer runs, less censoring, a narrower confound set or a wider band leave more.")
 
 
+def _per_seed(value: Any, seeds: Mapping[str, Any], parameter: str) -> dict[str, Any]:
+    """``value`` for every seed, or each seed's own value from a mapping that names every seed."""
+    if not isinstance(value, Mapping):
+        return {name: value for name in seeds}
+    missing = [name for name in seeds if name not in value]
+    if missing:
+        raise ValueError(f"'{parameter}' names no value for the seed(s) {missing}; it has {sorted(value)}.")
+    return {name: value[name] for name in seeds}
+
+
 # ----------------------------------------------------------------------------------------------
 # File-level entry points (what the nipype adapters call)
 # ----------------------------------------------------------------------------------------------
 def select_run_confounds(
-    bold_file: str | Path, denoising: Mapping[str, object], *, run_name: str = ""
+    bold_file: str | Path, denoising: DenoisingConfig, *, run_name: str = ""
 ) -> tuple[pd.DataFrame | None, dict]:
     """Select a run's confounds and censoring, and decide whether motion excludes it.
 
@@ -373,8 +389,8 @@ def select_run_confounds(
     ----------
     bold_file : path
         fMRIPrep BOLD run; its confounds TSV is found by name (nilearn's ``load_confounds``).
-    denoising : mapping
-        The recipe's ``[denoising]`` settings (:class:`fcflow.config.DenoisingConfig` as a dict).
+    denoising : DenoisingConfig
+        The recipe's ``[denoising]`` settings.
     run_name : str
         Used in messages.
 
@@ -388,21 +404,20 @@ def select_run_confounds(
     """
     from fcflow.denoise import assess_run_exclusion, load_run_confounds
 
-    fd_threshold = denoising.get("fd_threshold_mm")
-    dvars_threshold = denoising.get("std_dvars_threshold")
+    fd_threshold = denoising.fd_threshold_mm
+    dvars_threshold = denoising.std_dvars_threshold
     censor = fd_threshold is not None or dvars_threshold is not None
     selected = load_run_confounds(
-        bold_file, str(denoising["strategy"]), censor=censor,
+        bold_file, denoising.strategy, censor=censor,
         fd_threshold_mm=float(fd_threshold) if fd_threshold is not None else np.inf,
         std_dvars_threshold=float(dvars_threshold) if dvars_threshold is not None else np.inf,
-        scrub=int(denoising.get("scrub_min_segment", 5)), n_compcor=int(denoising.get("n_compcor", 5)),
+        scrub=denoising.scrub_min_segment, n_compcor=denoising.n_compcor,
     )
     sample_mask = selected.sample_mask
-    if not denoising.get("drop_nonsteady", True) and sample_mask is not None and not censor:
+    if not denoising.drop_nonsteady and sample_mask is not None and not censor:
         sample_mask = None
     excluded, reason = assess_run_exclusion(
-        selected, min_volumes=int(denoising["min_volumes"]),
-        max_mean_fd_mm=denoising["max_mean_fd_mm"], run_name=run_name,
+        selected, min_volumes=denoising.min_volumes, max_mean_fd_mm=denoising.max_mean_fd_mm, run_name=run_name,
     )
     if excluded:
         LOGGER.warning(reason)
@@ -431,18 +446,20 @@ def run_maps_from_files(
     bold_file: str,
     mask_file: str,
     seed_files: Sequence[str],
-    seeds: Sequence[Mapping[str, object]],
+    seeds: Sequence[SeedConfig],
     confounds_file: str,
     censoring_file: str,
     t_r: float,
-    task: Mapping[str, object],
-    denoising: Mapping[str, object],
+    task: TaskConfig,
+    denoising: DenoisingConfig,
     events_file: str | None,
     run_name: str,
     out_dir: str,
     report_data: bool = False,
 ) -> dict[str, object]:
     """Read a run's prepared inputs, call :func:`compute_run_maps`, write its results to ``out_dir``.
+
+    Each seed is extracted and checked with its own recipe settings (``signal``, ``min_coverage``).
 
     Returns the paths nipype passes on: ``map_files`` (``seed-<s>_desc-<d>_stat-<t>.nii.gz``),
     ``timeseries_files`` (``seed-<s>_timeseries.tsv``) and ``qc_file`` (``run_qc.json``). With
@@ -463,8 +480,8 @@ def run_maps_from_files(
                              "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
     map_files: list[str] = []
     timeseries_files: list[str] = []
-    seed_imgs = {str(seed["name"]): nib.load(path) for seed, path in zip(seeds, seed_files, strict=True)}
-    first = seeds[0]
+    seed_imgs = {seed.name: nib.load(path) for seed, path in zip(seeds, seed_files, strict=True)}
+    signals = {seed.name: seed.signal for seed in seeds}
     mask_img = nib.load(mask_file)
     masked = read_masked_bold(bold_file, mask_img) if report_data else None
     outputs: dict[str, object] = {}
@@ -476,7 +493,7 @@ def run_maps_from_files(
         arrays = compute_run_report_data(
             masked[0], masked[1].mean, mask_img, seed_imgs, bold_file=bold_file, confounds=confounds,
             censoring={**censoring, "excluded": excluded}, t_r=t_r, task=task, denoising=denoising,
-            seed_signal=str(first.get("signal", "mean")), run_name=run_name,
+            seed_signal=signals, run_name=run_name,
         )
         outputs["report_data_file"] = str(write_run_report_data(out / "report_data.npz", arrays))
 
@@ -488,15 +505,15 @@ def run_maps_from_files(
                 "qc_file": str(write_json(out / "run_qc.json", qc)), **outputs}
     events = pd.read_csv(events_file, sep="\t") if events_file else None
     result = compute_run_maps(
-        bold_file, mask_file, seed_imgs, t_r=t_r, measures=list(task["measures"]),
-        confounds=confounds, sample_mask=sample_mask, high_pass=task.get("high_pass"),
-        low_pass=task.get("low_pass"), smoothing_fwhm=denoising["smoothing_fwhm"],
-        conditions=list(task.get("conditions", ())),
-        condition_contrasts={c["name"]: c["expression"] for c in task.get("condition_contrasts", ())},
-        events=events, events_file=str(events_file or ""), seed_signal=str(first.get("signal", "mean")),
-        min_coverage=float(first.get("min_coverage", 0.8)), detrend=bool(denoising.get("detrend", True)),
-        standardize_confounds=bool(denoising.get("standardize_confounds", True)),
-        filter=str(denoising["filter"]), min_dof=float(denoising["min_dof"]), run_name=run_name,
+        bold_file, mask_file, seed_imgs, t_r=t_r, measures=list(task.measures),
+        confounds=confounds, sample_mask=sample_mask, high_pass=task.high_pass,
+        low_pass=task.low_pass, smoothing_fwhm=denoising.smoothing_fwhm,
+        conditions=list(task.conditions),
+        condition_contrasts={c.name: c.expression for c in task.condition_contrasts},
+        events=events, events_file=str(events_file or ""), seed_signal=signals,
+        min_coverage={seed.name: seed.min_coverage for seed in seeds}, detrend=denoising.detrend,
+        standardize_confounds=denoising.standardize_confounds,
+        filter=denoising.filter, min_dof=denoising.min_dof, run_name=run_name,
         masked=masked,
     )
     brain = np.asarray(mask_img.dataobj).reshape(mask_img.shape[:3]) > 0

@@ -1487,7 +1487,7 @@ def _write_region_outputs(
     recipe_sha: str, provenance: Mapping[str, Any], permutations: NDArray | None = None, scheme: str = "auto",
 ) -> dict[str, Any]:
     """One test's region table (``..._regions.tsv`` and its sidecar) and its ``results.tsv`` values."""
-    from fcflow.derivatives import bids_label, bids_name
+    from fcflow.derivatives import bids_name
     from fcflow.regions import compute_region_values, run_region_inference, significant_regions
 
     inference, settings = recipe.inference, recipe.regions

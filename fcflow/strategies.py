@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 from numpy.typing import NDArray
 
+from fcflow.config import DenoisingConfig
 from fcflow.errors import InputDataError
 
 __all__ = ["PROBE_SPACING_MM", "probe_points", "compare_run_strategies", "StrategySummary",
@@ -72,11 +73,11 @@ def compare_run_strategies(
     *,
     bold_file: str | os.PathLike[str],
     strategies: Sequence[str],
-    denoising: Mapping[str, object],
+    denoising: DenoisingConfig,
     t_r: float,
     high_pass: float | None,
     low_pass: float | None,
-    seed_signal: str,
+    seed_signal: str | Mapping[str, str],
     run_name: str = "",
 ) -> dict[str, object]:
     """Seed-to-probe Fisher z and degrees of freedom of one run under each candidate strategy.
@@ -90,8 +91,10 @@ def compare_run_strategies(
     strategies : sequence of str
         Candidate strategies (:data:`fcflow.denoise.DENOISING_STRATEGIES`); one that the run's
         files cannot serve (e.g. ``ICA-AROMA`` on a non-AROMA run) is reported, not raised.
-    denoising : mapping
+    denoising : DenoisingConfig
         The recipe's ``[denoising]`` (censoring thresholds, ``n_compcor``, ``detrend``, ``filter``).
+    seed_signal : {"mean", "eigenvariate"} or mapping of seed name to it
+        One summary for every seed, or each seed's own.
 
     Returns
     -------
@@ -113,7 +116,7 @@ def compare_run_strategies(
         mask[[position[c] for c in cols]] = True
         seeds[name] = mask
     probe = np.array([position[c] for c in columns], dtype=np.intp)
-    fd, dvars = denoising.get("fd_threshold_mm"), denoising.get("std_dvars_threshold")
+    fd, dvars = denoising.fd_threshold_mm, denoising.std_dvars_threshold
     censor = fd is not None or dvars is not None
     out: dict[str, object] = {"points_mm": points, "strategies": {}}
     for strategy in strategies:
@@ -122,11 +125,11 @@ def compare_run_strategies(
                 bold_file, strategy, censor=censor,
                 fd_threshold_mm=float(fd) if fd is not None else np.inf,
                 std_dvars_threshold=float(dvars) if dvars is not None else np.inf,
-                scrub=int(denoising["scrub_min_segment"]), n_compcor=int(denoising["n_compcor"]),
+                scrub=denoising.scrub_min_segment, n_compcor=denoising.n_compcor,
             )
             connectivity = compute_multiseed_connectivity(
                 subset, seeds, t_r, selected.confounds, selected.sample_mask, high_pass=high_pass,
-                low_pass=low_pass, detrend=bool(denoising["detrend"]), filter=str(denoising["filter"]),
+                low_pass=low_pass, detrend=denoising.detrend, filter=denoising.filter,
                 seed_method=seed_signal, run_name=run_name,
             )
         except InputDataError as exc:

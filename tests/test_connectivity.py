@@ -125,8 +125,15 @@ def test_multiseed_connectivity_equals_one_seed_at_a_time():
     cleaned = operator @ data.astype(np.float64)
     expected = np.corrcoef(np.column_stack([cleaned[:, other].mean(axis=1), cleaned]).T)[0, 1:]
     np.testing.assert_allclose(both["b"].r, expected, atol=5e-6)
-    with pytest.raises(InputDataError, match="'seed_method' must be 'mean' or 'eigenvariate'"):
+    with pytest.raises(InputDataError, match="'seed_method' of seed 'a' must be 'mean' or 'eigenvariate'. Got 'pca'"):
         compute_multiseed_connectivity(data, seeds, T_R, confounds, seed_method="pca")
+    # each seed its own summary: the same as one seed at a time with that summary
+    mixed = compute_multiseed_connectivity(data, seeds, T_R, confounds, seed_method={"a": "mean", "b": "eigenvariate"})
+    alone = compute_rest_connectivity(data, seeds["b"], T_R, confounds, seed_method="eigenvariate", seed_name="b")
+    np.testing.assert_allclose(mixed["b"].seed_signal, alone.seed_signal)
+    np.testing.assert_allclose(mixed["a"].seed_signal, both["a"].seed_signal)
+    with pytest.raises(InputDataError, match="'seed_method' of seed 'b' must be 'mean' or 'eigenvariate'. Got None"):
+        compute_multiseed_connectivity(data, seeds, T_R, confounds, seed_method={"a": "mean"})
     with pytest.raises(InputDataError, match="Seed 'b' has 0 voxels inside the brain mask"):
         compute_multiseed_connectivity(data, {"a": seed, "b": np.zeros_like(seed)}, T_R)
 

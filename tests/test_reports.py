@@ -228,8 +228,8 @@ def test_every_number_of_the_methods_comes_from_the_recipe_or_the_software():
 # ----------------------------------------------------------------------------------------------
 # A participant report from real runs
 # ----------------------------------------------------------------------------------------------
-def _plain(value):
-    return json.loads(json.dumps(dataclasses.asdict(value)))
+#: The recipe's pgACC seed (mean signal, its min_coverage) as the first level reads it
+SEED = dataclasses.replace(RECIPE.seeds[0], signal="mean", min_coverage=0.8)
 
 
 @pytest.fixture(scope="module")
@@ -242,14 +242,14 @@ def reported(tmp_path_factory, one_subject_infusion):
     root = tmp_path_factory.mktemp("reports")
     bids, runs = one_subject_infusion["bids"], one_subject_infusion["runs"]
     seed_file = one_subject_infusion["seed_file"]
-    seeds = [{"name": "pgACC", "signal": "mean", "min_coverage": 0.8}]
+    seeds = [SEED]
     out = root / "out"
     reports, kwargs = {}, {}
     for run in runs:
         # The n-back run is excluded: its mean FD is above a maximum set far too low.
-        denoising = _plain(RECIPE.denoising if run.task == "rest"
-                           else dataclasses.replace(RECIPE.denoising, max_mean_fd_mm=0.001))
-        task = _plain(RECIPE.task(run.task))
+        denoising = (RECIPE.denoising if run.task == "rest"
+                     else dataclasses.replace(RECIPE.denoising, max_mean_fd_mm=0.001))
+        task = RECIPE.task(run.task)
         work = root / "work" / run.name
         confounds, censoring = select_run_confounds(run.bold_file, denoising, run_name=run.name)
         table = confounds if confounds is not None else pd.DataFrame(index=range(censoring["n_timepoints"]))
@@ -374,7 +374,7 @@ def test_report_data_share_the_first_levels_read_and_leave_its_maps_alone(report
     work = reported["root"] / "work" / run.name
     plain = run_maps_from_files(
         bold_file=str(run.bold_file), mask_file=str(run.mask_file), seed_files=kwargs["seed_files"],
-        seeds=[{"name": "pgACC", "signal": "mean", "min_coverage": 0.8}], confounds_file=str(work / "confounds.tsv"),
+        seeds=[SEED], confounds_file=str(work / "confounds.tsv"),
         censoring_file=kwargs["censoring_file"], t_r=run.t_r, task=kwargs["task"], denoising=kwargs["denoising"],
         events_file=None, run_name=run.name, out_dir=str(tmp_path),
     )

@@ -15,7 +15,7 @@ import pytest
 from nilearn.image import smooth_img
 from scipy import ndimage
 
-from fcflow.config import load_recipe
+from fcflow.config import load_recipe, to_plain
 from fcflow.niftiio import smooth_map
 
 RECIPE = load_recipe("weigner2025_pgacc")
@@ -76,8 +76,8 @@ def test_recipe_zero_switches_smoothing_off(tmp_path):
 # ----------------------------------------------------------------------------------------------
 # The real first level, with and without smoothing
 # ----------------------------------------------------------------------------------------------
-def _plain(value):
-    return json.loads(json.dumps(dataclasses.asdict(value)))
+#: The recipe's pgACC seed (mean signal, its min_coverage) as the first level reads it
+SEED = dataclasses.replace(RECIPE.seeds[0], signal="mean", min_coverage=0.8)
 
 
 @pytest.fixture(scope="module")
@@ -90,15 +90,15 @@ def first_level(tmp_path_factory, one_subject_infusion):
     runs, seed_file = one_subject_infusion["runs"], one_subject_infusion["seed_file"]
     out = {}
     for run in runs:
-        task = _plain(RECIPE.task(run.task))
+        task = RECIPE.task(run.task)
         for label, fwhm in (("off", None), ("on", FWHM_MM)):
-            denoising = _plain(dataclasses.replace(RECIPE.denoising, smoothing_fwhm=fwhm))
+            denoising = dataclasses.replace(RECIPE.denoising, smoothing_fwhm=fwhm)
             work = root / "work" / label / run.name
             confounds, censoring = select_run_confounds(run.bold_file, denoising, run_name=run.name)
             table = confounds if confounds is not None else pd.DataFrame(index=range(censoring["n_timepoints"]))
             kwargs = dict(
                 bold_file=str(run.bold_file), mask_file=str(run.mask_file), seed_files=[str(seed_file)],
-                seeds=[{"name": "pgACC", "signal": "mean", "min_coverage": 0.8}],
+                seeds=[SEED],
                 confounds_file=str(write_tsv(work / "confounds.tsv", table)),
                 censoring_file=str(write_json(work / "censoring.json", censoring)), t_r=run.t_r, task=task,
                 denoising=denoising, events_file=str(run.events_file) if run.events_file else None,
@@ -166,7 +166,8 @@ def test_every_map_sidecar_records_the_smoothing(first_level, tmp_path):
             out, {"sub": run.subject, "ses": run.session, "task": run.task, "space": RECIPE.space, "res": "4"},
             map_files=maps["map_files"], timeseries_files=maps["timeseries_files"], seed_files=[],
             seed_sidecars=[], qc_file=maps["qc_file"], censoring_file=entry["kwargs"]["censoring_file"],
-            provenance={"inputs": {}, "t_r": run.t_r, "denoising": entry["denoising"], "command": ["fcflow"]},
+            provenance={"inputs": {}, "t_r": run.t_r, "denoising": to_plain(entry["denoising"]),
+                        "command": ["fcflow"]},
         )
         sidecars = sorted(out.rglob(f"*task-{task}_*_statmap.json"))
         assert len(sidecars) == len(maps["map_files"])

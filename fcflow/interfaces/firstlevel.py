@@ -28,7 +28,8 @@ class _BuildSeedMasksInputSpec(BaseInterfaceInputSpec):
     atlas_dir = traits.Either(None, Directory(exists=True), default=None, usedefault=True,
                               desc="Julich-Brain files (None when every seed is a mask file)")
     reference_file = File(exists=True, mandatory=True, desc="the run's brain mask (grid)")
-    seeds = traits.List(traits.Dict(), mandatory=True, desc="recipe seeds as plain dicts")
+    seeds = traits.List(traits.Dict(), mandatory=True,
+                        desc="the recipe's seeds (fcflow.config.to_plain of each SeedConfig)")
 
 
 class _BuildSeedMasksOutputSpec(TraitedSpec):
@@ -44,19 +45,19 @@ class BuildSeedMasks(SimpleInterface):
 
     def _run_interface(self, runtime):
         from fcflow.atlas import build_seed, seed_from_mask_file
+        from fcflow.config import SeedConfig, from_plain
         from fcflow.io import save_img, write_json
 
         seed_files, sidecars = [], []
-        for seed in self.inputs.seeds:
-            if seed.get("mask"):
-                img, sidecar = seed_from_mask_file(seed["mask"], self.inputs.reference_file, name=seed["name"])
+        for seed in (from_plain(SeedConfig, s) for s in self.inputs.seeds):
+            if seed.mask:
+                img, sidecar = seed_from_mask_file(seed.mask, self.inputs.reference_file, name=seed.name)
             else:
-                mask = build_seed(self.inputs.atlas_dir, seed["areas"], seed["hemispheres"],
-                                  self.inputs.reference_file, seed["source"], seed["pmap_threshold"],
-                                  name=seed["name"])
+                mask = build_seed(self.inputs.atlas_dir, seed.areas, seed.hemispheres, self.inputs.reference_file,
+                                  seed.source, seed.pmap_threshold, name=seed.name)
                 img, sidecar = mask.img, mask.to_sidecar()
-            seed_files.append(str(save_img(img, os.path.join(runtime.cwd, f"seed-{seed['name']}_mask.nii.gz"))))
-            sidecars.append(str(write_json(os.path.join(runtime.cwd, f"seed-{seed['name']}_mask.json"), sidecar)))
+            seed_files.append(str(save_img(img, os.path.join(runtime.cwd, f"seed-{seed.name}_mask.nii.gz"))))
+            sidecars.append(str(write_json(os.path.join(runtime.cwd, f"seed-{seed.name}_mask.json"), sidecar)))
         self._results["seed_files"] = seed_files
         self._results["sidecar_files"] = sidecars
         return runtime
@@ -67,7 +68,7 @@ class _SelectConfoundsInputSpec(BaseInterfaceInputSpec):
         "identity of the run's input files (size, mtime, ctime, inode; fcflow.io.input_stamps): any "
         "change to them, even one that restores size and mtime, reruns this node"))
     bold_file = File(exists=True, mandatory=True)
-    denoising = traits.Dict(mandatory=True, desc="recipe [denoising] as a plain dict")
+    denoising = traits.Dict(mandatory=True, desc="the recipe's [denoising] (to_plain of DenoisingConfig)")
     run_name = traits.Str(mandatory=True)
 
 
@@ -83,11 +84,12 @@ class SelectConfounds(SimpleInterface):
     output_spec = _SelectConfoundsOutputSpec
 
     def _run_interface(self, runtime):
+        from fcflow.config import DenoisingConfig, from_plain
         from fcflow.firstlevel import select_run_confounds
         from fcflow.io import write_json, write_tsv
 
-        confounds, censoring = select_run_confounds(self.inputs.bold_file, self.inputs.denoising,
-                                                    run_name=self.inputs.run_name)
+        confounds, censoring = select_run_confounds(
+            self.inputs.bold_file, from_plain(DenoisingConfig, self.inputs.denoising), run_name=self.inputs.run_name)
         table = confounds if confounds is not None else pd.DataFrame(index=range(censoring["n_timepoints"]))
         self._results["confounds_file"] = str(write_tsv(os.path.join(runtime.cwd, "confounds.tsv"), table))
         self._results["censoring_file"] = str(write_json(os.path.join(runtime.cwd, "censoring.json"), censoring))
@@ -101,12 +103,14 @@ class _ComputeRunMapsInputSpec(BaseInterfaceInputSpec):
     bold_file = File(exists=True, mandatory=True)
     mask_file = File(exists=True, mandatory=True)
     seed_files = InputMultiObject(File(exists=True), mandatory=True)
-    seeds = traits.List(traits.Dict(), mandatory=True)
+    seeds = traits.List(traits.Dict(), mandatory=True,
+                        desc="the recipe's seeds (to_plain of each SeedConfig): each seed's own signal and "
+                             "min_coverage")
     confounds_file = File(exists=True, mandatory=True)
     censoring_file = File(exists=True, mandatory=True)
     t_r = traits.Float(mandatory=True)
-    task = traits.Dict(mandatory=True, desc="recipe task as a plain dict")
-    denoising = traits.Dict(mandatory=True)
+    task = traits.Dict(mandatory=True, desc="the recipe's task (to_plain of TaskConfig)")
+    denoising = traits.Dict(mandatory=True, desc="the recipe's [denoising] (to_plain of DenoisingConfig)")
     events_file = traits.Either(None, File(exists=True), default=None, usedefault=True)
     run_name = traits.Str(mandatory=True)
     report_data = traits.Bool(False, usedefault=True,
@@ -127,13 +131,15 @@ class ComputeRunMaps(SimpleInterface):
     output_spec = _ComputeRunMapsOutputSpec
 
     def _run_interface(self, runtime):
+        from fcflow.config import DenoisingConfig, SeedConfig, TaskConfig, from_plain
         from fcflow.firstlevel import run_maps_from_files
 
         outputs = run_maps_from_files(
             bold_file=self.inputs.bold_file, mask_file=self.inputs.mask_file,
-            seed_files=list(self.inputs.seed_files), seeds=self.inputs.seeds,
+            seed_files=list(self.inputs.seed_files), seeds=[from_plain(SeedConfig, s) for s in self.inputs.seeds],
             confounds_file=self.inputs.confounds_file, censoring_file=self.inputs.censoring_file,
-            t_r=self.inputs.t_r, task=self.inputs.task, denoising=self.inputs.denoising,
+            t_r=self.inputs.t_r, task=from_plain(TaskConfig, self.inputs.task),
+            denoising=from_plain(DenoisingConfig, self.inputs.denoising),
             events_file=self.inputs.events_file, run_name=self.inputs.run_name, out_dir=runtime.cwd,
             report_data=self.inputs.report_data,
         )

@@ -21,15 +21,16 @@ class _ComputeRunReportInputSpec(BaseInterfaceInputSpec):
     mask_file = File(exists=True, mandatory=True)
     fmriprep_confounds_file = File(exists=True, mandatory=True, desc="fMRIPrep's confounds TSV (FD, DVARS)")
     seed_files = InputMultiObject(File(exists=True), mandatory=True)
-    seeds = traits.List(traits.Dict(), mandatory=True, desc="recipe seeds as plain dicts")
+    seeds = traits.List(traits.Dict(), mandatory=True,
+                        desc="the recipe's seeds (fcflow.config.to_plain of each SeedConfig)")
     censoring_file = File(exists=True, mandatory=True)
     qc_file = File(exists=True, mandatory=True, desc="the first level's run_qc.json")
     map_files = InputMultiObject(File(exists=True), mandatory=False)
     timeseries_files = InputMultiObject(File(exists=True), mandatory=False)
     events_file = traits.Either(None, File(exists=True), default=None, usedefault=True)
     t_r = traits.Float(mandatory=True)
-    task = traits.Dict(mandatory=True)
-    denoising = traits.Dict(mandatory=True)
+    task = traits.Dict(mandatory=True, desc="the recipe's task (to_plain of TaskConfig)")
+    denoising = traits.Dict(mandatory=True, desc="the recipe's [denoising] (to_plain of DenoisingConfig)")
     entities = traits.Dict(mandatory=True, desc="BIDS entities of the run's outputs, and its group")
     run_name = traits.Str(mandatory=True)
 
@@ -45,6 +46,7 @@ class ComputeRunReport(SimpleInterface):
     output_spec = _ComputeRunReportOutputSpec
 
     def _run_interface(self, runtime):
+        from fcflow.config import DenoisingConfig, TaskConfig, from_plain
         from fcflow.reports.participant import make_run_report
 
         seeds = self.inputs.seeds
@@ -55,7 +57,8 @@ class ComputeRunReport(SimpleInterface):
             censoring_file=self.inputs.censoring_file,
             qc_file=self.inputs.qc_file, map_files=list(self.inputs.map_files or []),
             timeseries_files=list(self.inputs.timeseries_files or []), events_file=self.inputs.events_file,
-            t_r=self.inputs.t_r, task=self.inputs.task, denoising=self.inputs.denoising,
+            t_r=self.inputs.t_r, task=from_plain(TaskConfig, self.inputs.task),
+            denoising=from_plain(DenoisingConfig, self.inputs.denoising),
             entities=self.inputs.entities,
             run_name=self.inputs.run_name, out_dir=runtime.cwd,
         ))

@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 from numpy.typing import NDArray
 
+from fcflow.config import DenoisingConfig, TaskConfig
 from fcflow.errors import InputDataError
 from fcflow.io import atomic_path, save_img, write_json, write_text, write_tsv
 
@@ -105,6 +106,13 @@ def _task_blocks(events_file: str | None, conditions: Sequence[str]) -> dict[str
                 .itertuples(index=False)] for c in conditions if "trial_type" in events}
 
 
+def _seed_signals(seed_signal: str | Mapping[str, str], seeds: Mapping[str, Any]) -> dict[str, str]:
+    """Each seed's signal summary: one for all, or each seed's own (the recipe's per-seed ``signal``)."""
+    if isinstance(seed_signal, Mapping):
+        return {name: seed_signal[name] for name in seeds}
+    return dict.fromkeys(seeds, seed_signal)
+
+
 def compute_run_report_data(
     data: NDArray[np.floating],
     voxel_mean: NDArray[np.floating],
@@ -115,9 +123,9 @@ def compute_run_report_data(
     confounds: pd.DataFrame | None,
     censoring: Mapping[str, Any],
     t_r: float,
-    task: Mapping[str, Any],
-    denoising: Mapping[str, Any],
-    seed_signal: str,
+    task: TaskConfig,
+    denoising: DenoisingConfig,
+    seed_signal: str | Mapping[str, str],
     run_name: str,
 ) -> dict[str, NDArray]:
     """The arrays of a run's report, from the in-mask data the first level has already read.
@@ -142,8 +150,8 @@ def compute_run_report_data(
     censoring : mapping
         The first level's censoring decision (``censoring.json``).
     t_r : float
-    task, denoising : mapping
-        The recipe's task and ``[denoising]`` as plain dicts.
+    task, denoising : TaskConfig, DenoisingConfig
+        The recipe's task and ``[denoising]``.
     seed_signal : {"mean", "eigenvariate"}
     run_name : str
 
@@ -181,9 +189,8 @@ def compute_run_report_data(
     try:
         operator = build_cleaning_operator(
             n_time, t_r, None if confounds is None or confounds.shape[1] == 0 else confounds.to_numpy(float),
-            None if censoring["sample_mask"] is None else kept, task.get("high_pass"), task.get("low_pass"),
-            bool(denoising.get("detrend", True)), bool(denoising.get("standardize_confounds", True)),
-            filter=str(denoising["filter"]),
+            None if censoring["sample_mask"] is None else kept, task.high_pass, task.low_pass,
+            denoising.detrend, denoising.standardize_confounds, filter=denoising.filter,
         )
         cleaned = np.full((n_time, columns.size), np.nan)
         cleaned[kept[: operator.shape[0]]] = operator @ sample
@@ -191,9 +198,9 @@ def compute_run_report_data(
     except InputDataError:
         pass  # too few volumes left to clean (an excluded run): the report shows "before" only
 
-    if "correlation" in task.get("measures", ()) and not censoring["excluded"]:
+    if "correlation" in task.measures and not censoring["excluded"]:
         reference = load_run_confounds(bold_file, "none", censor=False)
-        sample_mask = reference.sample_mask if denoising.get("drop_nonsteady", True) else None
+        sample_mask = reference.sample_mask if denoising.drop_nonsteady else None
         columns_by_seed = {name: (np.asarray(img.dataobj).reshape(brain.shape) > 0)[brain]
                            for name, img in seed_imgs.items()}
         # A seed without a voxel in the brain mask has excluded the run for coverage: no map.
@@ -201,16 +208,17 @@ def compute_run_report_data(
         if columns_by_seed:
             # One cleaning operator and one pass over the data for all seeds, as the first level.
             connectivity = compute_multiseed_connectivity(
-                data, columns_by_seed, t_r, None, sample_mask, high_pass=task.get("high_pass"),
-                low_pass=task.get("low_pass"), detrend=bool(denoising.get("detrend", True)),
-                seed_method=seed_signal, filter=str(denoising["filter"]), run_name=run_name,
+                data, columns_by_seed, t_r, None, sample_mask, high_pass=task.high_pass,
+                low_pass=task.low_pass, detrend=denoising.detrend,
+                seed_method=_seed_signals(seed_signal, columns_by_seed), filter=denoising.filter,
+                run_name=run_name,
             )
-            fwhm = denoising["smoothing_fwhm"]
+            fwhm = denoising.smoothing_fwhm
             for name, conn in connectivity.items():
                 # smoothed as the first level's maps are, so that QC-FC compares denoising only
                 z = conn.z if fwhm is None else smooth_map(conn.z, brain, mask_img.affine, fwhm)
                 arrays[f"nodenoise_z_{name}"] = z.astype(np.float32)
-    if "correlation" in task.get("measures", ()) and denoising.get("compare_strategies"):
+    if "correlation" in task.measures and denoising.compare_strategies:
         arrays.update(_strategy_arrays(data, mask_img, brain, seed_imgs, bold_file=bold_file, t_r=t_r, task=task,
                                        denoising=denoising, seed_signal=seed_signal, run_name=run_name))
     return arrays
@@ -225,10 +233,11 @@ def _strategy_arrays(data, mask_img, brain, seed_imgs, *, bold_file, t_r, task, 
     seeds = {name: cols for name, cols in seeds.items() if cols.any()}
     if not seeds:
         return {}
-    names = list(dict.fromkeys([denoising["strategy"], *denoising["compare_strategies"]]))
+    names = list(dict.fromkeys([denoising.strategy, *denoising.compare_strategies]))
     result = compare_run_strategies(
         data, mask_img, seeds, bold_file=bold_file, strategies=names, denoising=denoising, t_r=t_r,
-        high_pass=task.get("high_pass"), low_pass=task.get("low_pass"), seed_signal=seed_signal, run_name=run_name,
+        high_pass=task.high_pass, low_pass=task.low_pass, seed_signal=_seed_signals(seed_signal, seeds),
+        run_name=run_name,
     )
     per = result["strategies"]
     n_points = result["points_mm"].shape[0]
@@ -265,8 +274,8 @@ def make_run_report(
     timeseries_files: Sequence[str],
     events_file: str | None,
     t_r: float,
-    task: Mapping[str, Any],
-    denoising: Mapping[str, Any],
+    task: TaskConfig,
+    denoising: DenoisingConfig,
     entities: Mapping[str, str | None],
     run_name: str,
     out_dir: str | Path,
@@ -292,8 +301,8 @@ def make_run_report(
         The first level's maps and seed time series (empty for an excluded run).
     events_file : path or None
     t_r : float
-    task, denoising : mapping
-        The recipe's task and ``[denoising]`` as plain dicts.
+    task, denoising : TaskConfig, DenoisingConfig
+        The recipe's task and ``[denoising]``.
     entities : mapping
         BIDS entities of the run's outputs (sub, ses, task, run, space, res) and ``group``.
     run_name : str
@@ -335,8 +344,8 @@ def make_run_report(
     fd = np.array([np.nan if v is None else v for v in censoring["framewise_displacement"]], dtype=float)
     dvars = raw_confounds["std_dvars"].to_numpy(float) if "std_dvars" in raw_confounds else None
     save("motion", figures.plot_motion_trace(
-        fd, fd_threshold_mm=denoising.get("fd_threshold_mm"), censored=censored, std_dvars=dvars,
-        std_dvars_threshold=denoising.get("std_dvars_threshold"), t_r=t_r), ".svg")
+        fd, fd_threshold_mm=denoising.fd_threshold_mm, censored=censored, std_dvars=dvars,
+        std_dvars_threshold=denoising.std_dvars_threshold, t_r=t_r), ".svg")
 
     tissue = [str(t) for t in arrays["carpet_tissue"]]
     save("carpet", figures.plot_carpet(arrays["carpet_before"], arrays.get("carpet_after"), tissue, t_r=t_r))
@@ -349,7 +358,7 @@ def make_run_report(
             table = pd.read_csv(path, sep="\t")
             signals[str(table.columns[1])] = table
         save("seedTimeseries", figures.plot_seed_timeseries(
-            signals, n_timepoints=n_time, t_r=t_r, blocks=_task_blocks(events_file, task.get("conditions", ())),
+            signals, n_timepoints=n_time, t_r=t_r, blocks=_task_blocks(events_file, task.conditions),
             title="cleaned seed signal"), ".svg")
 
     map_figures = []

@@ -15,10 +15,8 @@ Settings reach the nodes as plain values (nipype hashes them), so a rerun with t
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -26,7 +24,7 @@ from nipype.interfaces.utility import IdentityInterface, Merge
 from nipype.pipeline import engine as pe
 
 from fcflow.bids import RunInputs
-from fcflow.config import Recipe
+from fcflow.config import Recipe, to_plain
 from fcflow.interfaces.firstlevel import (
     BuildSeedMasks,
     ComputeRunMaps,
@@ -49,17 +47,6 @@ def estimate_run_mem_gb(bold_file: Path, mask_file: Path) -> float:
     mask = nib.load(mask_file)
     n_voxels = int(np.count_nonzero(np.asarray(mask.dataobj)))
     return round(_BASE_GB + n_volumes * n_voxels * _BYTES_PER_SAMPLE / 1e9, 2)
-
-
-def _plain(value: Any) -> Any:
-    """Dataclasses and tuples as plain dicts and lists (what nipype traits and hashing want)."""
-    if dataclasses.is_dataclass(value):
-        return _plain(dataclasses.asdict(value))
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    return value
 
 
 def run_entities(run: RunInputs) -> dict[str, str | None]:
@@ -109,8 +96,8 @@ def init_run_wf(
         The run's ``run_report.json`` (only with ``reports=True``).
     """
     task = recipe.task(run.task)
-    seeds = [_plain(seed) for seed in recipe.seeds]
-    denoising = _plain(recipe.denoising)
+    seeds = [to_plain(seed) for seed in recipe.seeds]
+    denoising = to_plain(recipe.denoising)
     workflow = pe.Workflow(name=name)
     inputnode = pe.Node(IdentityInterface(fields=["bold_file", "mask_file", "events_file", "t_r"]),
                         name="inputnode")
@@ -129,7 +116,7 @@ def init_run_wf(
     confounds = pe.Node(SelectConfounds(denoising=denoising, run_name=run.name, input_stamps=stamps),
                         name="confounds", mem_gb=0.2)
     run_maps = pe.Node(
-        ComputeRunMaps(seeds=seeds, task=_plain(task), denoising=denoising, run_name=run.name,
+        ComputeRunMaps(seeds=seeds, task=to_plain(task), denoising=denoising, run_name=run.name,
                        report_data=reports, input_stamps=stamps),
         name="run_maps", mem_gb=estimate_run_mem_gb(run.bold_file, run.mask_file),
     )
@@ -139,7 +126,7 @@ def init_run_wf(
                    "events": str(run.events_file) if run.events_file else None},
         "t_r": run.t_r,
         "denoising": denoising,
-        "recipe": _plain(recipe.to_dict()),
+        "recipe": to_plain(recipe.to_dict()),
         "recipe_sha256": recipe.fingerprint(),
         "command": list(command),
     }
@@ -165,7 +152,7 @@ def init_run_wf(
         # Figures only: the run's data reach it as run_maps' report_data.npz (one read per run);
         # matplotlib, nilearn's 1 mm template and a few maps: the small nodes' 0.3 GB.
         report = pe.Node(
-            ComputeRunReport(fmriprep_confounds_file=str(run.confounds_file), seeds=seeds, task=_plain(task),
+            ComputeRunReport(fmriprep_confounds_file=str(run.confounds_file), seeds=seeds, task=to_plain(task),
                              denoising=denoising, entities={**run_entities(run), "group": run.group},
                              run_name=run.name, input_stamps=stamps),
             name="report", mem_gb=0.3,

@@ -7,7 +7,7 @@ studies under ./power_toy/ and the table beside this script.
 import sys, numpy as np, pandas as pd, nibabel as nib
 from pathlib import Path
 sys.path.insert(0, "tests")
-from test_grouplevel import write_first_level, _recipe, BLOB_CENTER
+from test_grouplevel import write_first_level, _recipe
 from fcflow.grouplevel import run_group_level
 rows = []
 for seed in (0, 1, 2):
