@@ -82,7 +82,8 @@ def format_table(rows: list[Row], title: str = "") -> str:
     lines = []
     if title:
         lines.append(title)
-    header = f"{'group':<12} {'step':<52} {'median s':>9} {'peak MiB':>9} {'x floor':>8} {'ref / step':>10} {'n':>3}  how"
+    header = (f"{'group':<12} {'step':<52} {'median s':>9} {'peak MiB':>9} {'x floor':>8} {'ref / step':>10} "
+              f"{'n':>3}  how")
     lines.append(header)
     lines.append("-" * len(header))
     for r in rows:

@@ -333,7 +333,8 @@ def main() -> None:
                                 reference=nl_rows.get(n)))
     n_vox = json.loads(run_child(python_child(FLOOR, data_dir))[2])["shape"][1]
     report_part(rows, f"Group inference: 75 maps x {n_vox} voxels, t contrast g1 - g2 of 3 x 25, two-sided; "
-                      f"medians (fcflow {fc_repeats} repeats" + ("" if args.skip_nilearn else f", nilearn {nl_repeats}") + ")",
+                      f"medians (fcflow {fc_repeats} repeats"
+                      + ("" if args.skip_nilearn else f", nilearn {nl_repeats}") + ")",
                 notes, load_before, args.json, fcflow_repeats=fc_repeats, nilearn_repeats=nl_repeats)
 
 

@@ -31,9 +31,10 @@ and "after" are paired: ``auto`` (the recipe default, ``variance_groups = "auto"
 ``group_variances = "brain"``): one variance group per study group, one variance ratio per group
 for the whole map, weighted least-squares t, sign flips; ``voxel`` (``group_variances = "voxel"``):
 each group's variance at every voxel, Winkler's v on z, sign flips of weighted Freedman-Lane
-residuals; ``none``: one common variance, t, free permutation (fcflow before issue 16). A repetition counts as a rejection for an inference
-when any voxel reaches FWE p <= alpha; the table gives the count, the rate and its exact
-(Clopper-Pearson) 95% CI. A valid procedure has a rate near alpha (here 5 %).
+residuals; ``none``: one common variance, t, free permutation (fcflow before issue 16). A
+repetition counts as a rejection for an inference when any voxel reaches FWE p <= alpha; the
+table gives the count, the rate and its exact (Clopper-Pearson) 95% CI. A valid procedure has a
+rate near alpha (here 5 %).
 
 Output columns: ``scenario, inference, repetitions, rejections, rate, ci_low, ci_high``, then
 ``variance_groups, alpha, n_permutations, n_per_group, sd_per_group, covariates, n_voxels, shape,

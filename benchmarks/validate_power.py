@@ -212,8 +212,15 @@ class GroupInputs:
 
     def __init__(self, output_dir: Path, bids_dir: Path, recipe) -> None:
         from fcflow.bids import read_participants
-        from fcflow.grouplevel import (build_covariates, build_tests, collect_first_level, compute_change_maps,
-                                       contrast_mean_fd, load_session_maps, select_measure_maps)
+        from fcflow.grouplevel import (
+            build_covariates,
+            build_tests,
+            collect_first_level,
+            compute_change_maps,
+            contrast_mean_fd,
+            load_session_maps,
+            select_measure_maps,
+        )
         from fcflow.stats import make_group_design
 
         measure = next(m for m in select_measure_maps(recipe) if m.task == "rest")
@@ -245,8 +252,13 @@ def analyse_study(study_dir: Path, recipe, atlas_cache: dict, *, julich_dir: Pat
     import nibabel as nib
 
     from fcflow.grouplevel import run_inference
-    from fcflow.regions import RegionAtlas, compute_region_values, load_julich_regions, run_region_inference, \
-        select_regions
+    from fcflow.regions import (
+        RegionAtlas,
+        compute_region_values,
+        load_julich_regions,
+        run_region_inference,
+        select_regions,
+    )
 
     inference = recipe.inference
     bids = study_dir / "bids"
@@ -382,7 +394,8 @@ def summarise(studies: pd.DataFrame, alpha: float, settings: dict) -> pd.DataFra
         low, high = _clopper_pearson(k, n)
         # the pooled null rows mix scenarios: no single planted effect or d
         pooled = scenario == "all"
-        d_area, d_insula = (block["d_planted_area"], block["d_left_insula"]) if not pooled else (pd.Series([np.nan]),) * 2
+        d_area, d_insula = ((block["d_planted_area"], block["d_left_insula"]) if not pooled
+                            else (pd.Series([np.nan]),) * 2)
         rows.append({"scenario": scenario, "arm": arm, "method": method, "measure": measure, "repetitions": n,
                      "count": k, "rate": round(k / n, 4), "ci_low": round(low, 4), "ci_high": round(high, 4),
                      "insula_rest_change": np.nan if pooled else block["insula_rest_change"].iloc[0],

@@ -129,8 +129,8 @@ def input_stamps(paths: Sequence[str | os.PathLike[str] | None]) -> str:
     300-volume BOLD, 0.65 s for a 110 MB one), so a 2 mm run's 366 MB .nii.gz costs about 2.2 s
     per hash, as much as fcflow's whole read of it (2.2-4.3 s, benchmarks/); it is hashed by two
     nodes of each run on every invocation: about 33 min of one core per invocation (resumes
-    included) of a 450-run 2 mm study, for a check that ``stat`` answers without reading. The cost of this one is a false positive: copying the
-    dataset elsewhere recomputes everything.
+    included) of a 450-run 2 mm study, for a check that ``stat`` answers without reading. The
+    cost of this one is a false positive: copying the dataset elsewhere recomputes everything.
     """
     stamps = []
     for path in paths:

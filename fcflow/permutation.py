@@ -72,8 +72,9 @@ GEMM and the element-wise passes write into buffers reused across batches (fresh
 this size cost page faults on every batch). The observed statistic is computed in float64;
 null statistics computed in float32 are compared with it using a relative tolerance
 (``1e-5``, or ``1e-4`` on z; ``1e-12``, or ``1e-9`` on z, in float64) so that permutations
-equivalent to the identity are counted as ties, not as smaller. Cluster and TFCE statistics run on in-mask vectors with a neighbour
-table (:mod:`fcflow.clusters`); TFCE uses a compiled one-pass component tree.
+equivalent to the identity are counted as ties, not as smaller. Cluster and TFCE statistics run
+on in-mask vectors with a neighbour table (:mod:`fcflow.clusters`); TFCE uses a compiled
+one-pass component tree.
 
 With variance groups, the GEMM also projects the residuals on each group's rows of the basis
 (``[B, D_1 B, ..., D_G B]``, permuted or flipped with it) and sums ``u ** 2`` per group, which
@@ -999,8 +1000,9 @@ def permutation_test(
                 stats_batch = stat_buffer[:n_batch]
                 for begin in range(0, n_voxels, chunk):
                     part = slice(begin, begin + chunk)
-                    group_squares = (np.broadcast_to(fixed_squares[:, :, part], (n_batch, *fixed_squares[:, :, part].shape[1:]))
-                                     if squares is None else squares[:, :, part])  # fmt: skip
+                    fixed_part = fixed_squares[:, :, part]
+                    group_squares = (np.broadcast_to(fixed_part, (n_batch, *fixed_part.shape[1:]))
+                                     if squares is None else squares[:, :, part])
                     values, dofs = to_statistic(projections[:, :, part], group_squares)
                     stats_batch[:, part] = to_z(values, dofs)
             else:

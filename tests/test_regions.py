@@ -114,8 +114,9 @@ def test_labels_off_the_grid_are_an_error(tmp_path):
 
 
 def test_julich_regions_are_both_hemispheres_named_as_the_cluster_tables(tmp_path):
-    from fcflow.regions import load_julich_regions
     from test_atlas import SYN_AFFINE, SYN_BLOCKS, SYN_SHAPE, SYN_X, make_synthetic_atlas
+
+    from fcflow.regions import load_julich_regions
 
     folder = make_synthetic_atlas(tmp_path / "julich", with_pmaps=False)
     atlas = load_julich_regions(folder, SYN_SHAPE, SYN_AFFINE)

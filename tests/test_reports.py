@@ -201,10 +201,10 @@ def test_methods_name_the_declared_regions_by_their_patterns():
 
 
 def test_every_number_of_the_methods_comes_from_the_recipe_or_the_software():
+    import inspect
+
     from fcflow.atlas import load_atlas_release
     from fcflow.permutation import permutation_test
-
-    import inspect
 
     recipe = _with(_with(RECIPE, "denoising", fd_threshold_mm=0.43, min_volumes=77, n_compcor=6, smoothing_fwhm=7.5),
                    "inference", n_permutations=4321, random_seed=99)

@@ -6,8 +6,6 @@ import dataclasses
 import gzip
 import json
 import os
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -581,12 +579,6 @@ def test_definition_overrides_fields(tmp_path):
 
 
 # --- layering and the real atlas --------------------------------------------------------------
-
-def test_science_layer_does_not_import_nipype():
-    code = ("import sys, fcflow.simulate; "
-            "sys.exit(1 if any(m.split('.')[0] == 'nipype' for m in sys.modules) else 0)")
-    assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0
-
 
 @pytest.mark.julich
 def test_julich_seed(tmp_path):

@@ -17,9 +17,9 @@ import re
 from pathlib import Path
 
 from fcflow.config import load_recipe
-from fcflow.workflows.execution import add_execution_arguments, plugin_settings, positive_type
 from fcflow.errors import InputDataError, OutputError
 from fcflow.lock import lock_output_dir
+from fcflow.workflows.execution import add_execution_arguments, plugin_settings, positive_type
 
 _LABEL = re.compile(r"^[A-Za-z0-9]+$")
 LOGGER = logging.getLogger("fcflow.participant")
@@ -60,7 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "without 'task-' that the recipe declares as [tasks.<label>], e.g. --task rest "
                              "(default: every task of the recipe). The group level ignores it")
     parser.add_argument("--julich-dir", type=Path, default=None, metavar="DIR",
-                        help="a local copy of the Julich-Brain v3.1 files (else FCFLOW_JULICH_DIR, the cache, a download)")
+                        help="a local copy of the Julich-Brain v3.1 files (else FCFLOW_JULICH_DIR, the cache, "
+                             "a download)")
     parser.add_argument("--no-reports", action="store_true",
                         help="skip the HTML reports (OUTPUT_DIR/sub-<label>.html, OUTPUT_DIR/group.html) and "
                              "their figures")

@@ -21,7 +21,8 @@ examples:
   fcflow simulate /tmp/study                       # 3 per group, 4 mm, 300 volumes
   fcflow simulate /tmp/study --resolution 2 --n-volumes 300 --n-per-group 25
   # a high-motion study (~40 % censored) with 10 % of sessions missing:
-  fcflow simulate /tmp/study --tr 1.5 --n-volumes-rest 240 --n-volumes-nback 200 --motion-level 2.5 --missing-sessions 0.1
+  fcflow simulate /tmp/study --tr 1.5 --n-volumes-rest 240 --n-volumes-nback 200 \\
+      --motion-level 2.5 --missing-sessions 0.1
   fcflow simulate /tmp/study --from-definition sample_data/sample_study.toml
 """
 

@@ -407,7 +407,8 @@ def collect_qcfc(
             support &= np.isfinite(mean) & (mean != 0)
             rows.append(mean)
         stacks[label] = rows
-    masks = sorted(output_dir.glob(f"sub-{keys[0][0]}/ses-{keys[0][1]}/func/sub-*_task-{task}_*seed-{seed}_mask.nii.gz"))
+    masks = sorted(output_dir.glob(
+        f"sub-{keys[0][0]}/ses-{keys[0][1]}/func/sub-*_task-{task}_*seed-{seed}_mask.nii.gz"))
     seed_voxels = np.zeros(shape, dtype=bool)
     if masks:
         seed_voxels = np.asarray(nib.load(masks[0]).dataobj).reshape(shape) > 0

@@ -167,8 +167,8 @@ def compute_run_report_data(
         with the recipe's ``smoothing_fwhm`` as the first level's maps are.
     """
     from fcflow.connectivity import compute_multiseed_connectivity
-    from fcflow.niftiio import smooth_map
     from fcflow.denoise import build_cleaning_operator, load_run_confounds
+    from fcflow.niftiio import smooth_map
     from fcflow.reports.qc import compute_tsnr, select_carpet_voxels, zscore_rows
 
     n_time = data.shape[0]

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import gzip
 import os
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np

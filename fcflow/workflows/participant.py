@@ -2,9 +2,10 @@
 
 Per run (:func:`init_run_wf`)::
 
-    inputnode -> seed_masks (BuildSeedMasks) ----------------\\
-             \\-> confounds (SelectConfounds) -> run_maps (ComputeRunMaps) -> derivatives (WriteRunDerivatives) -> outputnode
-                                                 ^ seed_masks
+    inputnode -> seed_masks (BuildSeedMasks) ---------------------------\\
+             \\-> confounds (SelectConfounds) -> run_maps (ComputeRunMaps) -> derivatives
+                                                 ^ seed_masks                 (WriteRunDerivatives)
+                                                                              -> outputnode
 
 Per participant (:func:`init_participant_wf`) the runs' QC rows are joined into one TSV, and
 (unless ``reports=False``) each run's figures (``report``, :class:`ComputeRunReport`, after

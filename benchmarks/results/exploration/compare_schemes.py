@@ -4,11 +4,16 @@ perm+v: variance groups, free permutation (PALM's free exchange with v); flip+v:
 (OLS Freedman-Lane residuals at the time of the run); flip+t: sign flips, one common variance.
 Usage from the repository root: python compare_schemes.py N_REPETITIONS 10/4/6 2.5
 """
-import sys, numpy as np
+import sys
+
+import numpy as np
+
 sys.path.insert(0, 'benchmarks')
-from validate_fwe import make_brain_mask, simulate_noise_maps, LEVELS, INFERENCE
+from validate_fwe import INFERENCE, LEVELS, make_brain_mask, simulate_noise_maps
+
 from fcflow.permutation import permutation_test
 from fcflow.stats import make_group_design
+
 n_rep = int(sys.argv[1]); ns = tuple(map(int, sys.argv[2].split('/'))); sdk = float(sys.argv[3])
 mask = make_brain_mask((20, 24, 20))
 groups = np.repeat(LEVELS, ns); sd = np.repeat([1, sdk, 1], ns).astype(np.float32)

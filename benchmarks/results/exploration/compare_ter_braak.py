@@ -4,11 +4,16 @@ ter Braak is emulated by handing the engine the full model's residuals (their FL
 themselves) and the observed statistic from a separate call. Usage from the repository root:
 python compare_ter_braak.py 300 10/4/6 2.5 1 tB+flip+v,tB+flip+t
 """
-import sys, numpy as np
+import sys
+
+import numpy as np
+
 sys.path.insert(0, 'benchmarks')
-from validate_fwe import make_brain_mask, simulate_noise_maps, LEVELS
+from validate_fwe import LEVELS, make_brain_mask, simulate_noise_maps
+
 from fcflow.permutation import permutation_test
 from fcflow.stats import make_group_design
+
 n_rep = int(sys.argv[1]); ns = tuple(map(int, sys.argv[2].split('/'))); sdk = float(sys.argv[3]); seed = int(sys.argv[4]); which = sys.argv[5].split(',')
 mask = make_brain_mask((20, 24, 20))
 groups = np.repeat(LEVELS, ns); sd = np.repeat([1, sdk, 1], ns).astype(np.float32)

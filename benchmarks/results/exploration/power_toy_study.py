@@ -4,11 +4,18 @@
 permutations (sign flips with variance groups). Run from the repository root; writes its
 studies under ./power_toy/ and the table beside this script.
 """
-import sys, numpy as np, pandas as pd, nibabel as nib
+import sys
 from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+
 sys.path.insert(0, "tests")
-from test_grouplevel import write_first_level, _recipe
+from test_grouplevel import _recipe, write_first_level
+
 from fcflow.grouplevel import run_group_level
+
 rows = []
 for seed in (0, 1, 2):
     for label, kw in (("none", dict(variance_groups="none")), ("auto-brain", dict()), ("auto-voxel", dict(group_variances="voxel"))):
