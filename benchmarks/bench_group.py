@@ -118,7 +118,7 @@ for i, name in enumerate(table["file"]):  # each map read once
     data[i] = np.asarray(nib.load(data_dir / name).dataobj, dtype=np.float32)[mask]
 read = time.perf_counter()
 result = permutation_test(data, table[["g1", "g2", "g3"]], [1.0, -1.0, 0.0], n_permutations=n_perm + 1,
-                          two_sided=True, random_state=0, inference=inference, mask=mask,
+                          two_sided=True, random_seed=0, inference=inference, mask=mask,
                           cluster_forming_p=0.001)
 done = time.perf_counter()
 print(json.dumps({"imports_and_read_s": read - start, "engine_s": done - read,
@@ -160,12 +160,12 @@ KINDS = {
 }
 
 
-def _nilearn_shuffles(random_state: int, n_perm: int, n_subjects: int):
+def _nilearn_shuffles(random_seed: int, n_perm: int, n_subjects: int):
     """The permutations nilearn's permuted_ols draws with n_jobs=1 (cumulative shuffles)."""
     import numpy as np
     from sklearn.utils import check_random_state
 
-    chunk_seed = check_random_state(random_state).randint(1, np.iinfo(np.int32).max - 1)
+    chunk_seed = check_random_state(random_seed).randint(1, np.iinfo(np.int32).max - 1)
     rng = check_random_state(chunk_seed)
     current = np.arange(n_subjects)
     rows = []

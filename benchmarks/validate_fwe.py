@@ -218,7 +218,7 @@ def run_scenario(
         for setting in variance_groups:
             result = permutation_test(
                 data, design, "ketamine - placebo", n_permutations=n_permutations,
-                random_state=permutation_seed, inference=INFERENCE, mask=mask,
+                random_seed=permutation_seed, inference=INFERENCE, mask=mask,
                 cluster_forming_p=cluster_forming_p, n_jobs=n_jobs,
                 variance_groups=None if setting == "none" else groups,
                 variance_estimate="voxel" if setting == "voxel" else "brain", residuals=residuals,
@@ -304,7 +304,7 @@ def run_repeated_scenario(
                 scheme = permutation_scheme(test, setting != "none")
                 rows = whole_block_permutations(measures.row_subject, measures.row_session, n_permutations,
                                                 scheme=scheme, patterns=measures.patterns(),
-                                                random_state=permutation_seed)
+                                                random_seed=permutation_seed)
                 result = run_inference(
                     measures.data, design, GroupTest(test, test, "F", contrasts[test]), mask, methods=INFERENCE,
                     n_permutations=n_permutations, two_sided=False, random_seed=permutation_seed,
@@ -448,7 +448,7 @@ def run_null_study_validation(
         covariates = build_covariates(participants, chosen, resolved.inference.covariates, mean_fd)
         design = make_group_design(list(groups[pick]), resolved.groups, covariates)
         result = permutation_test(
-            data[pick], design, group_contrast, n_permutations=n_permutations, random_state=rng,
+            data[pick], design, group_contrast, n_permutations=n_permutations, random_seed=rng,
             inference=INFERENCE, mask=maps.mask, two_sided=resolved.inference.two_sided,
             cluster_forming_p=resolved.inference.cluster_forming_p,
         )

@@ -1323,10 +1323,9 @@ def _seed_series(
 def _tsnr(series: NDArray[np.float64]) -> tuple[float | None, float | None, float | None]:
     if series.shape[0] < 2:
         return None, None, None
-    mean = series.mean(axis=0)
-    std = series.std(axis=0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        voxel_tsnr = np.where(std > 0, mean / std, np.nan)
+    from fcflow.niftiio import compute_tsnr
+
+    voxel_tsnr = compute_tsnr(series)
     signal = series.mean(axis=1)
     signal_std = signal.std()
     valid = voxel_tsnr[np.isfinite(voxel_tsnr)]

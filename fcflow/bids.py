@@ -31,7 +31,6 @@ from fcflow.errors import InputDataError
 
 LOGGER = logging.getLogger("fcflow.bids")
 
-_ENTITY_ORDER = ("sub", "ses", "task", "acq", "ce", "rec", "dir", "run", "echo", "space", "res", "den", "desc")
 _ENTITY = re.compile(r"([a-zA-Z]+)-([a-zA-Z0-9]+)")
 _TR_TOLERANCE_S = 1e-3
 _LABEL = re.compile(r"[A-Za-z0-9]+")
@@ -41,19 +40,25 @@ _REREAD = "Re-run fMRIPrep for this run or copy the file again"
 
 
 def parse_entities(name: str) -> tuple[dict[str, str], str, str]:
-    """Split a BIDS file name into ``(entities, suffix, extension)``.
+    """Split a BIDS file name into ``(entities, suffix, extension)``; the one parser of fcflow's names.
+
+    A name whose last part is an entity has no suffix (""), as the nipype nodes' own files
+    (``seed-pgACC_stat-z_desc-correlation.nii.gz``).
 
     >>> parse_entities("sub-01_ses-24h_task-rest_desc-preproc_bold.nii.gz")
     ({'sub': '01', 'ses': '24h', 'task': 'rest', 'desc': 'preproc'}, 'bold', '.nii.gz')
+    >>> parse_entities("seed-pgACC_desc-correlation_stat-z.nii.gz")
+    ({'seed': 'pgACC', 'desc': 'correlation', 'stat': 'z'}, '', '.nii.gz')
     """
-    stem, dot, ext = name.partition(".")
+    stem, dot, ext = Path(name).name.partition(".")
     parts = stem.split("_")
+    suffix = "" if _ENTITY.fullmatch(parts[-1]) else parts.pop()
     entities: dict[str, str] = {}
-    for part in parts[:-1]:
+    for part in parts:
         match = _ENTITY.fullmatch(part)
         if match:
             entities[match.group(1)] = match.group(2)
-    return entities, parts[-1], dot + ext
+    return entities, suffix, dot + ext
 
 
 @dataclass(frozen=True)
@@ -89,6 +94,34 @@ class StudyInputs:
     warnings: tuple[str, ...] = ()
 
 
+def read_participants_table(path: str | Path, columns: Sequence[str] = ()) -> tuple[pd.DataFrame, pd.Series]:
+    """Read a BIDS ``participants.tsv``: the table (text) and its participant labels without ``sub-``.
+
+    The one reader of the file (the group design, the SLURM array's participant list): it checks
+    that ``participant_id`` and ``columns`` exist and that every label is letters and digits, once.
+
+    Raises
+    ------
+    InputDataError
+        A column is missing or a label is not ``sub-<letters and digits>``, naming the file.
+    """
+    path = Path(path)
+    table = pd.read_csv(path, sep="\t", dtype=str, na_values=["n/a"], keep_default_na=False)
+    for column in ("participant_id", *columns):
+        if column not in table.columns:
+            hint = (f" (the recipe's [groups] column is '{column}')" if column != "participant_id"
+                    else " (BIDS participants.tsv)")
+            raise InputDataError(f"{path} must have a '{column}' column{hint}. Got columns {list(table.columns)}.")
+    labels = table["participant_id"].str.removeprefix("sub-")
+    bad = [text for text, label in zip(table["participant_id"], labels) if not _LABEL.fullmatch(str(label))]
+    if bad:
+        raise InputDataError(
+            f"{path}: 'participant_id' must be sub-<label> with letters and digits only (BIDS), because fcflow "
+            f"builds folder names from it. Got {bad[:5]}. Fix the table."
+        )
+    return table, labels
+
+
 def read_participants(bids_dir: Path, group_column: str, groups: Sequence[str]) -> pd.DataFrame:
     """Read ``participants.tsv`` and check its group column.
 
@@ -103,14 +136,7 @@ def read_participants(bids_dir: Path, group_column: str, groups: Sequence[str]) 
             f"{path} is missing: fcflow reads each participant's group from its "
             f"'{group_column}' column. Add the file (BIDS: participant_id and {group_column})."
         )
-    table = pd.read_csv(path, sep="\t", dtype=str, na_values=["n/a"], keep_default_na=False)
-    for column in ("participant_id", group_column):
-        if column not in table.columns:
-            raise InputDataError(
-                f"{path} must have a '{column}' column (the recipe's [groups] column is "
-                f"'{group_column}'). Got columns {list(table.columns)}."
-            )
-    labels = table["participant_id"].str.removeprefix("sub-")
+    table, labels = read_participants_table(path, [group_column])
     bad = [text for text, label in zip(table["participant_id"], labels) if not _LABEL.fullmatch(str(label))]
     if bad:
         raise InputDataError(

@@ -39,8 +39,10 @@ _CONDITION_MEASURES = ("gppi", "background")
 SEED_SIGNALS = ("mean", "eigenvariate")
 SEED_SOURCES = ("mpm", "pmap")
 HEMISPHERES = ("left", "right")
+#: The group level's inferences by permutation (fcflow.permutation computes them in this order)
+PERMUTATION_INFERENCES = ("maxt", "cluster_mass", "cluster_size", "tfce")
+#: Every inference a recipe may name: the permutation ones and the parametric ones
 INFERENCES = ("tfce", "maxt", "cluster_mass", "cluster_size", "fdr", "bonferroni", "cluster_extent")
-PERMUTATION_INFERENCES = ("tfce", "maxt", "cluster_mass", "cluster_size")
 _LABEL = re.compile(r"^[A-Za-z0-9]+$")
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 
@@ -421,7 +423,7 @@ def _did_you_mean(word: str, choices: Sequence[str]) -> str:
     return f"Did you mean {close[0]!r}?" if close else ""
 
 
-def parse_contrast(expression: str, levels: Sequence[str]) -> tuple[tuple[str, float], ...]:
+def contrast_pairs(expression: str, levels: Sequence[str]) -> tuple[tuple[str, float], ...]:
     """Parse ``"ketamine - placebo"`` or ``"0.5*a + 0.5*b - c"`` into (level, weight) pairs.
 
     The grammar is :func:`fcflow.stats.parse_contrast`'s; the pairs follow the order of ``levels``
@@ -456,7 +458,7 @@ def contrast_label(expression: str) -> str:
 
 def _contrast(table: _Table, key: str, expression: str, levels: Sequence[str]) -> Contrast:
     try:
-        weights = parse_contrast(expression, levels)
+        weights = contrast_pairs(expression, levels)
     except ValueError as exc:
         raise table.error(key, f"contrasts of {list(levels)} like 'a - b' ({exc})", expression) from None
     return Contrast(contrast_label(expression), expression, weights)

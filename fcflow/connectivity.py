@@ -74,7 +74,7 @@ def _seed_columns(seed_mask_in_brain, n_voxels, seed_name, run_name) -> NDArray[
 def extract_seed_signal(
     voxel_signals: NDArray,
     seed_mask_in_brain: NDArray[np.bool_],
-    method: Literal["mean", "eigenvariate"] = "mean",
+    signal: Literal["mean", "eigenvariate"] = "mean",
     *,
     seed_name: str = "seed",
     run_name: str = "",
@@ -87,7 +87,7 @@ def extract_seed_signal(
         Signals of the in-mask voxels (cleaned or raw).
     seed_mask_in_brain : ndarray of bool, shape (n_voxels,)
         Which columns belong to the seed.
-    method : {"mean", "eigenvariate"}, default="mean"
+    signal : {"mean", "eigenvariate"}, default="mean"
         ``"mean"``: average of the seed's voxels. ``"eigenvariate"``: first principal component
         of the mean-removed seed voxels, as SPM's ``spm_regions``: ``u1 * s1 / sqrt(n_voxels)``
         (``s1`` the largest singular value), its sign chosen so that the voxel weights sum to a
@@ -102,11 +102,11 @@ def extract_seed_signal(
     voxel_signals = np.asarray(voxel_signals)
     columns = _seed_columns(seed_mask_in_brain, voxel_signals.shape[1], seed_name, run_name)
     seed_data = voxel_signals[:, columns].astype(np.float64)
-    if method == "mean":
+    if signal == "mean":
         return seed_data.mean(axis=1)
-    if method == "eigenvariate":
+    if signal == "eigenvariate":
         return _eigenvariate(seed_data)
-    raise InputDataError(f"'method' must be 'mean' or 'eigenvariate'. Got {method!r}.")
+    raise InputDataError(f"'signal' must be 'mean' or 'eigenvariate'. Got {signal!r}.")
 
 
 def _eigenvariate(seed_data: NDArray[np.float64]) -> NDArray[np.float64]:
@@ -305,7 +305,7 @@ def compute_rest_connectivity(
     low_pass: float | None = 0.08,
     detrend: bool = True,
     standardize_confounds: bool = True,
-    seed_method: Literal["mean", "eigenvariate"] = "mean",
+    signal: Literal["mean", "eigenvariate"] = "mean",
     interpolation: Literal["spline", "nilearn"] = "spline",
     filter: Literal["dct", "butterworth"] = "dct",
     seed_name: str = "seed",
@@ -327,7 +327,7 @@ def compute_rest_connectivity(
         Band in Hz (rest); set ``low_pass=None`` for a high-pass only.
     detrend, standardize_confounds, interpolation, filter :
         See :func:`fcflow.denoise.build_cleaning_operator`.
-    seed_method : {"mean", "eigenvariate"}, default="mean"
+    signal : {"mean", "eigenvariate"}, default="mean"
         See :func:`extract_seed_signal`; the eigenvariate is taken from the cleaned seed voxels.
 
     Returns
@@ -337,7 +337,7 @@ def compute_rest_connectivity(
     return compute_multiseed_connectivity(
         data, {seed_name: seed_mask_in_brain}, t_r, confounds, sample_mask, high_pass=high_pass,
         low_pass=low_pass, detrend=detrend, standardize_confounds=standardize_confounds,
-        seed_method=seed_method, interpolation=interpolation, filter=filter, run_name=run_name,
+        signal=signal, interpolation=interpolation, filter=filter, run_name=run_name,
     )[seed_name]  # fmt: skip
 
 
@@ -352,7 +352,7 @@ def compute_multiseed_connectivity(
     low_pass: float | None = 0.08,
     detrend: bool = True,
     standardize_confounds: bool = True,
-    seed_method: Literal["mean", "eigenvariate"] | Mapping[str, str] = "mean",
+    signal: Literal["mean", "eigenvariate"] | Mapping[str, str] = "mean",
     interpolation: Literal["spline", "nilearn"] = "spline",
     filter: Literal["dct", "butterworth"] = "dct",
     run_name: str = "",
@@ -366,7 +366,7 @@ def compute_multiseed_connectivity(
     ----------
     seed_masks_in_brain : mapping of str to ndarray of bool, shape (n_voxels,)
         Each seed's columns, by seed name.
-    seed_method : {"mean", "eigenvariate"} or mapping of seed name to it
+    signal : {"mean", "eigenvariate"} or mapping of seed name to it
         One summary for every seed, or each seed's own (the recipe's per-seed ``signal``).
     data, t_r, confounds, sample_mask, high_pass, low_pass, detrend, standardize_confounds,
     interpolation, filter, run_name :
@@ -378,12 +378,12 @@ def compute_multiseed_connectivity(
         In the order of ``seed_masks_in_brain``.
     """
     data = np.asarray(data)
-    methods = (dict(seed_method) if isinstance(seed_method, Mapping)
-               else dict.fromkeys(seed_masks_in_brain, seed_method))
+    methods = (dict(signal) if isinstance(signal, Mapping)
+               else dict.fromkeys(seed_masks_in_brain, signal))
     for name in seed_masks_in_brain:
         if methods.get(name) not in ("mean", "eigenvariate"):
             raise InputDataError(
-                f"'seed_method' of seed {name!r} must be 'mean' or 'eigenvariate'. Got {methods.get(name)!r}."
+                f"'signal' of seed {name!r} must be 'mean' or 'eigenvariate'. Got {methods.get(name)!r}."
             )
     columns = {
         name: _seed_columns(mask, data.shape[1], name, run_name)

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import nibabel as nib
+import pandas as pd
 
 from fcflow import __version__
 from fcflow.io import atomic_path, save_img, sha256_file, write_json, write_tsv
@@ -131,20 +132,27 @@ def file_record(path: Path, *, checksum: bool = True) -> dict[str, Any]:
 
 
 def software_versions() -> dict[str, str]:
-    """Versions of fcflow and the libraries whose numbers end up in the maps."""
+    """Versions of fcflow and the software whose numbers end up in the maps, by their usual names.
+
+    The one source of the ``Software`` record of every sidecar and of the versions the reports and
+    the methods paragraph name.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
     import nibabel
     import nilearn
     import numpy
     import scipy
 
-    return {
-        "fcflow": __version__,
-        "python": platform.python_version(),
-        "numpy": numpy.__version__,
-        "scipy": scipy.__version__,
-        "nibabel": nibabel.__version__,
-        "nilearn": nilearn.__version__,
-    }
+    try:
+        # from the installed metadata: importing nipype would pull the wiring layer into the
+        # science layer (tests/test_layers.py)
+        nipype_version = version("nipype")
+    except PackageNotFoundError:
+        nipype_version = "not installed"
+    return {"fcflow": __version__, "Python": platform.python_version(), "nilearn": nilearn.__version__,
+            "nibabel": nibabel.__version__, "nipype": nipype_version, "NumPy": numpy.__version__,
+            "SciPy": scipy.__version__}
 
 
 #: Options that decide only how fcflow runs, never what it computes (the reliability tests check
@@ -187,9 +195,10 @@ def software_provenance(command: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 def _parse_node_name(path: Path) -> dict[str, str]:
-    """``seed-pgACC_desc-correlation_stat-z.nii.gz`` -> its entities."""
-    stem = path.name.split(".")[0]
-    return dict(part.split("-", 1) for part in stem.split("_") if "-" in part)
+    """``seed-pgACC_desc-correlation_stat-z.nii.gz`` -> its entities (:func:`fcflow.bids.parse_entities`)."""
+    from fcflow.bids import parse_entities
+
+    return parse_entities(Path(path).name)[0]
 
 
 def write_run_derivatives(
@@ -330,3 +339,48 @@ def write_participant_qc(output_dir: str | Path, subject: str, rows: Sequence[Ma
     order = ["session", "task", "run"]
     table = table.sort_values([c for c in order if c in table], key=lambda s: s.astype(str)).reset_index(drop=True)
     return write_tsv(path, table)
+
+
+#: Columns every run's row of the QC table must have for the group level and its report.
+QC_REQUIRED_COLUMNS = ("participant_id", "session", "task", "excluded", "mean_fd_mm")
+
+
+def read_runs_qc(output_dir: str | Path) -> pd.DataFrame:
+    """Every participant's ``sub-<label>/sub-<label>_desc-runs_qc.tsv`` (:func:`write_participant_qc`), as one table.
+
+    The one reader of the QC tables (the group level and the group report). All columns are
+    kept; ``participant`` (label without ``sub-``) is added, ``session``, ``run`` and
+    ``exclusion_reason`` are strings ("" when absent), ``excluded`` is boolean, and the numeric
+    columns (mean FD, % censored, volumes, ``dof_*``, ``<seed>_coverage``, ``_tsnr``,
+    ``_n_voxels``) are numbers.
+
+    Raises
+    ------
+    InputDataError
+        A table lacks a column of :data:`QC_REQUIRED_COLUMNS` (written by an older fcflow).
+    """
+    from fcflow.errors import InputDataError
+
+    frames = []
+    for path in sorted(Path(output_dir).glob("sub-*/sub-*_desc-runs_qc.tsv")):
+        table = pd.read_csv(path, sep="\t", dtype=str, na_values=["n/a"], keep_default_na=False)
+        missing = [c for c in QC_REQUIRED_COLUMNS if c not in table]
+        if missing:
+            raise InputDataError(
+                f"The QC table {path} must have the columns {missing}: rerun the participant level "
+                "with this version of fcflow."
+            )
+        frames.append(table)
+    if not frames:
+        return pd.DataFrame(columns=["participant", "session", "task", "run", "mean_fd_mm", "percent_censored",
+                                     "excluded", "exclusion_reason"])
+    table = pd.concat(frames, ignore_index=True)
+    table["participant"] = table["participant_id"].str.removeprefix("sub-")
+    for column in ("session", "run", "exclusion_reason"):
+        table[column] = table[column].fillna("") if column in table else ""
+    table["excluded"] = table["excluded"].str.lower().isin(["true", "1"])
+    for column in table.columns:
+        if column in ("mean_fd_mm", "percent_censored", "n_timepoints", "n_kept") or column.startswith("dof_") \
+                or column.endswith(("_coverage", "_tsnr", "_n_voxels")):
+            table[column] = pd.to_numeric(table[column], errors="coerce")
+    return table

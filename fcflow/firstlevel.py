@@ -127,7 +127,7 @@ def compute_run_maps(
     condition_contrasts: Mapping[str, str] | None = None,
     events: pd.DataFrame | None = None,
     events_file: str = "",
-    seed_signal: str | Mapping[str, str] = "mean",
+    signal: str | Mapping[str, str] = "mean",
     min_coverage: float | Mapping[str, float] = SeedConfig.min_coverage,
     detrend: bool = True,
     standardize_confounds: bool = True,
@@ -160,7 +160,7 @@ def compute_run_maps(
     conditions, condition_contrasts, events, events_file :
         For task measures: the modelled conditions, named contrasts over them
         (``{"2backMinus0back": "2back - 0back"}``), the events table and its file name.
-    seed_signal : {"mean", "eigenvariate"} or mapping of seed name to it, default="mean"
+    signal : {"mean", "eigenvariate"} or mapping of seed name to it, default="mean"
         How each seed's signal is summarised (one value for every seed, or each seed's own).
     min_coverage : float or mapping of seed name to float, default=SeedConfig.min_coverage (0.8)
         A seed with less of its volume inside the brain mask excludes the run (one value for
@@ -185,7 +185,7 @@ def compute_run_maps(
     brain = np.asarray(mask_img.dataobj).reshape(mask_img.shape[:3]) > 0
     result = RunMaps()
     columns = {}
-    signals = _per_seed(seed_signal, seed_imgs, "seed_signal")
+    signals = _per_seed(signal, seed_imgs, "signal")
     coverages = _per_seed(min_coverage, seed_imgs, "min_coverage")
     for name, img in seed_imgs.items():
         # Coverage first: a run that loses its seed is excluded before its data are read.
@@ -242,7 +242,7 @@ def compute_run_maps(
         # one cleaning operator and one pass over the data for all seeds
         connectivity = compute_multiseed_connectivity(
             data, columns, t_r, confounds, sample_mask, high_pass=high_pass, low_pass=low_pass,
-            detrend=detrend, standardize_confounds=standardize_confounds, seed_method=signals,
+            detrend=detrend, standardize_confounds=standardize_confounds, signal=signals,
             filter=filter, run_name=run_name,
         )
         for name, conn in connectivity.items():
@@ -254,7 +254,7 @@ def compute_run_maps(
     if task_measures:
         _task_maps(result, data, columns, t_r=t_r, confounds=confounds, sample_mask=sample_mask,
                    high_pass=high_pass, low_pass=low_pass, measures=task_measures, conditions=conditions,
-                   condition_contrasts=condition_contrasts or {}, task=task, seed_signal=signals,
+                   condition_contrasts=condition_contrasts or {}, task=task, signal=signals,
                    detrend=detrend, filter=filter, min_dof=min_dof, run_name=run_name)
         if result.excluded:
             return result
@@ -281,7 +281,7 @@ def _task_maps(
     conditions: Sequence[str],
     condition_contrasts: Mapping[str, str],
     task: pd.DataFrame,
-    seed_signal: Mapping[str, str],
+    signal: Mapping[str, str],
     detrend: bool,
     filter: str,
     min_dof: float,
@@ -315,7 +315,7 @@ def _task_maps(
         residual = background_operator(task_prepared, confounds_prepared, operator.shape[0])
         result.dof["background"] = correlation_dof(residual @ operator)
     for name, cols in columns.items():
-        seed = extract_seed_signal(prepared, cols, seed_signal[name], seed_name=name, run_name=run_name)
+        seed = extract_seed_signal(prepared, cols, signal[name], seed_name=name, run_name=run_name)
         result.seed_signals[name] = seed
         if "gppi" in measures:
             design = build_gppi_design(seed, task_prepared, confounds_prepared, conditions=list(conditions))
@@ -493,7 +493,7 @@ def run_maps_from_files(
         arrays = compute_run_report_data(
             masked[0], masked[1].mean, mask_img, seed_imgs, bold_file=bold_file, confounds=confounds,
             censoring={**censoring, "excluded": excluded}, t_r=t_r, task=task, denoising=denoising,
-            seed_signal=signals, run_name=run_name,
+            signal=signals, run_name=run_name,
         )
         outputs["report_data_file"] = str(write_run_report_data(out / "report_data.npz", arrays))
 
@@ -510,7 +510,7 @@ def run_maps_from_files(
         low_pass=task.low_pass, smoothing_fwhm=denoising.smoothing_fwhm,
         conditions=list(task.conditions),
         condition_contrasts={c.name: c.expression for c in task.condition_contrasts},
-        events=events, events_file=str(events_file or ""), seed_signal=signals,
+        events=events, events_file=str(events_file or ""), signal=signals,
         min_coverage={seed.name: seed.min_coverage for seed in seeds}, detrend=denoising.detrend,
         standardize_confounds=denoising.standardize_confounds,
         filter=denoising.filter, min_dof=denoising.min_dof, run_name=run_name,

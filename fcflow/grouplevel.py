@@ -159,12 +159,14 @@ def select_measure_maps(recipe: Recipe) -> list[MeasureMap]:
     return out
 
 
-def _entities(text: str) -> dict[str, str]:
-    return dict(part.split("-", 1) for part in text.split("_") if "-" in part)
+def _entities(name: str) -> dict[str, str]:
+    from fcflow.bids import parse_entities
+
+    return parse_entities(name)[0]
 
 
 def read_run_qc(output_dir: str | Path) -> pd.DataFrame:
-    """Concatenate every ``sub-*/sub-*_desc-runs_qc.tsv`` of the participant level.
+    """The participant level's QC rows the group level needs (:func:`fcflow.derivatives.read_runs_qc`).
 
     Returns
     -------
@@ -172,29 +174,10 @@ def read_run_qc(output_dir: str | Path) -> pd.DataFrame:
         Columns ``participant`` (label without ``sub-``), ``session``, ``task``, ``run`` (str,
         "" when absent), ``excluded`` (bool), ``exclusion_reason``, ``mean_fd_mm``.
     """
-    frames = []
-    for path in sorted(Path(output_dir).glob("sub-*/sub-*_desc-runs_qc.tsv")):
-        table = pd.read_csv(path, sep="\t", dtype=str, na_values=["n/a"], keep_default_na=False)
-        missing = [c for c in ("participant_id", "session", "task", "excluded", "mean_fd_mm") if c not in table]
-        if missing:
-            raise InputDataError(
-                f"The QC table {path} must have the columns {missing}: rerun the participant level "
-                "with this version of fcflow."
-            )
-        frames.append(table)
+    from fcflow.derivatives import read_runs_qc
+
     columns = ["participant", "session", "task", "run", "excluded", "exclusion_reason", "mean_fd_mm"]
-    if not frames:
-        return pd.DataFrame(columns=columns)
-    table = pd.concat(frames, ignore_index=True)
-    return pd.DataFrame({
-        "participant": table["participant_id"].str.removeprefix("sub-"),
-        "session": table["session"].fillna(""),
-        "task": table["task"],
-        "run": table["run"].fillna("") if "run" in table else "",
-        "excluded": table["excluded"].str.lower().isin(["true", "1"]),
-        "exclusion_reason": table["exclusion_reason"].fillna("") if "exclusion_reason" in table else "",
-        "mean_fd_mm": pd.to_numeric(table["mean_fd_mm"], errors="coerce"),
-    })[columns]
+    return read_runs_qc(output_dir)[columns]
 
 
 def collect_first_level(output_dir: str | Path, measure: MeasureMap, *, space: str) -> pd.DataFrame:
@@ -223,7 +206,7 @@ def collect_first_level(output_dir: str | Path, measure: MeasureMap, *, space: s
         match = _MAP_RE.match(path.name)
         if match is None:
             continue
-        ents = _entities(path.name.removesuffix("_statmap.nii.gz"))
+        ents = _entities(path.name)
         if ents.get("space") != space or ents.get("task") != measure.task or ents.get("desc") != measure.desc:
             continue
         found.append({"participant": ents["sub"], "session": ents.get("ses", ""), "run": ents.get("run", ""),
@@ -674,7 +657,7 @@ def run_inference(
     if perm_methods or welch:
         result = permutation_test(
             data, design, contrast, n_permutations=n_permutations if perm_methods else 1,
-            two_sided=two_sided, random_state=random_seed, inference=perm_methods or ("maxt",),
+            two_sided=two_sided, random_seed=random_seed, inference=perm_methods or ("maxt",),
             mask=mask, cluster_forming_p=cluster_forming_p,
             variance_groups=list(variance_groups) if welch else None,
             zstat=True if (welch or test.kind == "F" or zstat) else None, variance_estimate=group_variances,
@@ -1033,7 +1016,7 @@ def run_group_level(
                 if scheme not in shuffles:
                     shuffles[scheme] = whole_block_permutations(
                         repeated.row_subject, repeated.row_session, n_perm, scheme=scheme,
-                        patterns=repeated.patterns(), random_state=inference.random_seed)
+                        patterns=repeated.patterns(), random_seed=inference.random_seed)
                 return shuffles[scheme], scheme
 
             family_rows: dict[str, dict[str, Any]] = {}
@@ -1669,7 +1652,7 @@ _LOGP_DESCRIPTION = {
 
 def _space_res(maps: SessionMaps, output_dir: Path) -> str | None:
     first = next(iter(maps.files.values()))[0]
-    return _entities(Path(first).name.removesuffix("_statmap.nii.gz")).get("res")
+    return _entities(Path(first).name).get("res")
 
 
 def _write_cluster_values(

@@ -98,6 +98,7 @@ from numpy.typing import ArrayLike, NDArray
 from scipy import special
 
 from fcflow.clusters import VoxelGraph, _cluster_maxima, _cluster_values, _tfce_vector
+from fcflow.config import PERMUTATION_INFERENCES
 from fcflow.stats import (
     _as_data_array,
     _as_design_array,
@@ -117,7 +118,9 @@ __all__ = [
     "variance_group_shortfall",
 ]
 
-INFERENCES = ("maxt", "cluster_mass", "cluster_size", "tfce")
+#: The inferences a permutation test computes, in the order it computes them (one list for the
+#: recipe and the engine: :data:`fcflow.config.PERMUTATION_INFERENCES`).
+INFERENCES = PERMUTATION_INFERENCES
 SCHEMES = ("auto", "permute", "sign_flip")
 RESIDUALS = ("auto", "freedman_lane", "ter_braak", "weighted_freedman_lane")
 
@@ -527,7 +530,7 @@ def make_permutations(
     n_permutations: int,
     *,
     scheme: str = "permute",
-    random_state: int | np.random.Generator | None = None,
+    random_seed: int | np.random.Generator | None = None,
 ) -> NDArray:
     """Random permutations (or sign flips) with the identity as row 0.
 
@@ -537,7 +540,7 @@ def make_permutations(
     n_permutations : int
         Rows, including the identity.
     scheme : {"permute", "sign_flip"}, default="permute"
-    random_state : int, Generator or None, default=None
+    random_seed : int, Generator or None, default=None
         Seed for ``np.random.default_rng``.
 
     Returns
@@ -547,7 +550,7 @@ def make_permutations(
     """
     if n_permutations < 1:
         raise ValueError(f"'n_permutations' must be at least 1. Got {n_permutations!r}.")
-    rng = np.random.default_rng(random_state)
+    rng = np.random.default_rng(random_seed)
     if scheme == "permute":
         out = np.tile(np.arange(n_subjects, dtype=np.int32), (n_permutations, 1))
         if n_permutations > 1:
@@ -641,7 +644,7 @@ def permutation_test(
     *,
     n_permutations: int = 5000,
     two_sided: bool = True,
-    random_state: int | np.random.Generator | None = None,
+    random_seed: int | np.random.Generator | None = None,
     inference: Sequence[str] = INFERENCES,
     mask: ArrayLike | None = None,
     connectivity: int = 6,
@@ -675,7 +678,7 @@ def permutation_test(
         Number of permutations including the identity (ignored if ``permutations`` given).
     two_sided : bool, default=True
         Test |t| (both signs; clusters of each sign separately). Ignored for F.
-    random_state : int, Generator or None, default=None
+    random_seed : int, Generator or None, default=None
         Seed of ``np.random.default_rng``; fix it for reproducible p-values.
     inference : sequence of {"maxt", "cluster_mass", "cluster_size", "tfce"}, default=all four
         Which family-wise corrections to compute; all but "maxt" need ``mask``.
@@ -694,7 +697,7 @@ def permutation_test(
         See the module docstring.
     permutations : ndarray of shape (n, n_subjects) or None, default=None
         Explicit shuffles (index rows) or sign flips (+-1 rows), without the identity,
-        which is prepended. Overrides ``n_permutations`` and ``random_state``.
+        which is prepended. Overrides ``n_permutations`` and ``random_seed``.
     batch_size : int or None, default=None
         Permutations per GEMM; None keeps the batch buffers near 160 MB.
     precision : {"float32", "float64"}, default="float32"
@@ -800,7 +803,7 @@ def permutation_test(
             scale = np.sqrt(weights[groups.index])
             result = permutation_test(
                 np.asarray(data, dtype=np.float64) * scale[:, None], design_array * scale[:, None], contrast_matrix,
-                n_permutations=n_permutations, two_sided=two_sided, random_state=random_state,
+                n_permutations=n_permutations, two_sided=two_sided, random_seed=random_seed,
                 inference=inference, mask=mask, connectivity=connectivity, cluster_forming_p=cluster_forming_p,
                 tfce_extent_exponent=tfce_extent_exponent, tfce_height_exponent=tfce_height_exponent,
                 tfce_dh=tfce_dh, scheme="sign_flip" if scheme == "auto" else scheme, permutations=permutations,
@@ -823,7 +826,7 @@ def permutation_test(
         rows = _check_explicit(permutations, n_subjects, scheme)
     else:
         rows = make_permutations(
-            n_subjects, n_permutations, scheme=scheme, random_state=random_state
+            n_subjects, n_permutations, scheme=scheme, random_seed=random_seed
         )
     n_total = rows.shape[0]
     permuted_nuisance = nuisance
@@ -1000,9 +1003,11 @@ def permutation_test(
                 stats_batch = stat_buffer[:n_batch]
                 for begin in range(0, n_voxels, chunk):
                     part = slice(begin, begin + chunk)
-                    fixed_part = fixed_squares[:, :, part]
-                    group_squares = (np.broadcast_to(fixed_part, (n_batch, *fixed_part.shape[1:]))
-                                     if squares is None else squares[:, :, part])
+                    if squares is None:
+                        fixed_part = fixed_squares[:, :, part]
+                        group_squares = np.broadcast_to(fixed_part, (n_batch, *fixed_part.shape[1:]))
+                    else:
+                        group_squares = squares[:, :, part]
                     values, dofs = to_statistic(projections[:, :, part], group_squares)
                     stats_batch[:, part] = to_z(values, dofs)
             else:
@@ -1115,7 +1120,7 @@ def combine_family_wise(results: Sequence[PermutationResult]) -> list[dict[str, 
                 f"Every test of a family must use the same permutations. Test {number} "
                 f"({result.scheme}, {result.n_permutations} rows) differs from test 0 "
                 f"({first.scheme}, {first.n_permutations} rows): give them the same subjects, "
-                "scheme, n_permutations and random_state."
+                "scheme, n_permutations and random_seed."
             )
         if set(result.null_max) != set(first.null_max):
             raise ValueError(

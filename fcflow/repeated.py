@@ -234,7 +234,7 @@ def whole_block_permutations(
     *,
     scheme: str,
     patterns: NDArray[np.intp] | None = None,
-    random_state: int | np.random.Generator | None = None,
+    random_seed: int | np.random.Generator | None = None,
 ) -> NDArray:
     """Random whole-block shuffles or sign flips of subjects, without the identity.
 
@@ -254,7 +254,7 @@ def whole_block_permutations(
     patterns : ndarray of shape (n_subjects,), int, or None
         Exchangeability of whole blocks (see :meth:`RepeatedMeasures.patterns`); None: all alike
         (then every subject must have the same sessions).
-    random_state : int, Generator or None
+    random_seed : int, Generator or None
 
     Returns
     -------
@@ -263,7 +263,7 @@ def whole_block_permutations(
     """
     row_subject = np.asarray(row_subject, dtype=np.intp)
     n_subjects = int(row_subject.max()) + 1 if row_subject.size else 0
-    rng = np.random.default_rng(random_state)
+    rng = np.random.default_rng(random_seed)
     n_out = max(int(n_permutations) - 1, 0)
     if scheme == "sign_flip":
         signs = rng.integers(0, 2, size=(n_out, n_subjects), dtype=np.int8) * 2 - 1

@@ -77,7 +77,7 @@ def compare_run_strategies(
     t_r: float,
     high_pass: float | None,
     low_pass: float | None,
-    seed_signal: str | Mapping[str, str],
+    signal: str | Mapping[str, str],
     run_name: str = "",
 ) -> dict[str, object]:
     """Seed-to-probe Fisher z and degrees of freedom of one run under each candidate strategy.
@@ -93,7 +93,7 @@ def compare_run_strategies(
         files cannot serve (e.g. ``ICA-AROMA`` on a non-AROMA run) is reported, not raised.
     denoising : DenoisingConfig
         The recipe's ``[denoising]`` (censoring thresholds, ``n_compcor``, ``detrend``, ``filter``).
-    seed_signal : {"mean", "eigenvariate"} or mapping of seed name to it
+    signal : {"mean", "eigenvariate"} or mapping of seed name to it
         One summary for every seed, or each seed's own.
 
     Returns
@@ -130,7 +130,7 @@ def compare_run_strategies(
             connectivity = compute_multiseed_connectivity(
                 subset, seeds, t_r, selected.confounds, selected.sample_mask, high_pass=high_pass,
                 low_pass=low_pass, detrend=denoising.detrend, filter=denoising.filter,
-                seed_method=seed_signal, run_name=run_name,
+                signal=signal, run_name=run_name,
             )
         except InputDataError as exc:
             out["strategies"][strategy] = {"error": str(exc)}

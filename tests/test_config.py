@@ -11,8 +11,8 @@ import pytest
 from fcflow.config import (
     Recipe,
     contrast_label,
+    contrast_pairs,
     load_recipe,
-    parse_contrast,
     recipe_from_dict,
 )
 from fcflow.errors import InputDataError, RecipeError
@@ -154,8 +154,8 @@ def test_task_measure_without_conditions(tmp_path):
         ("2back - 0back", (("0back", -1.0), ("2back", 1.0))),
     ],
 )
-def test_parse_contrast(text, expected):
-    assert parse_contrast(text, ["a", "b", "c", "0back", "2back"]) == expected
+def test_contrast_pairs(text, expected):
+    assert contrast_pairs(text, ["a", "b", "c", "0back", "2back"]) == expected
 
 
 @pytest.mark.parametrize(
@@ -163,9 +163,9 @@ def test_parse_contrast(text, expected):
     [("a b", "must be a sum of terms"), ("a - a", "non-zero weight"), ("a - d", "names 'd', which is not"),
      ("", "at least one"), ("a -", "must be a sum of terms")],
 )
-def test_parse_contrast_rejects(text, message):
+def test_contrast_pairs_rejects(text, message):
     with pytest.raises(ValueError, match=message):
-        parse_contrast(text, ["a", "b", "c"])
+        contrast_pairs(text, ["a", "b", "c"])
 
 
 def test_contrast_label_is_a_bids_label():

@@ -97,7 +97,7 @@ def test_correlate_with_operator_constant_and_drift_voxels():
 def test_compute_rest_connectivity_eigenvariate():
     rng = np.random.default_rng(3)
     data, confounds, seed = _synthetic_run(rng)
-    result = compute_rest_connectivity(data, seed, T_R, confounds, seed_method="eigenvariate")
+    result = compute_rest_connectivity(data, seed, T_R, confounds, signal="eigenvariate")
     operator = build_cleaning_operator(len(data), T_R, confounds, None, 0.01, 0.08)
     cleaned = operator @ data.astype(np.float64)
     eig = extract_seed_signal(cleaned, seed, "eigenvariate")
@@ -125,15 +125,15 @@ def test_multiseed_connectivity_equals_one_seed_at_a_time():
     cleaned = operator @ data.astype(np.float64)
     expected = np.corrcoef(np.column_stack([cleaned[:, other].mean(axis=1), cleaned]).T)[0, 1:]
     np.testing.assert_allclose(both["b"].r, expected, atol=5e-6)
-    with pytest.raises(InputDataError, match="'seed_method' of seed 'a' must be 'mean' or 'eigenvariate'. Got 'pca'"):
-        compute_multiseed_connectivity(data, seeds, T_R, confounds, seed_method="pca")
+    with pytest.raises(InputDataError, match="'signal' of seed 'a' must be 'mean' or 'eigenvariate'. Got 'pca'"):
+        compute_multiseed_connectivity(data, seeds, T_R, confounds, signal="pca")
     # each seed its own summary: the same as one seed at a time with that summary
-    mixed = compute_multiseed_connectivity(data, seeds, T_R, confounds, seed_method={"a": "mean", "b": "eigenvariate"})
-    alone = compute_rest_connectivity(data, seeds["b"], T_R, confounds, seed_method="eigenvariate", seed_name="b")
+    mixed = compute_multiseed_connectivity(data, seeds, T_R, confounds, signal={"a": "mean", "b": "eigenvariate"})
+    alone = compute_rest_connectivity(data, seeds["b"], T_R, confounds, signal="eigenvariate", seed_name="b")
     np.testing.assert_allclose(mixed["b"].seed_signal, alone.seed_signal)
     np.testing.assert_allclose(mixed["a"].seed_signal, both["a"].seed_signal)
-    with pytest.raises(InputDataError, match="'seed_method' of seed 'b' must be 'mean' or 'eigenvariate'. Got None"):
-        compute_multiseed_connectivity(data, seeds, T_R, confounds, seed_method={"a": "mean"})
+    with pytest.raises(InputDataError, match="'signal' of seed 'b' must be 'mean' or 'eigenvariate'. Got None"):
+        compute_multiseed_connectivity(data, seeds, T_R, confounds, signal={"a": "mean"})
     with pytest.raises(InputDataError, match="Seed 'b' has 0 voxels inside the brain mask"):
         compute_multiseed_connectivity(data, {"a": seed, "b": np.zeros_like(seed)}, T_R)
 
@@ -166,7 +166,7 @@ def test_seed_errors():
         extract_seed_signal(data, np.zeros(5, bool), seed_name="pgACC", run_name="sub-07_ses-24h_task-rest")
     with pytest.raises(InputDataError, match=r"'seed_mask_in_brain' must be a boolean array of shape \(5,\)"):
         extract_seed_signal(data, np.ones(4, bool))
-    with pytest.raises(InputDataError, match=r"'method' must be 'mean' or 'eigenvariate'"):
+    with pytest.raises(InputDataError, match=r"'signal' must be 'mean' or 'eigenvariate'"):
         extract_seed_signal(data, np.ones(5, bool), "median")
     with pytest.raises(InputDataError, match=r"'seed_signal' must vary over time"):
         compute_seed_to_voxel_map(data, np.ones(20))

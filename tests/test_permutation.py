@@ -51,11 +51,11 @@ def study():
 # --------------------------------------------------------------------------------------------
 # nilearn, same permutations
 # --------------------------------------------------------------------------------------------
-def _nilearn_shuffles(random_state, n_perm, n_subjects, sign_flip):
+def _nilearn_shuffles(random_seed, n_perm, n_subjects, sign_flip):
     """The permutations nilearn's permuted_ols draws with n_jobs=1 (cumulative shuffles)."""
     from sklearn.utils import check_random_state
 
-    chunk_seed = check_random_state(random_state).randint(1, np.iinfo(np.int32).max - 1)
+    chunk_seed = check_random_state(random_seed).randint(1, np.iinfo(np.int32).max - 1)
     rng = check_random_state(chunk_seed)
     current = np.ones(n_subjects, int) if sign_flip else np.arange(n_subjects)
     rows = []
@@ -170,7 +170,7 @@ def test_max_t_equals_brute_force(study):
     design, data, mask = study
     contrast = parse_contrast("ketamine - placebo", design.columns)
     result = permutation_test(
-        data, design, contrast, n_permutations=30, random_state=1, mask=mask,
+        data, design, contrast, n_permutations=30, random_seed=1, mask=mask,
         inference=("maxt", "cluster_mass", "tfce"), cluster_forming_p=0.05, batch_size=7,
         precision="float64",
     )  # fmt: skip
@@ -196,7 +196,7 @@ def test_max_t_equals_brute_force(study):
 
 def test_float32_engine_close_to_float64(study):
     design, data, mask = study
-    kwargs = dict(n_permutations=50, random_state=4, mask=mask, inference=("maxt", "cluster_size"))
+    kwargs = dict(n_permutations=50, random_seed=4, mask=mask, inference=("maxt", "cluster_size"))
     single = permutation_test(data, design, "ketamine - placebo", **kwargs)
     double = permutation_test(data, design, "ketamine - placebo", precision="float64", **kwargs)
     np.testing.assert_array_equal(single.stat, double.stat)
@@ -208,7 +208,7 @@ def test_f_contrast_equals_brute_force(study):
     design, data, mask = study
     matrix = f_contrast_over_groups(LEVELS, design.columns)
     result = permutation_test(
-        data, design, matrix, n_permutations=25, random_state=2, mask=mask,
+        data, design, matrix, n_permutations=25, random_seed=2, mask=mask,
         inference=("maxt", "cluster_size"), precision="float64",
     )  # fmt: skip
     assert result.stat_type == "F" and result.scheme == "permute" and not result.two_sided
@@ -223,7 +223,7 @@ def test_forced_permutation_without_a_constant_nuisance_matches_brute_force(stud
     # "ketamine" alone leaves no constant in the nuisance space: nothing is left out of the GEMM
     design, data, _ = study
     result = permutation_test(
-        data, design, "ketamine", n_permutations=20, random_state=5, scheme="permute",
+        data, design, "ketamine", n_permutations=20, random_seed=5, scheme="permute",
         inference=("maxt",), precision="float64",
     )  # fmt: skip
     contrast = parse_contrast("ketamine", design.columns)
@@ -234,7 +234,7 @@ def test_forced_permutation_without_a_constant_nuisance_matches_brute_force(stud
 def test_threads_do_not_change_the_result(study):
     design, data, mask = study
     kwargs = dict(
-        n_permutations=30, random_state=6, mask=mask, batch_size=7,
+        n_permutations=30, random_seed=6, mask=mask, batch_size=7,
         inference=("maxt", "cluster_mass", "cluster_size", "tfce"),
     )  # fmt: skip
     one = permutation_test(data, design, "ketamine - placebo", n_jobs=1, **kwargs)
@@ -249,7 +249,7 @@ def test_sign_flip_one_sample_matches_brute_force():
     data = _smooth_maps(rng, 11, mask) + 0.5
     design = make_group_design(["ketamine"] * 11)
     result = permutation_test(
-        data, design, "ketamine", n_permutations=40, random_state=0, precision="float64",
+        data, design, "ketamine", n_permutations=40, random_seed=0, precision="float64",
         inference=("maxt",),
     )  # fmt: skip
     assert result.scheme == "sign_flip"
@@ -285,7 +285,7 @@ def test_cluster_mass_finds_a_planted_blob():
     blob = ((ii - 4) ** 2 + (jj - 5) ** 2 + (kk - 6) ** 2 <= 6)[mask]
     data[np.ix_(groups == "ketamine", blob)] += 1.5
     result = permutation_test(
-        data, design, "ketamine - placebo", n_permutations=200, random_state=0, mask=mask,
+        data, design, "ketamine - placebo", n_permutations=200, random_seed=0, mask=mask,
         inference=("maxt", "cluster_mass", "cluster_size", "tfce"),
     )  # fmt: skip
     alpha = -np.log10(0.05)
@@ -300,9 +300,9 @@ def test_cluster_mass_finds_a_planted_blob():
 def test_reproducible_for_a_seed(study):
     design, data, mask = study
     kwargs = dict(n_permutations=20, mask=mask, inference=("maxt", "tfce"))
-    first = permutation_test(data, design, "ketamine - placebo", random_state=7, **kwargs)
-    again = permutation_test(data, design, "ketamine - placebo", random_state=7, **kwargs)
-    other = permutation_test(data, design, "ketamine - placebo", random_state=8, **kwargs)
+    first = permutation_test(data, design, "ketamine - placebo", random_seed=7, **kwargs)
+    again = permutation_test(data, design, "ketamine - placebo", random_seed=7, **kwargs)
+    other = permutation_test(data, design, "ketamine - placebo", random_seed=8, **kwargs)
     np.testing.assert_array_equal(first.permutations, again.permutations)
     for key in first.null_max:
         np.testing.assert_array_equal(first.null_max[key], again.null_max[key])
@@ -311,11 +311,11 @@ def test_reproducible_for_a_seed(study):
 
 
 def test_make_permutations():
-    rows = make_permutations(6, 10, random_state=0)
+    rows = make_permutations(6, 10, random_seed=0)
     assert rows.shape == (10, 6)
     np.testing.assert_array_equal(rows[0], np.arange(6))
     np.testing.assert_array_equal(np.sort(rows, axis=1), np.tile(np.arange(6), (10, 1)))
-    flips = make_permutations(6, 10, scheme="sign_flip", random_state=0)
+    flips = make_permutations(6, 10, scheme="sign_flip", random_seed=0)
     assert set(np.unique(flips)) == {-1, 1} and (flips[0] == 1).all()
     with pytest.raises(ValueError, match="'n_permutations' must be at least 1"):
         make_permutations(6, 0)

@@ -187,7 +187,7 @@ def test_fwe_over_declared_regions_is_the_max_over_those_regions_only(tmp_path):
     assert list(regions["index"]) == [1, 2]
     table = run_region_inference(values, regions, design, test, **kwargs)
     # brute force: each permutation's largest |t| over the 2 declared regions only
-    permutations = permutation_test(values, design, test.matrix[0], n_permutations=300, random_state=2,
+    permutations = permutation_test(values, design, test.matrix[0], n_permutations=300, random_seed=2,
                                     inference=("maxt",)).permutations
     residuals = values - values.mean(axis=0)  # Freedman-Lane: the nuisance of b - a is the mean
     null_max = np.array([max(abs(sm.OLS(residuals[:, r], design.to_numpy()[perm]).fit().t_test(test.matrix)
@@ -230,7 +230,7 @@ def test_region_t_is_statsmodels_ols_t_and_max_t_is_brute_force():
         np.testing.assert_allclose(table["effect"][r], check.effect.item(), rtol=1e-8)
         np.testing.assert_allclose(table["p_uncorrected"][r], check.pvalue.item(), rtol=1e-6)
     # brute force with the same permutations: Freedman-Lane, refitting every region each time
-    permutations = permutation_test(values, design, test.matrix[0], n_permutations=500, random_state=4,
+    permutations = permutation_test(values, design, test.matrix[0], n_permutations=500, random_seed=4,
                                     inference=("maxt",)).permutations
     nuisance = design[["age"]].assign(mean=1.0).to_numpy()
     residuals = values - nuisance @ np.linalg.lstsq(nuisance, values, rcond=None)[0]

@@ -64,7 +64,7 @@ def test_whole_block_shuffles_move_subjects_with_all_their_rows_among_alike_subj
     rm = build_repeated_measures(data, present, labels, SESSIONS, "baseline", group_of)
     patterns = rm.patterns()
     shuffles = whole_block_permutations(rm.row_subject, rm.row_session, 200, scheme="permute", patterns=patterns,
-                                        random_state=0)
+                                        random_seed=0)
     assert shuffles.shape == (199, len(rm.data))
     moved = 0
     for row in shuffles:
@@ -79,7 +79,7 @@ def test_whole_block_shuffles_move_subjects_with_all_their_rows_among_alike_subj
             assert patterns[i] == patterns[j]
             moved += i != j
     assert moved > 0
-    flips = whole_block_permutations(rm.row_subject, rm.row_session, 50, scheme="sign_flip", random_state=0)
+    flips = whole_block_permutations(rm.row_subject, rm.row_session, 50, scheme="sign_flip", random_seed=0)
     for row in flips:
         for i in range(len(rm.subjects)):
             assert len(set(row[rm.row_subject == i])) == 1
@@ -117,7 +117,7 @@ def test_whole_block_null_equals_brute_force_freedman_lane():
     design = repeated_measures_design(rm, GROUPS, SESSIONS, "baseline")
     contrast = repeated_measures_contrasts(GROUPS, SESSIONS, "baseline", design.columns)["groupBySession"]
     shuffles = whole_block_permutations(rm.row_subject, rm.row_session, 60, scheme="permute",
-                                        patterns=rm.patterns(), random_state=1)
+                                        patterns=rm.patterns(), random_seed=1)
     result = permutation_test(rm.data, design, contrast, permutations=shuffles, scheme="permute",
                               inference=("maxt",), precision="float64")
     m = design.to_numpy(dtype=float)
@@ -239,7 +239,7 @@ def test_run_inference_passes_explicit_whole_block_flips():
     rm = build_repeated_measures(data, present, labels, SESSIONS, "baseline", group_of)
     design = repeated_measures_design(rm, GROUPS, SESSIONS, "baseline")
     matrix = repeated_measures_contrasts(GROUPS, SESSIONS, "baseline", design.columns)["session"]
-    flips = whole_block_permutations(rm.row_subject, rm.row_session, 40, scheme="sign_flip", random_state=2)
+    flips = whole_block_permutations(rm.row_subject, rm.row_session, 40, scheme="sign_flip", random_seed=2)
     result = run_inference(rm.data, design, GroupTest("session", "session", "F", matrix),
                            np.ones((5, 5, 1), dtype=bool), methods=["maxt"], n_permutations=9999,
                            two_sided=False, random_seed=0, cluster_forming_p=0.01, permutations=flips,

@@ -286,11 +286,12 @@ def test_pooled_qcfc_is_the_correlation_over_every_included_run(reports):
     import numpy as np
 
     from fcflow.config import load_recipe
-    from fcflow.reports.group import collect_qcfc, read_qc_tables
+    from fcflow.derivatives import read_runs_qc
+    from fcflow.reports.group import collect_qcfc
 
     out = reports["out"]
     recipe = load_recipe(next(out.parent.glob("*.toml")))
-    qc = read_qc_tables(out)
+    qc = read_runs_qc(out)
     pooled = collect_qcfc(out, recipe, qc, task="rest", seed="pgACC", session=None)
     kept = qc[(qc["task"] == "rest") & ~qc["excluded"]]
     assert pooled["n_runs"] == len(kept) and pooled["n_subjects"] == kept["participant"].nunique()

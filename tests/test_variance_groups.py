@@ -180,7 +180,7 @@ def test_permutation_null_equals_brute_force_refits(hetero_study, kind, scheme):
     contrast = (parse_contrast("ketamine - placebo", design.columns) if kind == "t"
                 else f_contrast_over_groups(LEVELS, design.columns))  # fmt: skip
     result = permutation_test(
-        data, design, contrast, n_permutations=6, random_state=3, inference=("maxt",),
+        data, design, contrast, n_permutations=6, random_seed=3, inference=("maxt",),
         variance_groups=groups, precision="float64", batch_size=4, scheme=scheme, residuals="freedman_lane",
     )  # fmt: skip
     # with variance groups "auto" flips signs: each subject keeps its own variance
@@ -193,7 +193,7 @@ def test_permutation_null_equals_brute_force_refits(hetero_study, kind, scheme):
 
 def test_float32_null_close_to_float64(hetero_study):
     design, data, mask, groups = hetero_study
-    kwargs = dict(n_permutations=40, random_state=4, mask=mask, variance_groups=groups,
+    kwargs = dict(n_permutations=40, random_seed=4, mask=mask, variance_groups=groups,
                   inference=("maxt", "cluster_mass", "tfce"))  # fmt: skip
     single = permutation_test(data, design, "ketamine - placebo", **kwargs)
     double = permutation_test(data, design, "ketamine - placebo", precision="float64", **kwargs)
@@ -229,7 +229,7 @@ def test_identity_equivalent_permutations_count_as_ties():
 
 def test_one_variance_group_is_the_t_test(hetero_study):
     design, data, mask, groups = hetero_study
-    kwargs = dict(n_permutations=30, random_state=8, mask=mask, inference=("maxt", "cluster_mass", "tfce"))
+    kwargs = dict(n_permutations=30, random_seed=8, mask=mask, inference=("maxt", "cluster_mass", "tfce"))
     plain = permutation_test(data, design, "ketamine - placebo", **kwargs)
     single = permutation_test(data, design, "ketamine - placebo", variance_groups=["all"] * len(groups), **kwargs)
     assert single.stat_type == "t" and not single.zstat and single.dof_map is None
@@ -241,7 +241,7 @@ def test_one_variance_group_is_the_t_test(hetero_study):
 def test_zstat_for_f_keeps_max_and_size_p_and_moves_tfce_to_z(hetero_study):
     design, data, mask, _ = hetero_study
     matrix = f_contrast_over_groups(LEVELS, design.columns)
-    kwargs = dict(n_permutations=40, random_state=9, mask=mask, precision="float64",
+    kwargs = dict(n_permutations=40, random_seed=9, mask=mask, precision="float64",
                   inference=("maxt", "cluster_size", "tfce"), cluster_forming_p=0.05)  # fmt: skip
     on_f = permutation_test(data, design, matrix, zstat=False, **kwargs)
     on_z = permutation_test(data, design, matrix, zstat=True, **kwargs)
@@ -257,7 +257,7 @@ def test_sign_flip_with_variance_groups_matches_brute_force(hetero_study):
     data = data[:, :30].astype(float)
     contrast = parse_contrast("ketamine", design.columns)
     result = permutation_test(
-        data, design, contrast, n_permutations=5, random_state=1, inference=("maxt",),
+        data, design, contrast, n_permutations=5, random_seed=1, inference=("maxt",),
         variance_groups=groups, precision="float64", residuals="freedman_lane",
     )  # fmt: skip
     assert result.scheme == "sign_flip"
@@ -395,7 +395,7 @@ def test_ter_braak_null_equals_brute_force_refits(hetero_study):
     data = data[:, :30].astype(float)
     contrast = parse_contrast("ketamine - placebo", design.columns)
     result = permutation_test(
-        data, design, contrast, n_permutations=5, random_state=2, inference=("maxt",), scheme="sign_flip",
+        data, design, contrast, n_permutations=5, random_seed=2, inference=("maxt",), scheme="sign_flip",
         variance_groups=groups, residuals="ter_braak", precision="float64",
     )  # fmt: skip
     assert result.settings["residuals"] == "ter_braak"
@@ -424,7 +424,7 @@ def test_family_wise_p_equals_brute_force_over_tests(hetero_study):
              ("t", parse_contrast("lamotrigine_ketamine - placebo", design.columns)),
              ("F", f_contrast_over_groups(LEVELS, design.columns))]  # fmt: skip
     results = [
-        permutation_test(data, design, c, n_permutations=6, random_state=7, inference=("maxt",),
+        permutation_test(data, design, c, n_permutations=6, random_seed=7, inference=("maxt",),
                          variance_groups=groups, precision="float64", residuals="freedman_lane")
         for _, c in tests
     ]  # fmt: skip
@@ -446,9 +446,9 @@ def test_family_wise_needs_shared_permutations_and_z(hetero_study):
 
     design, data, mask, groups = hetero_study
     kwargs = dict(n_permutations=10, inference=("maxt",), variance_groups=groups)
-    one = permutation_test(data, design, "ketamine - placebo", random_state=1, **kwargs)
-    other = permutation_test(data, design, "ketamine - placebo", random_state=2, **kwargs)
-    plain = permutation_test(data, design, "ketamine - placebo", random_state=1, n_permutations=10, inference=("maxt",))
+    one = permutation_test(data, design, "ketamine - placebo", random_seed=1, **kwargs)
+    other = permutation_test(data, design, "ketamine - placebo", random_seed=2, **kwargs)
+    plain = permutation_test(data, design, "ketamine - placebo", random_seed=1, n_permutations=10, inference=("maxt",))
     with pytest.raises(ValueError, match="must use the same permutations"):
         combine_family_wise([one, other])
     with pytest.raises(ValueError, match="must have run on z"):
@@ -465,7 +465,7 @@ def test_weighted_freedman_lane_is_the_default_and_equals_brute_force_refits(het
     values = data[:, ::9].astype(float)  # the brute force refits every voxel with statsmodels
     contrast = parse_contrast("ketamine - placebo", design.columns)
     result = permutation_test(
-        values, design, contrast, n_permutations=5, random_state=3, inference=("maxt",),
+        values, design, contrast, n_permutations=5, random_seed=3, inference=("maxt",),
         variance_groups=groups, precision="float64",
     )  # fmt: skip
     assert result.settings["residuals"] == "weighted_freedman_lane" and result.scheme == "sign_flip"
@@ -505,7 +505,7 @@ def test_brain_wide_variances_give_statsmodels_wls_t_and_sign_flip_null(hetero_s
     design, data, mask, groups = hetero_study
     contrast = parse_contrast("ketamine - placebo", design.columns)
     result = permutation_test(
-        data, design, contrast, n_permutations=6, random_state=2, inference=("maxt",), variance_groups=groups,
+        data, design, contrast, n_permutations=6, random_seed=2, inference=("maxt",), variance_groups=groups,
         variance_estimate="brain", precision="float64",
     )  # fmt: skip
     assert result.stat_type == "t" and result.scheme == "sign_flip"
@@ -547,7 +547,7 @@ def test_group_level_falls_back_to_one_variance_exactly_when_a_group_has_too_lit
     data = rng.normal(size=(len(groups), 30))
     labels, note = _variance_group_labels("auto", pd.Series(groups), "test", design)
     try:
-        permutation_test(data, design, "ketamine - placebo", n_permutations=20, random_state=0,
+        permutation_test(data, design, "ketamine - placebo", n_permutations=20, random_seed=0,
                          inference=("maxt",), variance_groups=groups, zstat=True)
         refused = False
     except ValueError as exc:
@@ -558,5 +558,5 @@ def test_group_level_falls_back_to_one_variance_exactly_when_a_group_has_too_lit
     if refused:
         assert "residual dof" in note and "fell back" in caplog.text
         # and the fallback runs
-        permutation_test(data, design, "ketamine - placebo", n_permutations=20, random_state=0,
+        permutation_test(data, design, "ketamine - placebo", n_permutations=20, random_seed=0,
                          inference=("maxt",), variance_groups=None)

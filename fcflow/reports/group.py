@@ -36,36 +36,14 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
+from fcflow.bids import parse_entities
 from fcflow.config import Recipe
 from fcflow.io import write_text
 
-__all__ = ["read_qc_tables", "collect_qcfc", "write_group_report"]
+__all__ = ["collect_qcfc", "write_group_report"]
 
 LOGGER = logging.getLogger("fcflow.report")
 _FIGURES = "group/figures"
-
-
-def read_qc_tables(output_dir: str | Path) -> pd.DataFrame:
-    """Every ``sub-*/sub-*_desc-runs_qc.tsv`` of the participant level, all columns.
-
-    Adds ``participant`` (label without ``sub-``) and makes ``session``/``run`` strings ("" when
-    absent) and ``excluded`` boolean.
-    """
-    frames = [pd.read_csv(p, sep="\t", dtype=str, na_values=["n/a"], keep_default_na=False)
-              for p in sorted(Path(output_dir).glob("sub-*/sub-*_desc-runs_qc.tsv"))]
-    if not frames:
-        return pd.DataFrame(columns=["participant", "session", "task", "run", "mean_fd_mm", "percent_censored",
-                                     "excluded", "exclusion_reason"])
-    table = pd.concat(frames, ignore_index=True)
-    table["participant"] = table["participant_id"].str.removeprefix("sub-")
-    for column in ("session", "run", "exclusion_reason"):
-        table[column] = table[column].fillna("") if column in table else ""
-    table["excluded"] = table["excluded"].str.lower().isin(["true", "1"])
-    for column in table.columns:
-        if column in ("mean_fd_mm", "percent_censored", "n_timepoints", "n_kept") or column.startswith("dof_") \
-                or column.endswith(("_coverage", "_tsnr", "_n_voxels")):
-            table[column] = pd.to_numeric(table[column], errors="coerce")
-    return table
 
 
 # ----------------------------------------------------------------------------------------------
@@ -349,7 +327,7 @@ def _map_files(output_dir: Path, task: str, seed: str, desc: str, space: str) ->
     found: dict[tuple[str, str], list[Path]] = {}
     for path in sorted(output_dir.glob(f"sub-*/ses-*/func/sub-*_task-{task}_*seed-{seed}_stat-z_desc-{desc}_"
                                        "statmap.nii.gz")):
-        ents = dict(p.split("-", 1) for p in path.name.removesuffix("_statmap.nii.gz").split("_") if "-" in p)
+        ents = parse_entities(path.name)[0]
         if ents.get("space") == space and ents.get("desc") == desc and ents.get("task") == task:
             found.setdefault((ents["sub"], ents.get("ses", "")), []).append(path)
     return found
@@ -645,12 +623,13 @@ def write_group_report(
     import sys
 
     from fcflow.bids import read_participants
+    from fcflow.derivatives import read_runs_qc
     from fcflow.reports.methods import describe_methods, software_versions, write_bibtex
     from fcflow.reports.render import render
 
     output_dir, bids_dir = Path(output_dir), Path(bids_dir)
     participants = read_participants(bids_dir, recipe.group_column, recipe.groups)
-    qc = read_qc_tables(output_dir)
+    qc = read_runs_qc(output_dir)
     results = _read_results(output_dir / "group" / "results.tsv")
     baseline = _read_results(output_dir / "group" / "baseline_results.tsv")
     both = pd.concat([results, baseline], ignore_index=True) if not baseline.empty else results

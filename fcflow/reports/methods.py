@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fcflow.config import Recipe
+from fcflow.config import PERMUTATION_INFERENCES, Recipe
+from fcflow.derivatives import software_versions
 
 __all__ = ["STRATEGY_TEXT", "INFERENCE_TEXT", "REFERENCES", "Reference", "references_for", "software_versions",
            "describe_methods", "write_bibtex"]
@@ -48,36 +49,13 @@ INFERENCE_TEXT = {
     "bonferroni": "Bonferroni correction",
     "cluster_extent": "a cluster-extent rule",
 }
-_PERMUTATION = ("tfce", "maxt", "cluster_mass", "cluster_size")
+_PERMUTATION = PERMUTATION_INFERENCES
 _MEASURE_TEXT = {
     "correlation": "the Pearson correlation of the cleaned seed signal with every voxel, Fisher z-transformed",
     "background": "background connectivity (the same correlation after regressing the HRF-convolved task "
                   "regressors out of seed and voxels), Fisher z-transformed",
     "gppi": "generalised psychophysiological interaction (gPPI, without deconvolution of the seed)",
 }
-
-
-def software_versions() -> dict[str, str]:
-    """Versions of the software the paragraph names (fcflow, Python and the libraries it runs on)."""
-    import platform
-    from importlib.metadata import PackageNotFoundError, version
-
-    import nibabel
-    import nilearn
-    import numpy
-    import scipy
-
-    from fcflow import __version__
-
-    try:
-        # read from the installed metadata: importing nipype here would pull the wiring layer into
-        # the science layer (tests/test_layers.py)
-        nipype_version = version("nipype")
-    except PackageNotFoundError:
-        nipype_version = "not installed"
-    return {"fcflow": __version__, "Python": platform.python_version(), "nilearn": nilearn.__version__,
-            "nibabel": nibabel.__version__, "nipype": nipype_version, "NumPy": numpy.__version__,
-            "SciPy": scipy.__version__}
 
 
 def _join(items: Sequence[str], last: str = "and") -> str:

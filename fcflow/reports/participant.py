@@ -51,10 +51,11 @@ def _maps_to_show(map_files: Sequence[str]) -> list[tuple[str, str, str]]:
 
     A gPPI condition map (``gppi2back``) is left out when the run also has condition contrasts.
     """
+    from fcflow.bids import parse_entities
+
     parsed = []
     for path in map_files:
-        stem = Path(path).name.split(".")[0]
-        ents = dict(part.split("-", 1) for part in stem.split("_") if "-" in part)
+        ents = parse_entities(Path(path).name)[0]
         if ents.get("stat") == "z":
             parsed.append((ents["seed"], ents["desc"], str(path)))
     contrasts = [d for _, d, _ in parsed if d.startswith("gppi") and "Minus" in d]
@@ -106,11 +107,11 @@ def _task_blocks(events_file: str | None, conditions: Sequence[str]) -> dict[str
                 .itertuples(index=False)] for c in conditions if "trial_type" in events}
 
 
-def _seed_signals(seed_signal: str | Mapping[str, str], seeds: Mapping[str, Any]) -> dict[str, str]:
+def _seed_signals(signal: str | Mapping[str, str], seeds: Mapping[str, Any]) -> dict[str, str]:
     """Each seed's signal summary: one for all, or each seed's own (the recipe's per-seed ``signal``)."""
-    if isinstance(seed_signal, Mapping):
-        return {name: seed_signal[name] for name in seeds}
-    return dict.fromkeys(seeds, seed_signal)
+    if isinstance(signal, Mapping):
+        return {name: signal[name] for name in seeds}
+    return dict.fromkeys(seeds, signal)
 
 
 def compute_run_report_data(
@@ -125,7 +126,7 @@ def compute_run_report_data(
     t_r: float,
     task: TaskConfig,
     denoising: DenoisingConfig,
-    seed_signal: str | Mapping[str, str],
+    signal: str | Mapping[str, str],
     run_name: str,
 ) -> dict[str, NDArray]:
     """The arrays of a run's report, from the in-mask data the first level has already read.
@@ -152,7 +153,7 @@ def compute_run_report_data(
     t_r : float
     task, denoising : TaskConfig, DenoisingConfig
         The recipe's task and ``[denoising]``.
-    seed_signal : {"mean", "eigenvariate"}
+    signal : {"mean", "eigenvariate"}
     run_name : str
 
     Returns
@@ -168,8 +169,8 @@ def compute_run_report_data(
     """
     from fcflow.connectivity import compute_multiseed_connectivity
     from fcflow.denoise import build_cleaning_operator, load_run_confounds
-    from fcflow.niftiio import smooth_map
-    from fcflow.reports.qc import compute_tsnr, select_carpet_voxels, zscore_rows
+    from fcflow.niftiio import compute_tsnr, smooth_map
+    from fcflow.reports.qc import select_carpet_voxels, zscore_rows
 
     n_time = data.shape[0]
     brain = np.asarray(mask_img.dataobj).reshape(mask_img.shape[:3]) > 0
@@ -210,7 +211,7 @@ def compute_run_report_data(
             connectivity = compute_multiseed_connectivity(
                 data, columns_by_seed, t_r, None, sample_mask, high_pass=task.high_pass,
                 low_pass=task.low_pass, detrend=denoising.detrend,
-                seed_method=_seed_signals(seed_signal, columns_by_seed), filter=denoising.filter,
+                signal=_seed_signals(signal, columns_by_seed), filter=denoising.filter,
                 run_name=run_name,
             )
             fwhm = denoising.smoothing_fwhm
@@ -220,11 +221,11 @@ def compute_run_report_data(
                 arrays[f"nodenoise_z_{name}"] = z.astype(np.float32)
     if "correlation" in task.measures and denoising.compare_strategies:
         arrays.update(_strategy_arrays(data, mask_img, brain, seed_imgs, bold_file=bold_file, t_r=t_r, task=task,
-                                       denoising=denoising, seed_signal=seed_signal, run_name=run_name))
+                                       denoising=denoising, signal=signal, run_name=run_name))
     return arrays
 
 
-def _strategy_arrays(data, mask_img, brain, seed_imgs, *, bold_file, t_r, task, denoising, seed_signal,
+def _strategy_arrays(data, mask_img, brain, seed_imgs, *, bold_file, t_r, task, denoising, signal,
                      run_name) -> dict[str, NDArray]:
     """The run's share of the strategy comparison (:mod:`fcflow.strategies`) as report arrays."""
     from fcflow.strategies import compare_run_strategies
@@ -236,7 +237,7 @@ def _strategy_arrays(data, mask_img, brain, seed_imgs, *, bold_file, t_r, task, 
     names = list(dict.fromkeys([denoising.strategy, *denoising.compare_strategies]))
     result = compare_run_strategies(
         data, mask_img, seeds, bold_file=bold_file, strategies=names, denoising=denoising, t_r=t_r,
-        high_pass=task.high_pass, low_pass=task.low_pass, seed_signal=_seed_signals(seed_signal, seeds),
+        high_pass=task.high_pass, low_pass=task.low_pass, signal=_seed_signals(signal, seeds),
         run_name=run_name,
     )
     per = result["strategies"]

@@ -1,4 +1,4 @@
-"""Quality-control numbers behind the reports: tSNR, carpet rows, motion by group, QC-FC.
+"""Quality-control numbers behind the reports: carpet rows, motion by group, QC-FC.
 
 Motion that differs between groups is the classic confound of drug studies: a drug that makes
 people move more also changes their "connectivity". :func:`compare_motion_between_groups` tests
@@ -25,7 +25,6 @@ from numpy.typing import NDArray
 from scipy import stats
 
 __all__ = [
-    "compute_tsnr",
     "select_carpet_voxels",
     "zscore_rows",
     "summarise_motion",
@@ -35,37 +34,9 @@ __all__ = [
     "summarise_qcfc",
 ]
 
-_BLOCK_COLUMNS = 8192
 
 #: Tissue classes of the carpet plot, in row order.
 TISSUES = ("GM", "WM", "CSF/other")
-
-
-def compute_tsnr(data: NDArray[np.floating]) -> NDArray[np.float64]:
-    """Temporal SNR of each column: mean over standard deviation in time (raw data, all volumes).
-
-    The same definition as the seed tSNR of :func:`fcflow.atlas.seed_qc`, so the map and the QC
-    table agree. Constant columns give nan.
-
-    Parameters
-    ----------
-    data : ndarray of shape (n_timepoints, n_voxels)
-
-    Returns
-    -------
-    tsnr : ndarray of shape (n_voxels,)
-    """
-    data = np.asarray(data)
-    mean = np.empty(data.shape[1])
-    std = np.empty(data.shape[1])
-    # In column blocks: numpy's std(dtype=float64) of the whole run would hold a float64 copy of
-    # it (0.56 GB for a 2 mm run of 300 volumes), twice the run itself.
-    for start in range(0, data.shape[1], _BLOCK_COLUMNS):
-        block = data[:, start: start + _BLOCK_COLUMNS].astype(np.float64)
-        mean[start: start + block.shape[1]] = block.mean(axis=0)
-        std[start: start + block.shape[1]] = block.std(axis=0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(std > 0, mean / std, np.nan)
 
 
 def select_carpet_voxels(

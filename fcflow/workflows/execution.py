@@ -721,17 +721,12 @@ def _read_participants(source: str | os.PathLike[str] | Sequence[str]) -> tuple[
                 f"The participants list {str(path)!r} does not exist: give a text file with one "
                 "label per line or a BIDS participants.tsv."
             )
-        text = path.read_text(encoding="utf-8").splitlines()
         if path.suffix == ".tsv":
-            header = text[0].split("\t") if text else []
-            if "participant_id" not in header:
-                raise FcflowError(
-                    f"{path} must have a 'participant_id' column (BIDS participants.tsv). "
-                    f"Got columns {header!r}."
-                )
-            column = header.index("participant_id")
-            labels = [line.split("\t")[column] for line in text[1:] if line.strip()]
+            from fcflow.bids import read_participants_table
+
+            labels = list(read_participants_table(path)[1])
         else:
+            text = path.read_text(encoding="utf-8").splitlines()
             labels = [line.split("#", 1)[0].strip() for line in text]
             labels = [label for label in labels if label]
         where = str(path)

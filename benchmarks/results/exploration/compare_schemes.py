@@ -25,7 +25,7 @@ for rep, child in enumerate(np.random.SeedSequence(123).spawn(n_rep)):
     rng = np.random.default_rng(child)
     data = simulate_noise_maps(rng, groups.size, mask, 1.5) * sd[:, None]
     for c, kw in configs.items():
-        r = permutation_test(data, design, "ketamine - placebo", n_permutations=250, random_state=rep, mask=mask, n_jobs=1, **kw)
+        r = permutation_test(data, design, "ketamine - placebo", n_permutations=250, random_seed=rep, mask=mask, n_jobs=1, **kw)
         for i in INFERENCE:
             hits[(c, i)] += r.logp_fwe[i].max() >= -np.log10(0.05) - 1e-9
 print(n_rep, ns, sdk)

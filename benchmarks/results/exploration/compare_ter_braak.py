@@ -28,11 +28,11 @@ for rep, child in enumerate(np.random.SeedSequence(seed).spawn(n_rep)):
     data = simulate_noise_maps(rng, groups.size, mask, 1.5) * sd[:, None]
     for c, kw in configs.items():
         kw = dict(kw); fl = kw.pop("fl", False)
-        obs = permutation_test(data, design, "ketamine - placebo", n_permutations=200 if fl else 1, random_state=rep, mask=mask, n_jobs=1, scheme="sign_flip", inference=INF, **kw)
+        obs = permutation_test(data, design, "ketamine - placebo", n_permutations=200 if fl else 1, random_seed=rep, mask=mask, n_jobs=1, scheme="sign_flip", inference=INF, **kw)
         if fl:
             for i in INF: hits[(c, i)] += obs.logp_fwe[i].max() >= -np.log10(0.05) - 1e-9
             continue
-        null = permutation_test((R @ data).astype(np.float32), design, "ketamine - placebo", n_permutations=200, random_state=rep, mask=mask, n_jobs=1, scheme="sign_flip", inference=INF, **kw)
+        null = permutation_test((R @ data).astype(np.float32), design, "ketamine - placebo", n_permutations=200, random_seed=rep, mask=mask, n_jobs=1, scheme="sign_flip", inference=INF, **kw)
         for i in INF:
             o = obs.null_max[i][0]; nm = null.null_max[i][1:]
             p = (1 + np.sum(nm >= o * (1 - 1e-6))) / (len(nm) + 1)
