@@ -39,6 +39,8 @@ import pandas as pd
 from numpy.typing import ArrayLike, NDArray
 from scipy import ndimage
 
+from fcflow.errors import InputDataError
+
 __all__ = [
     "VoxelGraph",
     "compute_tfce",
@@ -52,7 +54,7 @@ _CONNECTIVITY_RANK = {6: 1, 18: 2, 26: 3}
 
 def _structure(connectivity: int) -> NDArray[np.bool_]:
     if connectivity not in _CONNECTIVITY_RANK:
-        raise ValueError(
+        raise InputDataError(
             f"'connectivity' must be 6 (faces), 18 (faces and edges) or 26 (faces, edges and "
             f"corners). Got {connectivity!r}."
         )
@@ -88,7 +90,7 @@ class VoxelGraph:
         """Build the neighbour table of a 3D boolean mask (C order of ``mask[mask]``)."""
         mask = np.asarray(mask)
         if mask.ndim != 3:
-            raise ValueError(f"'mask' must be a 3D array. Got shape {mask.shape!r}.")
+            raise InputDataError(f"'mask' must be a 3D array. Got shape {mask.shape!r}.")
         mask = mask.astype(bool)
         structure = _structure(connectivity)
         n_voxels = int(mask.sum())
@@ -212,7 +214,7 @@ def tfce_thresholds(max_score: float, dh: float | str = "auto") -> NDArray[np.fl
     elif isinstance(dh, (int, float)) and dh > 0:
         n_steps = round(max_score / dh)
     else:
-        raise ValueError(f"'dh' must be 'auto' or a positive number. Got {dh!r}.")
+        raise InputDataError(f"'dh' must be 'auto' or a positive number. Got {dh!r}.")
     n_steps = min(max(n_steps, 10), 1000)
     return np.linspace(0, max_score, n_steps + 1)[1:]
 
@@ -292,14 +294,14 @@ def compute_tfce(
     """
     stat_map = np.asarray(stat_map, dtype=np.float64)
     if stat_map.ndim != 3:
-        raise ValueError(f"'stat_map' must be a 3D array. Got shape {stat_map.shape!r}.")
+        raise InputDataError(f"'stat_map' must be a 3D array. Got shape {stat_map.shape!r}.")
     finite = np.isfinite(stat_map)
     if mask is None:
         mask = finite & (stat_map != 0)
     else:
         mask = np.asarray(mask, dtype=bool)
         if mask.shape != stat_map.shape:
-            raise ValueError(
+            raise InputDataError(
                 f"'mask' must have the shape of 'stat_map' {stat_map.shape!r}. "
                 f"Got {mask.shape!r}."
             )
@@ -353,9 +355,9 @@ def label_clusters(
     """
     stat_map = np.asarray(stat_map, dtype=np.float64)
     if stat_map.ndim != 3:
-        raise ValueError(f"'stat_map' must be a 3D array. Got shape {stat_map.shape!r}.")
+        raise InputDataError(f"'stat_map' must be a 3D array. Got shape {stat_map.shape!r}.")
     if not threshold >= 0:
-        raise ValueError(f"'threshold' must be a non-negative number. Got {threshold!r}.")
+        raise InputDataError(f"'threshold' must be a non-negative number. Got {threshold!r}.")
     structure = _structure(connectivity)
     finite = np.nan_to_num(stat_map, nan=0.0)
     labels, n_positive = ndimage.label(finite > threshold, structure)
@@ -424,7 +426,7 @@ def make_cluster_table(
         if logp_fwe.ndim == 4 and logp_fwe.shape[3] == 1:
             logp_fwe = logp_fwe[..., 0]
         if logp_fwe.shape != stat_map.shape:
-            raise ValueError(
+            raise InputDataError(
                 f"'logp_fwe' must have the shape of the statistic map {stat_map.shape!r}. "
                 f"Got {logp_fwe.shape!r}."
             )

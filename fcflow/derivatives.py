@@ -39,6 +39,7 @@ import nibabel as nib
 import pandas as pd
 
 from fcflow import __version__
+from fcflow.errors import InputDataError
 from fcflow.io import atomic_path, save_img, sha256_file, write_json, write_tsv
 
 #: Entities fcflow's file names use that BIDS does not define (``stat`` and ``contrast`` are those of
@@ -76,7 +77,7 @@ def bids_name(entities: Mapping[str, Any], suffix: str, extension: str) -> str:
     keys = [k for k in _ORDER if entities.get(k)] + sorted(k for k in entities if k not in _ORDER and entities[k])
     bad = {k: entities[k] for k in keys if not re.fullmatch(r"[A-Za-z0-9]+", str(entities[k]))}
     if bad:
-        raise ValueError(f"BIDS labels hold letters and digits only; got {bad} for the {suffix} file.")
+        raise InputDataError(f"BIDS labels hold letters and digits only; got {bad} for the {suffix} file.")
     return "_".join([f"{k}-{entities[k]}" for k in keys] + [suffix]) + extension
 
 
@@ -117,7 +118,10 @@ def bids_layout(output_dir: str | Path) -> Any:
     bids.BIDSLayout
         Indexed with pybids' ``bids`` and ``derivatives`` configurations and :data:`PYBIDS_CONFIG`.
     """
-    from bids import BIDSLayout
+    try:
+        from bids import BIDSLayout
+    except ImportError as exc:  # pybids is optional: fcflow itself never needs it
+        raise ImportError("fcflow.derivatives.bids_layout needs pybids: pip install 'pybids>=0.21,<0.23'.") from exc
 
     return BIDSLayout(Path(output_dir), validate=False, config=["bids", "derivatives", str(PYBIDS_CONFIG)])
 
@@ -359,7 +363,6 @@ def read_runs_qc(output_dir: str | Path) -> pd.DataFrame:
     InputDataError
         A table lacks a column of :data:`QC_REQUIRED_COLUMNS` (written by an older fcflow).
     """
-    from fcflow.errors import InputDataError
 
     frames = []
     for path in sorted(Path(output_dir).glob("sub-*/sub-*_desc-runs_qc.tsv")):

@@ -373,7 +373,7 @@ def _per_seed(value: Any, seeds: Mapping[str, Any], parameter: str) -> dict[str,
         return {name: value for name in seeds}
     missing = [name for name in seeds if name not in value]
     if missing:
-        raise ValueError(f"'{parameter}' names no value for the seed(s) {missing}; it has {sorted(value)}.")
+        raise InputDataError(f"'{parameter}' names no value for the seed(s) {missing}; it has {sorted(value)}.")
     return {name: value[name] for name in seeds}
 
 

@@ -644,9 +644,9 @@ def run_inference(
     settings: dict[str, Any] = {}
     perm_methods = [m for m in methods if m in PERMUTATION_INFERENCES]
     if fdr_p not in ("parametric", "permutation"):
-        raise ValueError(f"'fdr_p' must be 'parametric' or 'permutation'. Got {fdr_p!r}.")
+        raise InputDataError(f"'fdr_p' must be 'parametric' or 'permutation'. Got {fdr_p!r}.")
     if "fdr" in methods and fdr_p == "permutation" and not perm_methods:
-        raise ValueError(
+        raise InputDataError(
             f"'fdr_p' = 'permutation' needs a permutation method in 'methods'. Got methods {list(methods)!r}: "
             "add 'maxt' (or another permutation method) or set fdr_p = 'parametric'."
         )

@@ -47,7 +47,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from fcflow.errors import FcflowError
+from fcflow.errors import FcflowError, InputDataError
 
 __all__ = ["LockHeldError", "LockInfo", "lock_output_dir", "lock_path"]
 
@@ -286,9 +286,9 @@ def lock_output_dir(
         lock is: the message names the file, the holder and what to do.
     """
     if level not in ("participant", "group"):
-        raise ValueError(f"'level' must be 'participant' or 'group'. Got {level!r}.")
+        raise InputDataError(f"'level' must be 'participant' or 'group'. Got {level!r}.")
     if level == "participant" and not participants:
-        raise ValueError("'participants' must name at least one participant for the participant level.")
+        raise InputDataError("'participants' must name at least one participant for the participant level.")
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     command = list(sys.argv if command is None else command)

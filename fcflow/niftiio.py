@@ -364,7 +364,7 @@ def smooth_map(
     from nilearn.image import smooth_img
 
     if isinstance(smoothing_fwhm, bool) or not (np.isfinite(smoothing_fwhm) and smoothing_fwhm > 0):
-        raise ValueError(f"'smoothing_fwhm' must be a positive number of mm. Got {smoothing_fwhm!r}.")
+        raise InputDataError(f"'smoothing_fwhm' must be a positive number of mm. Got {smoothing_fwhm!r}.")
     volume = np.asarray(smooth_img(unmask(values, mask, affine), smoothing_fwhm).dataobj)
     smoothed = volume[mask].astype(np.float32, copy=False)
     return np.where(np.isnan(values), np.float32(np.nan), smoothed)

@@ -99,6 +99,7 @@ from scipy import special
 
 from fcflow.clusters import VoxelGraph, _cluster_maxima, _cluster_values, _tfce_vector
 from fcflow.config import PERMUTATION_INFERENCES
+from fcflow.errors import InputDataError
 from fcflow.stats import (
     _as_data_array,
     _as_design_array,
@@ -217,7 +218,7 @@ def _partition_design(
     rank = np.linalg.matrix_rank(design)
     dof = n_subjects - rank
     if dof < 1:
-        raise ValueError(
+        raise InputDataError(
             f"The design must leave at least one residual degree of freedom. Got "
             f"{n_subjects} subjects and rank {rank}."
         )
@@ -231,7 +232,7 @@ def _partition_design(
     if contrast.shape[0] == 1:
         norm = np.linalg.norm(tested)
         if norm < 1e-10 * max(np.linalg.norm(design), 1.0):
-            raise ValueError(
+            raise InputDataError(
                 "The contrast must be estimable from the design. Got a contrast whose effect "
                 "lies in the span of the other columns."
             )
@@ -239,7 +240,7 @@ def _partition_design(
     else:
         tested = _orthonormal_basis(tested)
         if tested.shape[1] < contrast.shape[0]:
-            raise ValueError(
+            raise InputDataError(
                 f"The F contrast's {contrast.shape[0]} rows must be estimable and independent "
                 f"in the design. Got only {tested.shape[1]} estimable directions."
             )
@@ -316,7 +317,7 @@ def _variance_groups(
         return None
     labels = np.asarray(labels)
     if labels.shape != (n_subjects,):
-        raise ValueError(
+        raise InputDataError(
             f"'variance_groups' must give one label per subject ({n_subjects}). Got shape "
             f"{labels.shape!r}."
         )
@@ -330,7 +331,7 @@ def _variance_groups(
     n_per_group = indicator.sum(axis=0)
     short = variance_group_shortfall(labels, full_basis)
     if short:
-        raise ValueError(
+        raise InputDataError(
             "Each variance group must have at least 2 subjects and leave residual variance to "
             f"estimate (at least 0.5 residual dof). Got {'; '.join(short)}: merge the group "
             "with another or set variance_groups to 'none'."
@@ -549,7 +550,7 @@ def make_permutations(
         int32 indices for "permute", int8 +-1 for "sign_flip".
     """
     if n_permutations < 1:
-        raise ValueError(f"'n_permutations' must be at least 1. Got {n_permutations!r}.")
+        raise InputDataError(f"'n_permutations' must be at least 1. Got {n_permutations!r}.")
     rng = np.random.default_rng(random_seed)
     if scheme == "permute":
         out = np.tile(np.arange(n_subjects, dtype=np.int32), (n_permutations, 1))
@@ -560,27 +561,27 @@ def make_permutations(
         out = np.ones((n_permutations, n_subjects), dtype=np.int8)
         out[1:] = rng.integers(0, 2, size=(n_permutations - 1, n_subjects), dtype=np.int8) * 2 - 1
         return out
-    raise ValueError(f"'scheme' must be 'permute' or 'sign_flip'. Got {scheme!r}.")
+    raise InputDataError(f"'scheme' must be 'permute' or 'sign_flip'. Got {scheme!r}.")
 
 
 def _check_explicit(permutations: ArrayLike, n_subjects: int, scheme: str) -> NDArray:
     rows = np.asarray(permutations)
     if rows.ndim != 2 or rows.shape[1] != n_subjects:
-        raise ValueError(
+        raise InputDataError(
             f"'permutations' must have shape (n, n_subjects={n_subjects}). "
             f"Got {rows.shape!r}."
         )
     if scheme == "permute":
         expected = np.tile(np.arange(n_subjects), (len(rows), 1))
         if not np.array_equal(np.sort(rows, axis=1), expected):
-            raise ValueError(
+            raise InputDataError(
                 "Each row of 'permutations' must be a permutation of range(n_subjects) for "
                 "the 'permute' scheme."
             )
         identity = np.arange(n_subjects, dtype=np.int32)[None]
         return np.vstack([identity, rows.astype(np.int32)])
     if not np.all(np.abs(rows) == 1):
-        raise ValueError("Each row of 'permutations' must hold only -1 and 1 for 'sign_flip'.")
+        raise InputDataError("Each row of 'permutations' must hold only -1 and 1 for 'sign_flip'.")
     return np.vstack([np.ones((1, n_subjects), dtype=np.int8), rows.astype(np.int8)])
 
 
@@ -744,10 +745,10 @@ def permutation_test(
     data = _as_data_array(data)
     n_subjects, n_voxels = data.shape
     if variance_estimate not in ("voxel", "brain"):
-        raise ValueError(f"'variance_estimate' must be 'voxel' or 'brain'. Got {variance_estimate!r}.")
+        raise InputDataError(f"'variance_estimate' must be 'voxel' or 'brain'. Got {variance_estimate!r}.")
     if not np.all(np.isfinite(data)):
         bad = int(np.sum(~np.all(np.isfinite(data), axis=0)))
-        raise ValueError(
+        raise InputDataError(
             f"The data must be finite. Got NaN or inf in {bad} of {n_voxels} voxels: restrict "
             "the mask to voxels covered in every subject."
         )
@@ -760,37 +761,37 @@ def permutation_test(
     inference = tuple(inference)
     unknown = [name for name in inference if name not in INFERENCES]
     if unknown or not inference:
-        raise ValueError(
+        raise InputDataError(
             f"'inference' must be a non-empty subset of {INFERENCES!r}. Got {inference!r}."
         )
     if scheme not in SCHEMES:
-        raise ValueError(f"'scheme' must be one of {SCHEMES!r}. Got {scheme!r}.")
+        raise InputDataError(f"'scheme' must be one of {SCHEMES!r}. Got {scheme!r}.")
     if residuals not in RESIDUALS:
-        raise ValueError(f"'residuals' must be one of {RESIDUALS!r}. Got {residuals!r}.")
+        raise InputDataError(f"'residuals' must be one of {RESIDUALS!r}. Got {residuals!r}.")
     if precision not in ("float32", "float64"):
-        raise ValueError(f"'precision' must be 'float32' or 'float64'. Got {precision!r}.")
+        raise InputDataError(f"'precision' must be 'float32' or 'float64'. Got {precision!r}.")
     if n_jobs is None:
         n_jobs = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     if not isinstance(n_jobs, int) or n_jobs < 1:
-        raise ValueError(f"'n_jobs' must be a positive integer or None. Got {n_jobs!r}.")
+        raise InputDataError(f"'n_jobs' must be a positive integer or None. Got {n_jobs!r}.")
     dtype = np.dtype(precision)
     needs_graph = any(name != "maxt" for name in inference)
     graph = None
     if needs_graph:
         if mask is None:
-            raise ValueError(
+            raise InputDataError(
                 f"'mask' must be given for cluster or TFCE inference. Got inference={inference!r} "
                 "and mask=None."
             )
         mask = np.asarray(mask, dtype=bool)
         if mask.ndim != 3 or int(mask.sum()) != n_voxels:
-            raise ValueError(
+            raise InputDataError(
                 f"'mask' must be a 3D boolean array with one True voxel per data column "
                 f"({n_voxels}). Got shape {mask.shape!r} with {int(mask.sum())} True voxels."
             )
         graph = VoxelGraph.from_mask(mask, connectivity)
     if not 0 < cluster_forming_p < 1:
-        raise ValueError(f"'cluster_forming_p' must be in (0, 1). Got {cluster_forming_p!r}.")
+        raise InputDataError(f"'cluster_forming_p' must be in (0, 1). Got {cluster_forming_p!r}.")
 
     tested, nuisance, dof = _partition_design(design_array, contrast_matrix)
     n_tested = tested.shape[1]
@@ -845,7 +846,7 @@ def permutation_test(
     if zstat is None:
         zstat = welch
     if welch and not zstat:
-        raise ValueError(
+        raise InputDataError(
             "'zstat' must be True or None with two or more variance groups: the v and G "
             "statistics have a different dof at every voxel and permutation, so inference and "
             "thresholds work on z. Got zstat=False."
@@ -912,7 +913,7 @@ def permutation_test(
         residuals = "weighted_freedman_lane" if welch and scheme == "sign_flip" else "freedman_lane"
     if residuals == "weighted_freedman_lane":
         if not (welch and scheme == "sign_flip"):
-            raise ValueError(
+            raise InputDataError(
                 "'residuals' = 'weighted_freedman_lane' needs two or more variance groups and sign flips. "
                 f"Got {len(groups.names) if welch else 1} variance group(s) and scheme {scheme!r}."
             )
@@ -971,7 +972,7 @@ def permutation_test(
         # reads the residuals once per ~30 permutations on the 2 mm MNI mask
         batch_size = int(max(1, min(512, 160e6 / ((n_gemm + n_groups + 3) * n_voxels * dtype.itemsize))))
     if batch_size < 1:
-        raise ValueError(f"'batch_size' must be a positive integer. Got {batch_size!r}.")
+        raise InputDataError(f"'batch_size' must be a positive integer. Got {batch_size!r}.")
     executor = ThreadPoolExecutor(n_jobs) if graph_keys and n_jobs > 1 and n_total > 2 else None
     # buffers reused by every batch (the last one uses the leading part)
     size = min(batch_size, max(n_total - 1, 1))
@@ -1107,23 +1108,23 @@ def combine_family_wise(results: Sequence[PermutationResult]) -> list[dict[str, 
     """
     results = list(results)
     if not results:
-        raise ValueError("'results' must hold at least one PermutationResult. Got none.")
+        raise InputDataError("'results' must hold at least one PermutationResult. Got none.")
     first = results[0]
     for number, result in enumerate(results):
         if not result.zstat:
-            raise ValueError(
+            raise InputDataError(
                 f"Every test of a family must have run on z (zstat=True) to share one null "
                 f"distribution. Got zstat=False for test {number} ({result.stat_type})."
             )
         if result.scheme != first.scheme or not np.array_equal(result.permutations, first.permutations):
-            raise ValueError(
+            raise InputDataError(
                 f"Every test of a family must use the same permutations. Test {number} "
                 f"({result.scheme}, {result.n_permutations} rows) differs from test 0 "
                 f"({first.scheme}, {first.n_permutations} rows): give them the same subjects, "
                 "scheme, n_permutations and random_seed."
             )
         if set(result.null_max) != set(first.null_max):
-            raise ValueError(
+            raise InputDataError(
                 f"Every test of a family must compute the same inferences. Got {sorted(result.null_max)} "
                 f"for test {number} and {sorted(first.null_max)} for test 0."
             )
@@ -1162,19 +1163,19 @@ def _as_contrast_matrix(
 ) -> NDArray[np.float64]:
     if isinstance(contrast, str):
         if columns is None:
-            raise ValueError(
+            raise InputDataError(
                 f"A contrast expression like {contrast!r} needs a design DataFrame with named "
                 "columns. Got an unnamed array: pass weights instead."
             )
         return parse_contrast(contrast, columns)[None, :]
     matrix = np.atleast_2d(np.asarray(contrast, dtype=float))
     if matrix.ndim != 2 or matrix.shape[1] != n_regressors:
-        raise ValueError(
+        raise InputDataError(
             f"'contrast' must have one weight per design column ({n_regressors}). Got shape "
             f"{np.shape(contrast)!r}."
         )
     if np.linalg.matrix_rank(matrix) < matrix.shape[0]:
-        raise ValueError(
+        raise InputDataError(
             f"The rows of an F contrast must be linearly independent. Got rank "
             f"{np.linalg.matrix_rank(matrix)} for {matrix.shape[0]} rows."
         )

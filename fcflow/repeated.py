@@ -52,6 +52,8 @@ import numpy as np
 import pandas as pd
 from numpy.typing import NDArray
 
+from fcflow.errors import InputDataError
+
 __all__ = [
     "RepeatedMeasures",
     "build_repeated_measures",
@@ -159,9 +161,9 @@ def build_repeated_measures(
     """
     sessions = list(sessions)
     if reference not in sessions:
-        raise ValueError(f"'reference' must be one of the sessions {sessions}. Got {reference!r}.")
+        raise InputDataError(f"'reference' must be one of the sessions {sessions}. Got {reference!r}.")
     if data.shape[:2] != present.shape or present.shape != (len(sessions), len(subjects)):
-        raise ValueError(
+        raise InputDataError(
             f"'data' (shape {data.shape}) and 'present' (shape {present.shape}) must have one row per session "
             f"({len(sessions)}) and one column per subject ({len(subjects)})."
         )
@@ -219,7 +221,7 @@ def repeated_measures_contrasts(
     def row(weights: Mapping[str, float]) -> NDArray[np.float64]:
         missing = [c for c in weights if c not in columns]
         if missing:
-            raise ValueError(f"The design must have the cell columns {missing}. Got columns {columns}.")
+            raise InputDataError(f"The design must have the cell columns {missing}. Got columns {columns}.")
         return np.array([weights.get(c, 0.0) for c in columns], dtype=float)
 
     interaction = [row({cell_name(g, k): 1.0, cell_name(groups[0], k): -1.0}) for k in others for g in groups[1:]]
@@ -269,7 +271,7 @@ def whole_block_permutations(
         signs = rng.integers(0, 2, size=(n_out, n_subjects), dtype=np.int8) * 2 - 1
         return signs[:, row_subject]
     if scheme != "permute":
-        raise ValueError(f"'scheme' must be 'permute' or 'sign_flip'. Got {scheme!r}.")
+        raise InputDataError(f"'scheme' must be 'permute' or 'sign_flip'. Got {scheme!r}.")
     if patterns is None:
         patterns = np.zeros(n_subjects, dtype=np.intp)
     patterns = np.asarray(patterns, dtype=np.intp)
@@ -278,7 +280,7 @@ def whole_block_permutations(
     for block in members:
         odd = next((j for j in block if sets[j] != sets[block[0]]), None)
         if odd is not None:
-            raise ValueError(
+            raise InputDataError(
                 f"Subjects {block[0]} and {odd} share a pattern code but not their sessions: whole blocks can only "
                 "be exchanged between subjects with the same sessions."
             )

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from fcflow.errors import InputDataError
+
 _PACKAGE_DIR = Path(__file__).resolve().parent
 _NAMES = ("atlases", "workflows", "sample_data")
 
@@ -23,7 +25,7 @@ def data_dir(name: str) -> Path:
         If the folder is in neither place (a broken installation).
     """
     if name not in _NAMES:
-        raise ValueError(f"'name' must be one of {_NAMES}. Got {name!r}.")
+        raise InputDataError(f"'name' must be one of {_NAMES}. Got {name!r}.")
     for candidate in (_PACKAGE_DIR / "_data" / name, _PACKAGE_DIR.parent / name):
         if candidate.is_dir():
             return candidate

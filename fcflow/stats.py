@@ -22,6 +22,8 @@ import pandas as pd
 from numpy.typing import ArrayLike, NDArray
 from scipy import special, stats
 
+from fcflow.errors import InputDataError
+
 __all__ = [
     "DesignDiagnostics",
     "OLSFit",
@@ -71,20 +73,20 @@ def make_group_design(
     groups = [str(g) for g in groups]
     n_subjects = len(groups)
     if n_subjects == 0:
-        raise ValueError("'groups' must name the group of at least one subject. Got [].")
+        raise InputDataError("'groups' must name the group of at least one subject. Got [].")
     if group_levels is None:
         group_levels = sorted(set(groups))
     group_levels = [str(level) for level in group_levels]
     if len(set(group_levels)) != len(group_levels):
-        raise ValueError(f"'group_levels' must not repeat a level. Got {group_levels!r}.")
+        raise InputDataError(f"'group_levels' must not repeat a level. Got {group_levels!r}.")
     unknown = sorted(set(groups) - set(group_levels))
     if unknown:
-        raise ValueError(
+        raise InputDataError(
             f"'groups' must only hold levels of 'group_levels' {group_levels!r}. Got {unknown!r}."
         )
     empty = [level for level in group_levels if level not in groups]
     if empty:
-        raise ValueError(
+        raise InputDataError(
             f"Every group level must have at least one subject. Got no subject in {empty!r}: "
             "drop the level from 'group_levels'."
         )
@@ -92,7 +94,7 @@ def make_group_design(
     index = pd.RangeIndex(n_subjects)
     if covariates is not None:
         if len(covariates) != n_subjects:
-            raise ValueError(
+            raise InputDataError(
                 f"'covariates' must have one row per subject ({n_subjects}). "
                 f"Got {len(covariates)} rows."
             )
@@ -109,18 +111,18 @@ def make_group_design(
         column = covariates[name]
         if column.isna().any():
             missing = list(covariates.index[column.isna().to_numpy()])
-            raise ValueError(
+            raise InputDataError(
                 f"Covariate {name!r} must have a value for every subject. Got missing values "
                 f"for rows {missing!r}."
             )
         if name in design.columns:
-            raise ValueError(
+            raise InputDataError(
                 f"Covariate {name!r} must not have the name of a group column {group_levels!r}."
             )
         if pd.api.types.is_bool_dtype(column) or not pd.api.types.is_numeric_dtype(column):
             levels = sorted(column.astype(str).unique())
             if len(levels) < 2:
-                raise ValueError(
+                raise InputDataError(
                     f"Covariate {name!r} must have at least two levels to be modelled. "
                     f"Got only {levels!r}: drop the column."
                 )
@@ -139,7 +141,7 @@ def _check_full_rank(design: pd.DataFrame) -> None:
     matrix = design.to_numpy(dtype=float)
     rank = np.linalg.matrix_rank(matrix)
     if rank < matrix.shape[1]:
-        raise ValueError(
+        raise InputDataError(
             f"The design must have full column rank. Got rank {rank} for columns "
             f"{list(design.columns)!r}: a covariate is constant within groups or duplicates "
             "another column."
@@ -177,31 +179,31 @@ def parse_contrast(expression: str | ArrayLike, columns: Sequence[str]) -> NDArr
     if not isinstance(expression, str):
         weights = np.asarray(expression, dtype=float)
         if weights.shape != (len(columns),):
-            raise ValueError(
+            raise InputDataError(
                 f"A numeric contrast must have one weight per design column ({len(columns)}: "
                 f"{columns!r}). Got shape {weights.shape!r}."
             )
         if not np.any(weights):
-            raise ValueError(f"A contrast must have a non-zero weight. Got {expression!r}.")
+            raise InputDataError(f"A contrast must have a non-zero weight. Got {expression!r}.")
         return weights
 
     weights = np.zeros(len(columns))
     position = 0
     text = expression.strip()
     if not text:
-        raise ValueError(f"A contrast must name at least one design column. Got {expression!r}.")
+        raise InputDataError(f"A contrast must name at least one design column. Got {expression!r}.")
     first = True
     while position < len(text):
         match = _TERM.match(text, position)
         if match is None or match.end() == position or (not first and not match["sign"]):
-            raise ValueError(
+            raise InputDataError(
                 f"Contrast {expression!r} must be a sum of terms like 'name', '-name' or "
                 f"'0.5*name'. Could not read it from character {position}: "
                 f"{text[position:]!r}."
             )
         name = match["name"]
         if name not in columns:
-            raise ValueError(
+            raise InputDataError(
                 f"Contrast {expression!r} names {name!r}, which is not a design column. "
                 f"Columns are {columns!r}."
             )
@@ -210,7 +212,7 @@ def parse_contrast(expression: str | ArrayLike, columns: Sequence[str]) -> NDArr
         position = match.end()
         first = False
     if not np.any(weights):
-        raise ValueError(f"Contrast {expression!r} must have a non-zero weight. Got all zeros.")
+        raise InputDataError(f"Contrast {expression!r} must have a non-zero weight. Got all zeros.")
     return weights
 
 
@@ -233,11 +235,11 @@ def f_contrast_over_groups(
     """
     levels = [str(level) for level in levels]
     if len(levels) < 2:
-        raise ValueError(f"'levels' must hold at least two groups. Got {levels!r}.")
+        raise InputDataError(f"'levels' must hold at least two groups. Got {levels!r}.")
     columns = levels if columns is None else [str(c) for c in columns]
     missing = [level for level in levels if level not in columns]
     if missing:
-        raise ValueError(f"'levels' must be design columns {columns!r}. Got unknown {missing!r}.")
+        raise InputDataError(f"'levels' must be design columns {columns!r}. Got unknown {missing!r}.")
     matrix = np.zeros((len(levels) - 1, len(columns)))
     for row, (a, b) in enumerate(zip(levels[:-1], levels[1:], strict=True)):
         matrix[row, columns.index(a)] = 1.0
@@ -350,16 +352,16 @@ def compute_design_diagnostics(
     group_columns = [str(g) for g in group_columns]
     missing = [g for g in group_columns if g not in columns]
     if missing:
-        raise ValueError(f"'group_columns' must be design columns {columns!r}. Got unknown {missing!r}.")
+        raise InputDataError(f"'group_columns' must be design columns {columns!r}. Got unknown {missing!r}.")
     weights = np.atleast_2d(np.asarray(contrast, dtype=float))
     if weights.shape[1] != len(columns):
-        raise ValueError(
+        raise InputDataError(
             f"'contrast' must have one weight per design column ({len(columns)}). Got shape "
             f"{np.shape(contrast)!r}."
         )
     covariates = [c for c in columns if c not in group_columns]
     if np.any(weights[:, [columns.index(c) for c in covariates]]):
-        raise ValueError(
+        raise InputDataError(
             f"'contrast' must weigh only the group columns {group_columns!r}. Got weights on "
             f"covariates {covariates!r}."
         )
@@ -415,19 +417,19 @@ def _as_design_array(design: pd.DataFrame | ArrayLike, n_subjects: int) -> NDArr
     if matrix.ndim == 1:
         matrix = matrix[:, None]
     if matrix.ndim != 2 or matrix.shape[0] != n_subjects:
-        raise ValueError(
+        raise InputDataError(
             f"The design must have shape (n_subjects={n_subjects}, n_regressors). "
             f"Got {matrix.shape!r}."
         )
     if not np.all(np.isfinite(matrix)):
-        raise ValueError("The design must be finite. Got NaN or inf values.")
+        raise InputDataError("The design must be finite. Got NaN or inf values.")
     return matrix
 
 
 def _as_data_array(data: ArrayLike) -> NDArray:
     data = np.asarray(data)
     if data.ndim != 2:
-        raise ValueError(
+        raise InputDataError(
             f"The data must have shape (n_subjects, n_voxels). Got shape {data.shape!r}."
         )
     if not np.issubdtype(data.dtype, np.floating):
@@ -459,7 +461,7 @@ def fit_ols(
     rank = np.linalg.matrix_rank(matrix)
     dof = n_subjects - rank
     if dof < 1:
-        raise ValueError(
+        raise InputDataError(
             f"The design must leave at least one residual degree of freedom. Got {n_subjects} "
             f"subjects and rank {rank}."
         )
@@ -492,7 +494,7 @@ def compute_t(fit: OLSFit, contrast: ArrayLike) -> NDArray[np.float64]:
     """
     c = np.asarray(contrast, dtype=float)
     if c.shape != (fit.beta.shape[0],):
-        raise ValueError(
+        raise InputDataError(
             f"'contrast' must have one weight per regressor ({fit.beta.shape[0]}). "
             f"Got shape {c.shape!r}."
         )
@@ -519,13 +521,13 @@ def compute_f(fit: OLSFit, contrast_matrix: ArrayLike) -> NDArray[np.float64]:
     """
     c = np.atleast_2d(np.asarray(contrast_matrix, dtype=float))
     if c.shape[1] != fit.beta.shape[0]:
-        raise ValueError(
+        raise InputDataError(
             f"'contrast_matrix' must have one column per regressor ({fit.beta.shape[0]}). "
             f"Got shape {c.shape!r}."
         )
     q = np.linalg.matrix_rank(c)
     if q < c.shape[0]:
-        raise ValueError(
+        raise InputDataError(
             f"The rows of 'contrast_matrix' must be linearly independent. Got rank {q} for "
             f"{c.shape[0]} rows."
         )
@@ -624,12 +626,12 @@ def compute_t_threshold(p: float, dof: float, *, two_sided: bool = True) -> floa
     ``t.isf(p / 2, dof)`` for two-sided tests and ``t.isf(p, dof)`` otherwise.
     """
     if not 0 < p < 1:
-        raise ValueError(f"'p' must be in (0, 1). Got {p!r}.")
+        raise InputDataError(f"'p' must be in (0, 1). Got {p!r}.")
     return float(stats.t.isf(p / 2 if two_sided else p, dof))
 
 
 def compute_f_threshold(p: float, dfn: float, dfd: float) -> float:
     """F value whose uncorrected p equals ``p``."""
     if not 0 < p < 1:
-        raise ValueError(f"'p' must be in (0, 1). Got {p!r}.")
+        raise InputDataError(f"'p' must be in (0, 1). Got {p!r}.")
     return float(stats.f.isf(p, dfn, dfd))

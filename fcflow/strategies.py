@@ -190,7 +190,7 @@ def summarise_strategies(
     from fcflow.reports.qc import compute_qcfc, summarise_qcfc
 
     if len(tables) != len(mean_fd_mm) or len(tables) != len(dof):
-        raise ValueError("'tables', 'mean_fd_mm' and 'dof' must have one entry per run.")
+        raise InputDataError("'tables', 'mean_fd_mm' and 'dof' must have one entry per run.")
     keys = None
     for table in tables:
         points = set(map(tuple, table[["x", "y", "z"]].to_numpy()))

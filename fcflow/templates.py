@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 from numpy.typing import NDArray
 
+from fcflow.errors import InputDataError
+
 MNI_SPACE = "MNI152NLin2009cAsym"
 _ORIGIN_MM = np.array([-96.0, -132.0, -78.0])
 _EXTENT_MM = np.array([192.0, 228.0, 192.0])
@@ -30,7 +32,7 @@ def mni_grid(resolution_mm: float) -> tuple[tuple[int, int, int], NDArray[np.flo
         RAS+ voxel-to-world matrix in mm.
     """
     if not resolution_mm > 0:
-        raise ValueError(f"'resolution_mm' must be a positive number. Got {resolution_mm!r}.")
+        raise InputDataError(f"'resolution_mm' must be a positive number. Got {resolution_mm!r}.")
     shape = tuple(int(n) for n in np.floor(_EXTENT_MM / resolution_mm + 1e-9).astype(int) + 1)
     affine = np.diag([resolution_mm, resolution_mm, resolution_mm, 1.0])
     affine[:3, 3] = _ORIGIN_MM

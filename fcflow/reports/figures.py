@@ -22,6 +22,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from numpy.typing import NDArray
 
+from fcflow.errors import InputDataError
 from fcflow.io import atomic_path
 
 __all__ = [
@@ -69,7 +70,7 @@ def save_figure(figure: Figure, out_file: str | Path) -> Path:
     out_file = Path(out_file)
     kind = out_file.suffix.lower().lstrip(".")
     if kind not in ("png", "svg"):
-        raise ValueError(f"'out_file' must end in .png or .svg. Got {str(out_file)!r}.")
+        raise InputDataError(f"'out_file' must end in .png or .svg. Got {str(out_file)!r}.")
     metadata = {"Software": None} if kind == "png" else {"Date": None, "Creator": None}
     with atomic_path(out_file) as tmp, matplotlib.rc_context({"svg.hashsalt": "fcflow", "svg.fonttype": "none"}):
         figure.savefig(tmp, format=kind, metadata=metadata, facecolor=figure.get_facecolor())

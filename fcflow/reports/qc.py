@@ -24,6 +24,8 @@ import pandas as pd
 from numpy.typing import NDArray
 from scipy import stats
 
+from fcflow.errors import InputDataError
+
 __all__ = [
     "select_carpet_voxels",
     "zscore_rows",
@@ -207,17 +209,17 @@ def compute_qcfc(
     data = np.asarray(connectivity, dtype=np.float64)
     fd = np.asarray(mean_fd_mm, dtype=np.float64)
     if data.ndim != 2 or fd.shape != (data.shape[0],):
-        raise ValueError(
+        raise InputDataError(
             f"'connectivity' must have shape (n_subjects, n_edges) and 'mean_fd_mm' shape (n_subjects,). "
             f"Got {data.shape!r} and {fd.shape!r}."
         )
     n = data.shape[0]
     if n < 3:
-        raise ValueError(f"QC-FC needs at least 3 subjects. Got {n}.")
+        raise InputDataError(f"QC-FC needs at least 3 subjects. Got {n}.")
     fd_c = fd - fd.mean()
     fd_norm = np.sqrt(fd_c @ fd_c)
     if fd_norm == 0:
-        raise ValueError("'mean_fd_mm' must vary across subjects. Got a constant mean FD.")
+        raise InputDataError("'mean_fd_mm' must vary across subjects. Got a constant mean FD.")
     centred = data - data.mean(axis=0)
     norms = np.sqrt(np.einsum("ij,ij->j", centred, centred))
     with np.errstate(divide="ignore", invalid="ignore"):

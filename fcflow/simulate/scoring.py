@@ -20,6 +20,7 @@ import pandas as pd
 from numpy.typing import NDArray
 from scipy import ndimage
 
+from fcflow.errors import InputDataError
 from fcflow.simulate.params import GROUPS, SESSIONS
 from fcflow.stats import parse_contrast
 
@@ -139,7 +140,7 @@ def score_group_results(
         for label in expected:
             mask_img = masks[label]
             if mask_img.shape != image.shape or not np.allclose(mask_img.affine, image.affine, atol=1e-3):
-                raise ValueError(
+                raise InputDataError(
                     f"The truth mask of {label} ({mask_img.shape}) is not on the grid of {row.logp_fwe_map} "
                     f"({image.shape}): score a study analysed at its simulated resolution."
                 )
