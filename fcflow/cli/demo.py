@@ -91,13 +91,11 @@ def run(args: argparse.Namespace) -> int:
     status = fcflow_main([str(bids_dir), str(fcflow_dir), "group", *common, "--n-permutations", "200"])
     if status:
         return status
+    # the group step has just printed the group report and results.tsv: only what it did not say
     print(f"Sample study:       {bids_dir}")
     print(f"  ground truth:     {bids_dir / 'derivatives' / 'ground_truth'}")
     print(f"fcflow derivatives: {fcflow_dir}")
-    print(f"  group results:    {fcflow_dir / 'group' / 'results.tsv'}")
     reports = sorted(fcflow_dir.glob("sub-*.html"))
-    if (fcflow_dir / "group.html").is_file():
-        print(f"Group report:       {fcflow_dir / 'group.html'}")
     if reports:
         print(f"Participant report: {reports[0]} (and {len(reports) - 1} more beside it)")
     return 0
