@@ -72,6 +72,15 @@ def test_participant_labels_with_path_characters_are_refused(tmp_path, label, ca
     assert "participant labels must be letters and digits" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("value", ["0", "-2", "two"])
+def test_demo_refuses_an_nprocs_that_is_not_a_positive_integer(tmp_path, value, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["demo", str(tmp_path / "demo"), "--nprocs", value])
+    assert info.value.code == 2
+    assert f"'--nprocs' must be a positive int. Got '{value}'." in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()
+
+
 def test_demo_uses_the_stand_in_seed_when_the_atlas_is_unavailable(tmp_path):
     import nibabel as nib
     import numpy as np

@@ -26,6 +26,7 @@ from pathlib import Path
 from fcflow.errors import AtlasError
 from fcflow.io import write_text
 from fcflow.resources import data_dir, recipe_file
+from fcflow.workflows.execution import positive_type
 
 LOGGER = logging.getLogger("fcflow.demo")
 
@@ -37,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a local copy of the Julich-Brain v3.1 files, for the real pgACC seed (default: "
                              "FCFLOW_JULICH_DIR, fcflow's cache or a download; without the atlas, the "
                              "simulator's stand-in pgACC mask)")
-    parser.add_argument("--nprocs", type=int, default=None, metavar="N",
+    parser.add_argument("--nprocs", type=positive_type(int, "--nprocs"), default=None, metavar="N",
                         help="processes the participant level runs at once (MultiProc), e.g. --nprocs 2 "
                              "(default: SLURM_CPUS_PER_TASK inside a SLURM job, else the CPUs this process "
                              "may use)")
