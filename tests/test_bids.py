@@ -174,3 +174,25 @@ def test_3d_bold_and_missing_derivatives(tmp_path):
 def test_unknown_participant_filter(tmp_path):
     root, deriv = make_tree(tmp_path / "bids")
     _expect(root, deriv, r"--participant-label \['07'\]: no preprocessed BOLD", participant_labels=["07"])
+
+
+def test_pybids_config_declares_every_custom_entity_and_names_round_trip():
+    """fcflow's file names and its pybids configuration agree (issue 19): every entity fcflow adds is
+    declared, bids_name orders stat before desc, and parse_entities reads back what bids_name wrote."""
+    import json
+
+    from fcflow.bids import parse_entities
+    from fcflow.derivatives import CUSTOM_ENTITIES, PYBIDS_CONFIG, bids_label, bids_name
+
+    config = json.loads(PYBIDS_CONFIG.read_text())
+    assert {e["name"] for e in config["entities"]} == set(CUSTOM_ENTITIES)
+    entities = {"desc": "correlation", "stat": "logpFWE", "inference": bids_label("cluster_mass"),
+                "contrast": "ketamineMinusPlacebo", "seed": "pgACC", "ses": "infusionMinusBaseline",
+                "task": "rest", "space": "MNI152NLin2009cAsym", "res": "2", "alpha": "0p05"}
+    name = bids_name(entities, "statmap", ".nii.gz")
+    assert name == ("ses-infusionMinusBaseline_task-rest_space-MNI152NLin2009cAsym_res-2_seed-pgACC_"
+                    "contrast-ketamineMinusPlacebo_stat-logpFWE_inference-clusterMass_alpha-0p05_desc-correlation_"
+                    "statmap.nii.gz")
+    assert parse_entities(name) == (entities, "statmap", ".nii.gz")
+    with pytest.raises(ValueError, match=r"BIDS labels hold letters and digits only; got \{'inference': 'cluster_mass'\}"):
+        bids_name({**entities, "inference": "cluster_mass"}, "statmap", ".nii.gz")
