@@ -464,7 +464,7 @@ def run_maps_from_files(
     Returns the paths nipype passes on: ``map_files`` (``seed-<s>_desc-<d>_stat-<t>.nii.gz``),
     ``timeseries_files`` (``seed-<s>_timeseries.tsv``) and ``qc_file`` (``run_qc.json``). With
     ``report_data=True`` also ``report_data_file`` (``report_data.npz``,
-    :func:`fcflow.reports.participant.compute_run_report_data`), computed from the same read of
+    :func:`fcflow.qc.compute_run_report_data`), computed from the same read of
     the run, for every run (an excluded one too: its report shows why).
     """
     from fcflow.io import save_img, write_json, write_tsv
@@ -487,7 +487,7 @@ def run_maps_from_files(
     outputs: dict[str, object] = {}
 
     def add_report_data(excluded: bool) -> None:
-        from fcflow.reports.participant import compute_run_report_data, write_run_report_data
+        from fcflow.qc import compute_run_report_data, write_run_report_data
 
         assert masked is not None
         arrays = compute_run_report_data(

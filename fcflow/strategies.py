@@ -187,7 +187,7 @@ def summarise_strategies(
     distance_mm : ndarray
         Those edges' lengths.
     """
-    from fcflow.reports.qc import compute_qcfc, summarise_qcfc
+    from fcflow.qc import compute_qcfc, summarise_qcfc
 
     if len(tables) != len(mean_fd_mm) or len(tables) != len(dof):
         raise InputDataError("'tables', 'mean_fd_mm' and 'dof' must have one entry per run.")

@@ -49,3 +49,27 @@ def test_science_layer_raises_fcflow_errors_not_bare_value_errors():
                     and getattr(node.exc.func, "id", None) == "ValueError":
                 found.append(f"{path.relative_to(root.parent)}:{node.lineno}")
     assert not found, f"bare ValueError raised in the science layer: {found}"
+
+
+def test_science_layer_does_not_import_reports_or_wiring():
+    """Imports go one way (issue 20): the science modules never import the reports, the nipype
+    adapters, the workflows or the command line, at the top of a module or inside a function."""
+    import ast
+    from pathlib import Path
+
+    root = Path(fcflow.__file__).resolve().parent
+    upper = ("fcflow.reports", *_WIRING)
+    found = []
+    for module in _science_modules():
+        if module.startswith("fcflow.reports"):
+            continue  # the reports are above the science: they may import it, not the other way
+        path = root.joinpath(*module.split(".")[1:])
+        path = path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            names = ([node.module or ""] if isinstance(node, ast.ImportFrom)
+                     else [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+            found += [f"{module} imports {name} (line {node.lineno})" for name in names
+                      if name == "fcflow" and isinstance(node, ast.ImportFrom)
+                      and any(f"fcflow.{a.name}".startswith(upper) for a in node.names)
+                      or name.startswith(upper)]
+    assert not found, found

@@ -15,13 +15,13 @@ import pytest
 from scipy import stats
 
 from fcflow.config import load_recipe
-from fcflow.reports.methods import STRATEGY_TEXT, describe_methods, software_versions
-from fcflow.reports.qc import (
+from fcflow.qc import (
     compare_motion_between_groups,
     compute_qcfc,
     summarise_motion,
     summarise_qcfc,
 )
+from fcflow.reports.methods import STRATEGY_TEXT, describe_methods, software_versions
 
 RECIPE = load_recipe("weigner2025_pgacc")
 _NUMBER = re.compile(r"\d+(?:\.\d+)?")

@@ -5,9 +5,9 @@
   and the exclusion decision (``OUTPUT_DIR/sub-<label>.html``);
 * :mod:`fcflow.reports.group`: the design, motion by group x session with tests, QC-FC with and
   without denoising, every contrast's result, and a methods paragraph (``OUTPUT_DIR/group.html``);
-* :mod:`fcflow.reports.figures` (matplotlib and nilearn, no display), :mod:`fcflow.reports.qc`
-  (the numbers), :mod:`fcflow.reports.methods` (the paragraph) and :mod:`fcflow.reports.render`
-  (jinja2 templates in ``templates/``).
+* :mod:`fcflow.reports.figures` (matplotlib and nilearn, no display), :mod:`fcflow.reports.methods`
+  (the paragraph) and :mod:`fcflow.reports.render` (jinja2 templates in ``templates/``).
 
-Science layer: no nipype (the participant report's nodes are in :mod:`fcflow.interfaces.reports`).
+The numbers they show are computed in the science layer (:mod:`fcflow.qc`, which never imports
+this package); no nipype here (the participant report's nodes are in :mod:`fcflow.interfaces.reports`).
 """

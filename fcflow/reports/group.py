@@ -8,7 +8,7 @@ and the files it lists) and renders ``OUTPUT_DIR/group.html`` with figures in
 1. **Design**: groups, sessions, every participant's runs (included, or excluded and why), and
    for each analysis who entered each group and who was dropped and why (from the sidecars).
 2. **Motion**: mean FD and % censored volumes by group x session, with a one-way ANOVA and a
-   Kruskal-Wallis test across groups per session (:mod:`fcflow.reports.qc`).
+   Kruskal-Wallis test across groups per session (:mod:`fcflow.qc`).
 3. **QC-FC** of every task analysed with ``correlation``, per seed and session: without denoising
    (``desc-correlationNoDenoise``, written with the participant reports) against the recipe's
    strategy (the maps the group level analysed).
@@ -94,8 +94,8 @@ def _design(output_dir: Path, recipe: Recipe, qc: pd.DataFrame, participants: pd
 # Motion
 # ----------------------------------------------------------------------------------------------
 def _motion(output_dir: Path, recipe: Recipe, qc: pd.DataFrame, participants: pd.DataFrame) -> list[dict]:
+    from fcflow.qc import compare_motion_between_groups, summarise_motion
     from fcflow.reports import figures
-    from fcflow.reports.qc import compare_motion_between_groups, summarise_motion
 
     out = []
     group_of = participants[recipe.group_column].to_dict()
@@ -349,11 +349,11 @@ def collect_qcfc(
     -------
     dict
         ``n_subjects``, ``n_runs`` (observations), ``subjects``, and per strategy label its
-        :class:`~fcflow.reports.qc.QCFCSummary` as a dict and its r (``r``), with ``distance_mm``
+        :class:`~fcflow.qc.QCFCSummary` as a dict and its r (``r``), with ``distance_mm``
         and ``note`` (why nothing was computed).
     """
+    from fcflow.qc import compute_qcfc, summarise_qcfc
     from fcflow.reports.participant import NO_DENOISE_DESC
-    from fcflow.reports.qc import compute_qcfc, summarise_qcfc
 
     output_dir = Path(output_dir)
     labels = {"no denoising": NO_DENOISE_DESC, f"{recipe.denoising.strategy} (recipe)": "correlation"}

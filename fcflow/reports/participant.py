@@ -1,7 +1,7 @@
 """The participant report: what each run looked like, what was done to it, and what was kept.
 
 A run's report is made in two steps. The first level, which has the run's in-mask data in
-memory anyway, calls :func:`compute_run_report_data` in its own pass (the report costs no second
+memory anyway, calls :func:`fcflow.qc.compute_run_report_data` in its own pass (the report costs no second
 read of the BOLD file) and saves the arrays; :func:`make_run_report` then makes, from those and
 the run's small files only:
 
@@ -31,14 +31,11 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import pandas as pd
-from numpy.typing import NDArray
 
 from fcflow.config import DenoisingConfig, TaskConfig
-from fcflow.errors import InputDataError
 from fcflow.io import atomic_path, save_img, write_json, write_text, write_tsv
 
-__all__ = ["NO_DENOISE_DESC", "compute_run_report_data", "write_run_report_data", "make_run_report",
-           "write_participant_report"]
+__all__ = ["NO_DENOISE_DESC", "make_run_report", "write_participant_report"]
 
 #: ``desc`` of the seed-to-voxel map computed without denoising (QC-FC reference).
 NO_DENOISE_DESC = "correlationNoDenoise"
@@ -107,161 +104,6 @@ def _task_blocks(events_file: str | None, conditions: Sequence[str]) -> dict[str
                 .itertuples(index=False)] for c in conditions if "trial_type" in events}
 
 
-def _seed_signals(signal: str | Mapping[str, str], seeds: Mapping[str, Any]) -> dict[str, str]:
-    """Each seed's signal summary: one for all, or each seed's own (the recipe's per-seed ``signal``)."""
-    if isinstance(signal, Mapping):
-        return {name: signal[name] for name in seeds}
-    return dict.fromkeys(seeds, signal)
-
-
-def compute_run_report_data(
-    data: NDArray[np.floating],
-    voxel_mean: NDArray[np.floating],
-    mask_img: nib.spatialimages.SpatialImage,
-    seed_imgs: Mapping[str, nib.spatialimages.SpatialImage],
-    *,
-    bold_file: str,
-    confounds: pd.DataFrame | None,
-    censoring: Mapping[str, Any],
-    t_r: float,
-    task: TaskConfig,
-    denoising: DenoisingConfig,
-    signal: str | Mapping[str, str],
-    run_name: str,
-) -> dict[str, NDArray]:
-    """The arrays of a run's report, from the in-mask data the first level has already read.
-
-    The first level calls this in its own pass over the run (:func:`fcflow.firstlevel.run_maps_from_files`
-    with ``report_data=True``), so a report costs no second decompression of the BOLD file: on a
-    2 mm run that is the largest part of the report's cost (see benchmarks/bench_study.py).
-
-    Parameters
-    ----------
-    data : ndarray of shape (n_timepoints, n_voxels)
-        The run's in-mask voxels (:func:`fcflow.niftiio.read_masked_bold`).
-    voxel_mean : ndarray of shape (n_voxels,)
-        Their temporal mean (``MaskedBoldInfo.mean``).
-    mask_img : nibabel image
-    seed_imgs : mapping of str to nibabel image
-        The seed masks on the run's grid.
-    bold_file : str
-        The run (its confounds TSV is found by name for the no-denoising reference).
-    confounds : DataFrame or None
-        The confounds the first level regressed (``SelectConfounds``).
-    censoring : mapping
-        The first level's censoring decision (``censoring.json``).
-    t_r : float
-    task, denoising : TaskConfig, DenoisingConfig
-        The recipe's task and ``[denoising]``.
-    signal : {"mean", "eigenvariate"}
-    run_name : str
-
-    Returns
-    -------
-    dict of str to ndarray
-        ``mean`` and ``tsnr`` (per in-mask voxel), ``carpet_columns``, ``carpet_tissue``,
-        ``carpet_before`` (detrended raw, rows z-scored, non-steady-state volumes nan) and, when
-        the run can be cleaned, ``carpet_after`` (the first level's operator, censored volumes
-        nan); for a ``correlation`` task that is not excluded, ``nodenoise_z_<seed>`` per seed:
-        the seed-to-voxel Fisher z without denoising (non-steady-state volumes removed, then
-        only detrending and the task's filter: no confound regression, no censoring), smoothed
-        with the recipe's ``smoothing_fwhm`` as the first level's maps are.
-    """
-    from fcflow.connectivity import compute_multiseed_connectivity
-    from fcflow.denoise import build_cleaning_operator, load_run_confounds
-    from fcflow.niftiio import compute_tsnr, smooth_map
-    from fcflow.reports.qc import select_carpet_voxels, zscore_rows
-
-    n_time = data.shape[0]
-    brain = np.asarray(mask_img.dataobj).reshape(mask_img.shape[:3]) > 0
-    kept = np.arange(n_time) if censoring["sample_mask"] is None else np.asarray(censoring["sample_mask"], int)
-    arrays: dict[str, NDArray] = {"mean": np.asarray(voxel_mean, dtype=np.float32),
-                                  "tsnr": compute_tsnr(data).astype(np.float32)}
-    columns, tissue = select_carpet_voxels(mask_img)
-    sample = data[:, columns].astype(np.float64)
-    # Non-steady-state volumes (tens of % above the rest) would set the grey scale of the whole
-    # "before" panel: they are left blank there, as they are in "after".
-    first = min(int(censoring["n_non_steady_state"]), n_time - 3)
-    before = np.full((columns.size, n_time), np.nan)
-    detrend_only = build_cleaning_operator(n_time - first, t_r, None, None, None, None, detrend=True)
-    before[:, first:] = (detrend_only @ sample[first:]).T
-    arrays.update(carpet_columns=columns, carpet_tissue=np.asarray(tissue, dtype=str),
-                  carpet_before=zscore_rows(before))
-    try:
-        operator = build_cleaning_operator(
-            n_time, t_r, None if confounds is None or confounds.shape[1] == 0 else confounds.to_numpy(float),
-            None if censoring["sample_mask"] is None else kept, task.high_pass, task.low_pass,
-            denoising.detrend, denoising.standardize_confounds, filter=denoising.filter,
-        )
-        cleaned = np.full((n_time, columns.size), np.nan)
-        cleaned[kept[: operator.shape[0]]] = operator @ sample
-        arrays["carpet_after"] = zscore_rows(cleaned.T)
-    except InputDataError:
-        pass  # too few volumes left to clean (an excluded run): the report shows "before" only
-
-    if "correlation" in task.measures and not censoring["excluded"]:
-        reference = load_run_confounds(bold_file, "none", censor=False)
-        sample_mask = reference.sample_mask if denoising.drop_nonsteady else None
-        columns_by_seed = {name: (np.asarray(img.dataobj).reshape(brain.shape) > 0)[brain]
-                           for name, img in seed_imgs.items()}
-        # A seed without a voxel in the brain mask has excluded the run for coverage: no map.
-        columns_by_seed = {name: cols for name, cols in columns_by_seed.items() if cols.any()}
-        if columns_by_seed:
-            # One cleaning operator and one pass over the data for all seeds, as the first level.
-            connectivity = compute_multiseed_connectivity(
-                data, columns_by_seed, t_r, None, sample_mask, high_pass=task.high_pass,
-                low_pass=task.low_pass, detrend=denoising.detrend,
-                signal=_seed_signals(signal, columns_by_seed), filter=denoising.filter,
-                run_name=run_name,
-            )
-            fwhm = denoising.smoothing_fwhm
-            for name, conn in connectivity.items():
-                # smoothed as the first level's maps are, so that QC-FC compares denoising only
-                z = conn.z if fwhm is None else smooth_map(conn.z, brain, mask_img.affine, fwhm)
-                arrays[f"nodenoise_z_{name}"] = z.astype(np.float32)
-    if "correlation" in task.measures and denoising.compare_strategies:
-        arrays.update(_strategy_arrays(data, mask_img, brain, seed_imgs, bold_file=bold_file, t_r=t_r, task=task,
-                                       denoising=denoising, signal=signal, run_name=run_name))
-    return arrays
-
-
-def _strategy_arrays(data, mask_img, brain, seed_imgs, *, bold_file, t_r, task, denoising, signal,
-                     run_name) -> dict[str, NDArray]:
-    """The run's share of the strategy comparison (:mod:`fcflow.strategies`) as report arrays."""
-    from fcflow.strategies import compare_run_strategies
-
-    seeds = {name: (np.asarray(img.dataobj).reshape(brain.shape) > 0)[brain] for name, img in seed_imgs.items()}
-    seeds = {name: cols for name, cols in seeds.items() if cols.any()}
-    if not seeds:
-        return {}
-    names = list(dict.fromkeys([denoising.strategy, *denoising.compare_strategies]))
-    result = compare_run_strategies(
-        data, mask_img, seeds, bold_file=bold_file, strategies=names, denoising=denoising, t_r=t_r,
-        high_pass=task.high_pass, low_pass=task.low_pass, signal=_seed_signals(signal, seeds),
-        run_name=run_name,
-    )
-    per = result["strategies"]
-    n_points = result["points_mm"].shape[0]
-    arrays = {"strategy_names": np.asarray(names, dtype=str), "strategy_points_mm": result["points_mm"],
-              "strategy_dof": np.array([per[n].get("dof", np.nan) for n in names], dtype=np.float64),
-              "strategy_n_kept": np.array([per[n].get("n_kept", -1) for n in names], dtype=np.int64),
-              "strategy_errors": np.asarray([per[n].get("error", "") for n in names], dtype=str)}
-    for seed in seeds:
-        arrays[f"strategy_z_{seed}"] = np.array(
-            [per[n]["z"][seed] if "z" in per[n] else np.full(n_points, np.nan, np.float32) for n in names],
-            dtype=np.float32)
-    return arrays
-
-
-def write_run_report_data(path: str | Path, arrays: Mapping[str, NDArray]) -> Path:
-    """Save :func:`compute_run_report_data`'s arrays as one ``.npz`` (atomically)."""
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as handle:
-            np.savez(handle, **arrays)
-    return path
-
-
 def make_run_report(
     *,
     report_data_file: str,
@@ -284,12 +126,12 @@ def make_run_report(
     """Make the figures and numbers of one run's report; write them to ``out_dir``.
 
     Reads only small files: the run's data enter through ``report_data_file``, which the first
-    level wrote in its own pass over the run (:func:`compute_run_report_data`).
+    level wrote in its own pass over the run (:func:`fcflow.qc.compute_run_report_data`).
 
     Parameters
     ----------
     report_data_file : path
-        The first level's ``report_data.npz`` (:func:`write_run_report_data`).
+        The first level's ``report_data.npz`` (:func:`fcflow.qc.write_run_report_data`).
     mask_file, fmriprep_confounds_file : path
         fMRIPrep's brain mask of the run and its full confounds TSV (FD, DVARS).
     seed_files, seed_names : sequence
