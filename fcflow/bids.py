@@ -348,6 +348,36 @@ def collect_runs(
             "with the folder fMRIPrep wrote (it holds sub-*/[ses-*/]func/*_desc-preproc_bold.nii.gz)."
         )
     participants = read_participants(bids_dir, group_column, groups)
+    wanted_tasks, wanted_sessions = _wanted_levels(tasks, sessions, task_labels, session_labels)
+    warnings: list[str] = []
+    found = _find_bold_runs(derivatives_dir, space=space, sessions=sessions, wanted_tasks=wanted_tasks,
+                            wanted_sessions=wanted_sessions, participant_labels=participant_labels,
+                            warnings=warnings)
+    _check_masks_have_bold(derivatives_dir, space=space, wanted_tasks=wanted_tasks,
+                           wanted_sessions=wanted_sessions, participant_labels=participant_labels)
+    needs_events = set(tasks_with_events)
+    runs = [
+        _run_inputs(bold, key, bids_dir=bids_dir, participants=participants, group_column=group_column,
+                    space=space, needs_events=key[2] in needs_events, check_headers=check_headers)
+        for key, bold in sorted(found.items(), key=lambda kv: tuple(str(k) for k in kv[0]))
+    ]
+    analysed = {r.subject for r in runs}
+    without_data = sorted(set(participants.index) - analysed)
+    if without_data and not participant_labels:
+        warnings.append(
+            f"{len(without_data)} participant(s) in participants.tsv have no runs to analyse: "
+            f"{['sub-' + s for s in without_data[:10]]}."
+        )
+    for text in warnings:
+        LOGGER.warning(text)
+    return StudyInputs(tuple(runs), participants, tuple(warnings))
+
+
+def _wanted_levels(
+    tasks: Sequence[str], sessions: Sequence[str], task_labels: Sequence[str] | None,
+    session_labels: Sequence[str] | None,
+) -> tuple[set[str], set[str]]:
+    """The tasks and sessions the BIDS-App filters select, each checked against the recipe's."""
     wanted_tasks = set(task_labels or tasks)
     unknown_tasks = wanted_tasks - set(tasks)
     if unknown_tasks:
@@ -359,11 +389,22 @@ def collect_runs(
             f"--session-label must name sessions of the recipe's [sessions] levels {list(sessions)}. "
             f"Got {sorted(unknown_sessions)}."
         )
-    warnings: list[str] = []
-    subjects_seen: set[str] = set()
+    return wanted_tasks, wanted_sessions
 
+
+def _find_bold_runs(
+    derivatives_dir: Path, *, space: str, sessions: Sequence[str], wanted_tasks: set[str],
+    wanted_sessions: set[str], participant_labels: Sequence[str] | None, warnings: list[str],
+) -> dict[tuple, Path]:
+    """fMRIPrep's preprocessed BOLD of the selected runs in ``space``, one per run.
+
+    Keyed by (subject, session, task, run, echo). Runs of sessions the recipe does not know add a
+    line to ``warnings``. Raises when a run has two BOLD files in the space, when a requested
+    participant has none, or when nothing is found (naming the spaces that are there).
+    """
     found: dict[tuple, Path] = {}
     other_spaces: set[str] = set()
+    subjects_seen: set[str] = set()
     for bold in sorted(derivatives_dir.glob("sub-*/**/func/*_desc-preproc_bold.nii*")):
         entities, suffix, ext = parse_entities(bold.name)
         if ext not in (".nii", ".nii.gz") or "task" not in entities:
@@ -388,21 +429,6 @@ def collect_runs(
                 "Keep one resolution (res-) or description per run in the derivatives folder."
             )
         found[key] = bold
-
-    for mask in sorted(derivatives_dir.glob("sub-*/**/func/*_desc-brain_mask.nii.gz")):
-        entities, _, _ = parse_entities(mask.name)
-        if (entities.get("space") != space or entities.get("task") not in wanted_tasks
-                or (participant_labels and entities["sub"] not in participant_labels)
-                or entities.get("ses", "") not in wanted_sessions | {""}):
-            continue
-        bold_name = mask.name.split("_desc-brain_mask")[0] + "_desc-preproc_bold.nii.gz"
-        if not (mask.with_name(bold_name).exists() or mask.with_name(bold_name.removesuffix(".gz")).exists()):
-            raise InputDataError(
-                f"{mask.with_name(bold_name)}: expected fMRIPrep's preprocessed BOLD beside its brain mask "
-                f"{mask.name}. Got no such file (.nii.gz or .nii): fMRIPrep did not finish this run, or the "
-                f"file was lost. {_REREAD}, or remove the run's other files to leave it out."
-            )
-
     if participant_labels:
         missing = sorted(set(participant_labels) - {key[0] for key in found})
         if missing:
@@ -419,69 +445,81 @@ def collect_runs(
             f"No *_space-{space}_*desc-preproc_bold.nii.gz for the selected runs under {derivatives_dir}."
             f"{hint} Run fMRIPrep with --output-spaces {space}, or check the filters."
         )
+    return found
 
-    runs = []
-    needs_events = set(tasks_with_events)
-    for (sub, ses, task, run, _echo), bold in sorted(found.items(), key=lambda kv: tuple(str(k) for k in kv[0])):
-        entities, _, _ = parse_entities(bold.name)
-        name = bold.name.split("_space-")[0]
-        if sub not in participants.index:
-            raise InputDataError(
-                f"sub-{sub} has data ({bold.name}) but no row in {bids_dir / 'participants.tsv'}: add it "
-                f"with its '{group_column}', or leave it out with --participant-label."
-            )
-        group = participants.loc[sub, group_column]
-        if not isinstance(group, str):
-            raise InputDataError(
-                f"sub-{sub} has no '{group_column}' in {bids_dir / 'participants.tsv'} (n/a): every "
-                "analysed participant needs a group."
-            )
-        prefix = bold.name.split("_desc-preproc_bold")[0]
-        mask = bold.with_name(f"{prefix}_desc-brain_mask.nii.gz")
-        if not mask.is_file():
-            raise InputDataError(f"{name}: the brain mask {mask} is missing (fMRIPrep writes it beside the BOLD).")
-        base = "_".join(f"{k}-{entities[k]}" for k in ("sub", "ses", "task", "acq", "run") if k in entities)
-        confounds = bold.with_name(f"{base}_desc-confounds_timeseries.tsv")
-        if not confounds.is_file():
-            legacy = bold.with_name(f"{base}_desc-confounds_regressors.tsv")
-            if not legacy.is_file():
-                raise InputDataError(
-                    f"{name}: the confounds file {confounds} is missing. fcflow needs fMRIPrep's "
-                    "confounds TSV (and its JSON) for denoising."
-                )
-            confounds = legacy
-        confounds_json = confounds.with_suffix(".json")
-        t_r, t_r_file = _read_repetition_time(bids_dir, bold, entities)
-        events = None
-        if task in needs_events:
-            func = bids_dir / f"sub-{sub}" / (f"ses-{ses}" if ses else "") / "func"
-            events = func / f"{base}_events.tsv"
-            if not events.is_file():
-                raise InputDataError(
-                    f"{name}: the events file {events} is missing; the recipe's task '{task}' models "
-                    "conditions and needs it (onset, duration, trial_type)."
-                )
-        if check_headers:
-            n_volumes = _check_headers(name, bold, mask, t_r, t_r_file, space)
-            n_rows = _count_rows(confounds)
-            if n_rows != n_volumes:
-                raise InputDataError(
-                    f"{confounds}: expected one row per volume of {bold.name} ({n_volumes} volumes). Got "
-                    f"{n_rows} rows. Use the confounds file fMRIPrep wrote for this run (re-run fMRIPrep for it "
-                    "if the file was cut short)."
-                )
-        runs.append(
-            RunInputs(sub, ses, task, run, group, bold, mask, confounds,
-                      confounds_json if confounds_json.is_file() else None, t_r, events, entities)
-        )
 
-    analysed = {r.subject for r in runs}
-    without_data = sorted(set(participants.index) - analysed)
-    if without_data and not participant_labels:
-        warnings.append(
-            f"{len(without_data)} participant(s) in participants.tsv have no runs to analyse: "
-            f"{['sub-' + s for s in without_data[:10]]}."
+def _check_masks_have_bold(
+    derivatives_dir: Path, *, space: str, wanted_tasks: set[str], wanted_sessions: set[str],
+    participant_labels: Sequence[str] | None,
+) -> None:
+    """Refuse a selected run whose brain mask is there but whose preprocessed BOLD is not."""
+    for mask in sorted(derivatives_dir.glob("sub-*/**/func/*_desc-brain_mask.nii.gz")):
+        entities, _, _ = parse_entities(mask.name)
+        if (entities.get("space") != space or entities.get("task") not in wanted_tasks
+                or (participant_labels and entities["sub"] not in participant_labels)
+                or entities.get("ses", "") not in wanted_sessions | {""}):
+            continue
+        bold_name = mask.name.split("_desc-brain_mask")[0] + "_desc-preproc_bold.nii.gz"
+        if not (mask.with_name(bold_name).exists() or mask.with_name(bold_name.removesuffix(".gz")).exists()):
+            raise InputDataError(
+                f"{mask.with_name(bold_name)}: expected fMRIPrep's preprocessed BOLD beside its brain mask "
+                f"{mask.name}. Got no such file (.nii.gz or .nii): fMRIPrep did not finish this run, or the "
+                f"file was lost. {_REREAD}, or remove the run's other files to leave it out."
+            )
+
+
+def _run_inputs(
+    bold: Path, key: tuple, *, bids_dir: Path, participants: pd.DataFrame, group_column: str, space: str,
+    needs_events: bool, check_headers: bool,
+) -> RunInputs:
+    """One run's inputs: its group, brain mask, confounds (and JSON), TR and events, each checked."""
+    sub, ses, task, run, _echo = key
+    entities, _, _ = parse_entities(bold.name)
+    name = bold.name.split("_space-")[0]
+    if sub not in participants.index:
+        raise InputDataError(
+            f"sub-{sub} has data ({bold.name}) but no row in {bids_dir / 'participants.tsv'}: add it "
+            f"with its '{group_column}', or leave it out with --participant-label."
         )
-    for text in warnings:
-        LOGGER.warning(text)
-    return StudyInputs(tuple(runs), participants, tuple(warnings))
+    group = participants.loc[sub, group_column]
+    if not isinstance(group, str):
+        raise InputDataError(
+            f"sub-{sub} has no '{group_column}' in {bids_dir / 'participants.tsv'} (n/a): every "
+            "analysed participant needs a group."
+        )
+    prefix = bold.name.split("_desc-preproc_bold")[0]
+    mask = bold.with_name(f"{prefix}_desc-brain_mask.nii.gz")
+    if not mask.is_file():
+        raise InputDataError(f"{name}: the brain mask {mask} is missing (fMRIPrep writes it beside the BOLD).")
+    base = "_".join(f"{k}-{entities[k]}" for k in ("sub", "ses", "task", "acq", "run") if k in entities)
+    confounds = bold.with_name(f"{base}_desc-confounds_timeseries.tsv")
+    if not confounds.is_file():
+        legacy = bold.with_name(f"{base}_desc-confounds_regressors.tsv")
+        if not legacy.is_file():
+            raise InputDataError(
+                f"{name}: the confounds file {confounds} is missing. fcflow needs fMRIPrep's "
+                "confounds TSV (and its JSON) for denoising."
+            )
+        confounds = legacy
+    confounds_json = confounds.with_suffix(".json")
+    t_r, t_r_file = _read_repetition_time(bids_dir, bold, entities)
+    events = None
+    if needs_events:
+        func = bids_dir / f"sub-{sub}" / (f"ses-{ses}" if ses else "") / "func"
+        events = func / f"{base}_events.tsv"
+        if not events.is_file():
+            raise InputDataError(
+                f"{name}: the events file {events} is missing; the recipe's task '{task}' models "
+                "conditions and needs it (onset, duration, trial_type)."
+            )
+    if check_headers:
+        n_volumes = _check_headers(name, bold, mask, t_r, t_r_file, space)
+        n_rows = _count_rows(confounds)
+        if n_rows != n_volumes:
+            raise InputDataError(
+                f"{confounds}: expected one row per volume of {bold.name} ({n_volumes} volumes). Got "
+                f"{n_rows} rows. Use the confounds file fMRIPrep wrote for this run (re-run fMRIPrep for it "
+                "if the file was cut short)."
+            )
+    return RunInputs(sub, ses, task, run, group, bold, mask, confounds,
+                     confounds_json if confounds_json.is_file() else None, t_r, events, entities)
