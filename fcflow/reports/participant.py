@@ -31,6 +31,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import pandas as pd
+from numpy.typing import NDArray
 
 from fcflow.config import DenoisingConfig, TaskConfig
 from fcflow.io import atomic_path, save_img, write_json, write_text, write_tsv
@@ -218,27 +219,8 @@ def make_run_report(
 
     no_denoise = {}
     if not run_qc.get("excluded") and not censoring["excluded"]:
-        for name in seed_names:
-            if f"nodenoise_z_{name}" in arrays:
-                target = out / f"seed-{name}_desc-{NO_DENOISE_DESC}_stat-z.nii.gz"
-                no_denoise[name] = str(save_img(unmask(arrays[f"nodenoise_z_{name}"], brain, mask_img.affine),
-                                                target))
-
-    strategies = {}
-    if "strategy_names" in arrays:
-        names = [str(n) for n in arrays["strategy_names"]]
-        points = arrays["strategy_points_mm"]
-        strategies["dof"] = {n: (None if not np.isfinite(d) else float(d))
-                             for n, d in zip(names, arrays["strategy_dof"], strict=True)}
-        strategies["errors"] = {n: str(e) for n, e in zip(names, arrays["strategy_errors"], strict=True) if str(e)}
-        strategies["tables"] = {}
-        for name in seed_names:
-            if f"strategy_z_{name}" not in arrays:
-                continue
-            table = pd.DataFrame(points, columns=["x", "y", "z"])
-            for index, strategy in enumerate(names):
-                table[strategy] = arrays[f"strategy_z_{name}"][index]
-            strategies["tables"][name] = str(write_tsv(out / f"seed-{name}_desc-denoisingStrategies_qc.tsv", table))
+        no_denoise = _write_no_denoise_maps(arrays, seed_names, brain, mask_img.affine, out)
+    strategies = _write_strategy_tables(arrays, seed_names, out)
 
     seeds_qc = run_qc.get("seeds") or {}
     report = {
@@ -273,6 +255,41 @@ def make_run_report(
         "unverified_seeds": seed_caveats(seed_files, seed_names, "unverified"),
     }
     return write_json(out / "run_report.json", report)
+
+
+def _write_no_denoise_maps(arrays: Mapping[str, NDArray], seed_names: Sequence[str], brain: NDArray[np.bool_],
+                           affine: NDArray[np.float64], out: Path) -> dict[str, str]:
+    """Each seed's map without denoising (for QC-FC), from the report arrays, as NIfTI in ``out``."""
+    from fcflow.niftiio import unmask
+
+    written = {}
+    for name in seed_names:
+        if f"nodenoise_z_{name}" in arrays:
+            target = out / f"seed-{name}_desc-{NO_DENOISE_DESC}_stat-z.nii.gz"
+            written[name] = str(save_img(unmask(arrays[f"nodenoise_z_{name}"], brain, affine), target))
+    return written
+
+
+def _write_strategy_tables(arrays: Mapping[str, NDArray], seed_names: Sequence[str], out: Path) -> dict[str, Any]:
+    """The run's share of the strategy comparison: dof and errors per strategy, one z table per seed."""
+    if "strategy_names" not in arrays:
+        return {}
+    names = [str(n) for n in arrays["strategy_names"]]
+    points = arrays["strategy_points_mm"]
+    strategies: dict[str, Any] = {
+        "dof": {n: (None if not np.isfinite(d) else float(d)) for n, d in zip(names, arrays["strategy_dof"],
+                                                                               strict=True)},
+        "errors": {n: str(e) for n, e in zip(names, arrays["strategy_errors"], strict=True) if str(e)},
+        "tables": {},
+    }
+    for name in seed_names:
+        if f"strategy_z_{name}" not in arrays:
+            continue
+        table = pd.DataFrame(points, columns=["x", "y", "z"])
+        for index, strategy in enumerate(names):
+            table[strategy] = arrays[f"strategy_z_{name}"][index]
+        strategies["tables"][name] = str(write_tsv(out / f"seed-{name}_desc-denoisingStrategies_qc.tsv", table))
+    return strategies
 
 
 def seed_caveats(seed_files: Sequence[str], seed_names: Sequence[str], kind: str) -> dict[str, str]:
