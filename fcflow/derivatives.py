@@ -387,3 +387,38 @@ def read_runs_qc(output_dir: str | Path) -> pd.DataFrame:
                 or column.endswith(("_coverage", "_tsnr", "_n_voxels")):
             table[column] = pd.to_numeric(table[column], errors="coerce")
     return table
+
+
+def write_execution_record(
+    output_dir: str | Path, level: str, *, command: Sequence[str], settings: Mapping[str, Any],
+    started: str,
+) -> Path:
+    """Record once how an invocation ran: ``OUTPUT_DIR/logs/<level>-<UTC start>_execution.json``.
+
+    The derivatives are byte-identical whatever the plugin, process count or working folder
+    (their sidecars record the analysis command without those options: :func:`analysis_command`),
+    so the options that decided how the work ran are kept here instead, one file per invocation:
+    the full command, the effective settings (plugin and its arguments; the permutations that ran),
+    the host, the start and end time and the software.
+    """
+    import datetime
+    import socket
+
+    payload = {
+        "Level": level,
+        "Command": list(command),
+        "Effective": dict(settings),
+        "Host": socket.gethostname(),
+        "StartedUTC": started,
+        "FinishedUTC": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "Software": software_versions(),
+    }
+    stamp = started.replace(":", "").replace("-", "").replace("+0000", "Z").replace("+00:00", "Z")
+    return write_json(Path(output_dir) / "logs" / f"{level}-{stamp}_execution.json", payload)
+
+
+def utc_now() -> str:
+    """The current UTC time, to the second, ISO 8601 (for :func:`write_execution_record`)."""
+    import datetime
+
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

@@ -82,6 +82,7 @@ def _run_group(args: argparse.Namespace, recipe) -> int:
     import sys
 
     from fcflow.atlas import resolve_atlas_dir
+    from fcflow.derivatives import utc_now, write_execution_record
     from fcflow.errors import AtlasError
     from fcflow.grouplevel import run_group_level
 
@@ -94,6 +95,7 @@ def _run_group(args: argparse.Namespace, recipe) -> int:
         logging.getLogger("fcflow.group").warning(
             "The Julich-Brain atlas is unavailable, so the cluster tables list coordinates only (no area "
             "names): %s", exc)
+    started = utc_now()
     with lock_output_dir(args.output_dir.resolve(), "group", command=["fcflow", *sys.argv[1:]]):
         results = run_group_level(
             args.output_dir.resolve(), recipe, bids_dir=args.bids_dir.resolve(), atlas_dir=atlas_dir,
@@ -105,6 +107,12 @@ def _run_group(args: argparse.Namespace, recipe) -> int:
             report = write_group_report(args.output_dir.resolve(), recipe, bids_dir=args.bids_dir.resolve(),
                                         command=["fcflow", *sys.argv[1:]])
             print(f"Group report: {report}")
+        write_execution_record(args.output_dir.resolve(), "group", command=["fcflow", *sys.argv[1:]],
+                               started=started, settings={
+                                   "n_permutations": recipe.inference.n_permutations,
+                                   "n_permutations_recipe": load_recipe(args.recipe).inference.n_permutations,
+                                   "plugin": "in-process (the group level runs in the fcflow process)",
+                                   "reports": not args.no_reports})
     print(f"Group level done: {results}")
     return 0
 
@@ -158,7 +166,7 @@ def _run_participant(args: argparse.Namespace, recipe) -> int:
 
     from fcflow.atlas import resolve_atlas_dir
     from fcflow.bids import collect_runs
-    from fcflow.derivatives import write_dataset_description
+    from fcflow.derivatives import utc_now, write_dataset_description, write_execution_record
     from fcflow.workflows.runner import run_workflow
 
     derivatives = _derivatives_dir(args)
@@ -175,6 +183,7 @@ def _run_participant(args: argparse.Namespace, recipe) -> int:
     work_dir = (args.work_dir or output_dir.parent / f"{output_dir.name}_work").resolve()
     plugin, plugin_args = plugin_settings(args)
     subjects = sorted({r.subject for r in study.runs})
+    started = utc_now()
     # One lock per participant: the SLURM array route runs one participant per process on one OUTPUT_DIR.
     with lock_output_dir(output_dir, "participant", subjects, command=["fcflow", *sys.argv[1:]]):
         write_dataset_description(output_dir, [args.bids_dir, derivatives])
@@ -187,6 +196,10 @@ def _run_participant(args: argparse.Namespace, recipe) -> int:
         LOGGER.info("Participant level: %d runs of %d participants; work directory %s", len(study.runs),
                     len(subjects), work_dir)
         run_workflow(workflow, plugin=plugin, plugin_args=plugin_args, work_dir=work_dir)
+        write_execution_record(output_dir, "participant", command=["fcflow", *sys.argv[1:]], started=started,
+                               settings={"plugin": plugin, "plugin_args": plugin_args, "work_dir": str(work_dir),
+                                         "participants": [f"sub-{s}" for s in subjects],
+                                         "n_runs": len(study.runs), "reports": not args.no_reports})
     print(f"Participant level done: {len(study.runs)} runs; outputs in {output_dir}")
     if not args.no_reports:
         print(f"Participant reports: {', '.join(str(output_dir / f'sub-{s}.html') for s in subjects[:3])}"

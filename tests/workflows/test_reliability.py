@@ -21,9 +21,11 @@ with residual degrees of freedom): a reference run, a run killed five times then
 a second fresh run.
 
 B and C must hold exactly A's files with exactly A's bytes (reports, sidecars and the group
-level's resume records included; nothing is excluded: fcflow's outputs hold no timestamps or
-durations, and execution options such as ``--nprocs`` and ``--work-dir`` are not part of the
-command recorded in the sidecars). The nipype working directories are compared with nothing.
+level's resume records included: fcflow's outputs hold no timestamps or durations, and execution
+options such as ``--nprocs`` and ``--work-dir`` are not part of the command recorded in the
+sidecars). Only ``logs/`` is left out: it is the one place that records, once per invocation, how
+the work ran (plugin, processes, times), which is what differs between A, B and C. The nipype
+working directories are compared with nothing.
 """
 
 from __future__ import annotations
@@ -138,7 +140,12 @@ def _run(folder: Path, args: list[str], log_name: str) -> tuple[float, str]:
 
 def _files(out: Path, under: str | None = None) -> dict[str, bytes]:
     base = out / under if under else out
-    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(base.rglob("*")) if p.is_file()}
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(base.rglob("*"))
+            if p.is_file() and p.relative_to(out).parts[0] != "logs"}
+
+
+def _execution_records(out: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((out / "logs").glob("*_execution.json"))]
 
 
 def _participant_files(out: Path) -> dict[str, bytes]:
@@ -319,6 +326,23 @@ def test_group_level_twice_gives_the_same_bytes(study, group_reference):
     folder = _group_folder(study, "group_C")
     _run(folder, _args(study, "group"), "group")
     _assert_same(_group_files(folder / "out"), group_reference["group"], "a second group level")
+
+
+def test_each_invocation_records_its_effective_execution_once(study, reference, group_reference):
+    """Issue 17: how a level ran (plugin, processes, permutations) is recorded once per invocation, in
+    logs/, and nowhere in the derivatives (whose bytes do not depend on it)."""
+    (participant,) = _execution_records(reference["folder"] / "out")
+    assert participant["Level"] == "participant" and "--nprocs" in participant["Command"]
+    assert participant["Effective"]["plugin"] == "MultiProc"
+    assert participant["Effective"]["plugin_args"]["n_procs"] == 2
+    assert participant["Effective"]["participants"] == ["sub-01", "sub-02", "sub-03"]
+    assert participant["StartedUTC"] <= participant["FinishedUTC"]
+    (group,) = _execution_records(group_reference["folder"] / "out")
+    assert group["Level"] == "group" and group["Effective"]["n_permutations"] == 100
+    # C ran with one process: its record says so, its derivatives are A's (test above)
+    records = _execution_records(study["root"] / "C" / "out")
+    if records:  # present when test_participant_outputs_do_not_depend_on_nprocs ran first
+        assert records[-1]["Effective"]["plugin_args"]["n_procs"] == 1
 
 
 def test_sidecars_rebuild_the_command(reference):
