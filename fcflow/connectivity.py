@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from numpy.typing import NDArray
@@ -38,6 +38,7 @@ from fcflow.errors import InputDataError
 __all__ = [
     "SeedConnectivity",
     "extract_seed_signal",
+    "per_seed",
     "compute_seed_to_voxel_map",
     "fisher_z",
     "correlate_with_operator",
@@ -339,6 +340,20 @@ def compute_rest_connectivity(
         low_pass=low_pass, detrend=detrend, standardize_confounds=standardize_confounds,
         signal=signal, interpolation=interpolation, filter=filter, run_name=run_name,
     )[seed_name]  # fmt: skip
+
+
+def per_seed(value: Any, seeds: Mapping[str, Any], parameter: str) -> dict[str, Any]:
+    """``value`` for every seed, or each seed's own value from a mapping that names every seed.
+
+    How the recipe's per-seed settings (``signal``, ``min_coverage``) reach functions that also take
+    one value for all seeds.
+    """
+    if not isinstance(value, Mapping):
+        return {name: value for name in seeds}
+    missing = [name for name in seeds if name not in value]
+    if missing:
+        raise InputDataError(f"'{parameter}' names no value for the seed(s) {missing}; it has {sorted(value)}.")
+    return {name: value[name] for name in seeds}
 
 
 def compute_multiseed_connectivity(

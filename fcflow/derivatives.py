@@ -39,6 +39,7 @@ import nibabel as nib
 import pandas as pd
 
 from fcflow import __version__
+from fcflow.bids import parse_entities
 from fcflow.errors import InputDataError
 from fcflow.io import atomic_path, save_img, sha256_file, write_json, write_tsv
 
@@ -198,13 +199,6 @@ def software_provenance(command: Sequence[str] | None = None) -> dict[str, Any]:
     }
 
 
-def _parse_node_name(path: Path) -> dict[str, str]:
-    """``seed-pgACC_desc-correlation_stat-z.nii.gz`` -> its entities (:func:`fcflow.bids.parse_entities`)."""
-    from fcflow.bids import parse_entities
-
-    return parse_entities(Path(path).name)[0]
-
-
 def write_run_derivatives(
     output_dir: str | Path,
     entities: Mapping[str, str | None],
@@ -258,18 +252,18 @@ def write_run_derivatives(
     seed_meta = {}
     for path in seed_sidecars:
         meta = json.loads(Path(path).read_text())
-        seed_meta[_parse_node_name(Path(path))["seed"]] = meta
+        seed_meta[parse_entities(Path(path).name)[0]["seed"]] = meta
 
     written: list[Path] = []
     sidecars: list[tuple[Path, dict[str, Any]]] = []
     for path in seed_files:
-        seed = _parse_node_name(Path(path))["seed"]
+        seed = parse_entities(Path(path).name)[0]["seed"]
         target = out / bids_name({**grid, "seed": seed}, "mask", ".nii.gz")
         written.append(save_img(nib.load(path), target))
         sidecars.append((target, {**seed_meta.get(seed, {}), "Sources": inputs,
                                   "SeedQC": qc.get("seeds", {}).get(seed)}))
     for path in map_files:
-        ents = _parse_node_name(Path(path))
+        ents = parse_entities(Path(path).name)[0]
         target = out / bids_name({**grid, "seed": ents["seed"], "desc": ents["desc"], "stat": ents["stat"]},
                                  "statmap", ".nii.gz")
         written.append(save_img(nib.load(path), target))
@@ -282,7 +276,7 @@ def write_run_derivatives(
             "SmoothingFWHM": qc.get("smoothing_fwhm"),
         }))
     for path in timeseries_files:
-        seed = _parse_node_name(Path(path))["seed"]
+        seed = parse_entities(Path(path).name)[0]["seed"]
         target = out / bids_name({**base, "seed": seed}, "timeseries", ".tsv")
         with atomic_path(target) as tmp:
             shutil.copyfile(path, tmp)

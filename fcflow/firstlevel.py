@@ -44,7 +44,6 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -53,7 +52,7 @@ from numpy.typing import NDArray
 
 from fcflow.atlas import SeedQC, seed_qc
 from fcflow.config import DenoisingConfig, SeedConfig, TaskConfig
-from fcflow.connectivity import compute_multiseed_connectivity, extract_seed_signal
+from fcflow.connectivity import compute_multiseed_connectivity, extract_seed_signal, per_seed
 from fcflow.denoise import build_cleaning_operator, confound_blocks, correlation_dof, dof_budget
 from fcflow.errors import InputDataError
 from fcflow.niftiio import MaskedBoldInfo, read_masked_bold, smooth_map
@@ -185,8 +184,8 @@ def compute_run_maps(
     brain = np.asarray(mask_img.dataobj).reshape(mask_img.shape[:3]) > 0
     result = RunMaps()
     columns = {}
-    signals = _per_seed(signal, seed_imgs, "signal")
-    coverages = _per_seed(min_coverage, seed_imgs, "min_coverage")
+    signals = per_seed(signal, seed_imgs, "signal")
+    coverages = per_seed(min_coverage, seed_imgs, "min_coverage")
     for name, img in seed_imgs.items():
         # Coverage first: a run that loses its seed is excluded before its data are read.
         qc = seed_qc(img, mask_img, None, min_coverage=coverages[name], run_name=run_name, seed_name=name)
@@ -365,16 +364,6 @@ def _dof_shortfall(budget: Mapping[str, float], min_dof: float, *, measure: str,
     return (f"{prefix}{measure} would have {budget['dof']:.1f} effective degrees of freedom, below the "
             f"minimum of {min_dof:g} (min_dof). Budget: {where}. Run excluded: its map would be mostly "
             "noise. Longer runs, less censoring, a narrower confound set or a wider band leave more.")
-
-
-def _per_seed(value: Any, seeds: Mapping[str, Any], parameter: str) -> dict[str, Any]:
-    """``value`` for every seed, or each seed's own value from a mapping that names every seed."""
-    if not isinstance(value, Mapping):
-        return {name: value for name in seeds}
-    missing = [name for name in seeds if name not in value]
-    if missing:
-        raise InputDataError(f"'{parameter}' names no value for the seed(s) {missing}; it has {sorted(value)}.")
-    return {name: value[name] for name in seeds}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -104,6 +104,7 @@ import pandas as pd
 from numpy.typing import NDArray
 from scipy import special
 
+from fcflow.bids import parse_entities
 from fcflow.clusters import label_clusters, make_cluster_table
 from fcflow.config import PERMUTATION_INFERENCES, Recipe
 from fcflow.errors import InputDataError
@@ -159,12 +160,6 @@ def select_measure_maps(recipe: Recipe) -> list[MeasureMap]:
     return out
 
 
-def _entities(name: str) -> dict[str, str]:
-    from fcflow.bids import parse_entities
-
-    return parse_entities(name)[0]
-
-
 def read_run_qc(output_dir: str | Path) -> pd.DataFrame:
     """The participant level's QC rows the group level needs (:func:`fcflow.derivatives.read_runs_qc`).
 
@@ -206,7 +201,7 @@ def collect_first_level(output_dir: str | Path, measure: MeasureMap, *, space: s
         match = _MAP_RE.match(path.name)
         if match is None:
             continue
-        ents = _entities(path.name)
+        ents = parse_entities(path.name)[0]
         if ents.get("space") != space or ents.get("task") != measure.task or ents.get("desc") != measure.desc:
             continue
         found.append({"participant": ents["sub"], "session": ents.get("ses", ""), "run": ents.get("run", ""),
@@ -1652,7 +1647,7 @@ _LOGP_DESCRIPTION = {
 
 def _space_res(maps: SessionMaps, output_dir: Path) -> str | None:
     first = next(iter(maps.files.values()))[0]
-    return _entities(Path(first).name).get("res")
+    return parse_entities(Path(first).name)[0].get("res")
 
 
 def _write_cluster_values(

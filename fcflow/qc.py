@@ -30,6 +30,7 @@ from numpy.typing import NDArray
 from scipy import stats
 
 from fcflow.config import DenoisingConfig, TaskConfig
+from fcflow.connectivity import per_seed
 from fcflow.errors import InputDataError
 from fcflow.io import atomic_path
 
@@ -275,13 +276,6 @@ def summarise_qcfc(
 # ----------------------------------------------------------------------------------------------
 # A run's report arrays, computed in the first level's single read of the run
 # ----------------------------------------------------------------------------------------------
-def _seed_signals(signal: str | Mapping[str, str], seeds: Mapping[str, Any]) -> dict[str, str]:
-    """Each seed's signal summary: one for all, or each seed's own (the recipe's per-seed ``signal``)."""
-    if isinstance(signal, Mapping):
-        return {name: signal[name] for name in seeds}
-    return dict.fromkeys(seeds, signal)
-
-
 def compute_run_report_data(
     data: NDArray[np.floating],
     voxel_mean: NDArray[np.floating],
@@ -378,7 +372,7 @@ def compute_run_report_data(
             connectivity = compute_multiseed_connectivity(
                 data, columns_by_seed, t_r, None, sample_mask, high_pass=task.high_pass,
                 low_pass=task.low_pass, detrend=denoising.detrend,
-                signal=_seed_signals(signal, columns_by_seed), filter=denoising.filter,
+                signal=per_seed(signal, columns_by_seed, "signal"), filter=denoising.filter,
                 run_name=run_name,
             )
             fwhm = denoising.smoothing_fwhm
@@ -404,7 +398,7 @@ def _strategy_arrays(data, mask_img, brain, seed_imgs, *, bold_file, t_r, task, 
     names = list(dict.fromkeys([denoising.strategy, *denoising.compare_strategies]))
     result = compare_run_strategies(
         data, mask_img, seeds, bold_file=bold_file, strategies=names, denoising=denoising, t_r=t_r,
-        high_pass=task.high_pass, low_pass=task.low_pass, signal=_seed_signals(signal, seeds),
+        high_pass=task.high_pass, low_pass=task.low_pass, signal=per_seed(signal, seeds, "signal"),
         run_name=run_name,
     )
     per = result["strategies"]
