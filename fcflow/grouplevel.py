@@ -1,7 +1,10 @@
 """Group level: from first-level seed-to-voxel maps to group x session inference and reports.
 
-``fcflow BIDS_DIR OUTPUT_DIR group --recipe RECIPE`` calls :func:`run_group_level`, which, for
-every task x measure x seed of the recipe:
+:func:`plan_group_level` checks the inputs and lists the units of work, one per task x measure x
+seed x session analysis; :func:`run_session_analysis` runs one unit; :func:`finish_group_level`
+writes ``results.tsv``. ``fcflow BIDS_DIR OUTPUT_DIR group --recipe RECIPE`` runs them as a nipype
+workflow (:mod:`fcflow.workflows.group`: one node, or SLURM job, per unit); :func:`run_group_level`
+runs the same functions one after the other in this process. For every task x measure x seed:
 
 1. finds the first-level maps and the runs' QC tables in OUTPUT_DIR
    (:func:`collect_first_level`). The map that enters is the Fisher z map (``stat-z``) for
@@ -815,6 +818,136 @@ RESULT_COLUMNS = [
 ]
 
 
+@dataclass
+class GroupPlan:
+    """What one group-level run does, decided before any map is read (:func:`plan_group_level`).
+
+    Attributes
+    ----------
+    recipe : Recipe
+        The effective recipe (``--n-permutations`` applied): what runs and what is recorded.
+    measures : list of MeasureMap
+        The task x measure x seed maps that have at least one first-level map, recipe order.
+    runs : dict of MeasureMap to DataFrame
+        Each measure's runs (:func:`collect_first_level`).
+    analyses : list of SessionAnalysis
+        The session analyses every measure gets (:func:`session_analyses`).
+    use_regions : bool
+        The region level runs (enabled in the recipe and its atlas available).
+    """
+
+    recipe: Recipe
+    measures: list[MeasureMap]
+    runs: dict[MeasureMap, pd.DataFrame]
+    analyses: list[SessionAnalysis]
+    use_regions: bool
+
+    @property
+    def units(self) -> list[tuple[MeasureMap, SessionAnalysis]]:
+        """The units of work, one per measure x session analysis, in ``results.tsv`` order."""
+        return [(m, a) for m in self.measures for a in self.analyses]
+
+
+@dataclass
+class AnalysisOutputs:
+    """What one measure x session analysis (:func:`run_session_analysis`) hands to :func:`finish_group_level`.
+
+    ``rows`` are its ``results.tsv`` rows (the reference session's go to ``baseline_results.tsv``),
+    ``files`` the SHA-256 of every file it wrote, by path relative to OUTPUT_DIR.
+    """
+
+    rows: list[dict[str, Any]]
+    files: dict[str, str]
+
+
+def unit_name(measure: MeasureMap, analysis: SessionAnalysis) -> str:
+    """A name for one measure x session analysis, made of its entities (node names, logs)."""
+    return f"ses-{analysis.label}_task-{measure.task}_seed-{measure.seed}_desc-{measure.desc}"
+
+
+def regions_available(recipe: Recipe, atlas_dir: str | Path | None) -> bool:
+    """Whether the region level can run: enabled, and its atlas (Julich-Brain or the recipe's labels) at hand."""
+    return recipe.regions.enabled and not (recipe.regions.atlas == "julich-brain-3.1" and atlas_dir is None)
+
+
+def plan_group_level(
+    output_dir: str | Path,
+    recipe: Recipe,
+    *,
+    bids_dir: str | Path,
+    atlas_dir: str | Path | None = None,
+    n_permutations: int | None = None,
+) -> GroupPlan:
+    """Check the group level's inputs and decide its units of work; writes only ``group``'s description.
+
+    Every check that reads no map runs here, before any inference, so a bad input stops the run
+    at once with one message: the participant level's outputs exist, ``participants.tsv`` has a
+    group for every subject with maps, the permutations fit in memory, and every map of a
+    task x measure x seed was made with the same analysis settings (:func:`check_map_provenance`).
+
+    Parameters
+    ----------
+    output_dir : path
+        The participant level's OUTPUT_DIR.
+    recipe : Recipe
+    bids_dir : path
+        Raw BIDS dataset (its ``participants.tsv``).
+    atlas_dir : path or None, default=None
+        Julich-Brain v3.1 folder; None skips the Julich-Brain region level with a warning.
+    n_permutations : int or None, default=None
+        Overrides the recipe's ``inference.n_permutations``.
+
+    Returns
+    -------
+    GroupPlan
+    """
+    from fcflow.bids import read_participants
+
+    output_dir = Path(output_dir)
+    # the effective recipe: what runs is what desc-recipe_config.json, the sidecars and the
+    # methods text record (issue 17: --n-permutations was applied but the recipe's value recorded)
+    recipe = recipe.with_overrides(n_permutations=None if n_permutations is None else int(n_permutations))
+    inference = recipe.inference
+    if not any(output_dir.glob("sub-*/sub-*_desc-runs_qc.tsv")):
+        raise InputDataError(
+            f"{output_dir}: expected the participant level's outputs (sub-<label>/sub-<label>_desc-runs_qc.tsv "
+            "and the maps). Got none: run 'fcflow BIDS_DIR OUTPUT_DIR participant' first, with this OUTPUT_DIR."
+        )
+    participants = read_participants(Path(bids_dir), recipe.group_column, recipe.groups)
+    _check_permutation_memory(recipe, n_rows=len(participants) * max(1, len(recipe.sessions) - 1))
+    use_regions = regions_available(recipe, atlas_dir)
+    if recipe.regions.enabled and not use_regions:
+        LOGGER.warning("Region level skipped: its atlas, Julich-Brain v3.1, is not available (no --julich-dir). "
+                       "Give --julich-dir, or a label image as [regions] 'atlas' in the recipe, or set [regions] "
+                       "enabled = false.")
+    analyses = session_analyses(recipe)
+    n_tests = len(recipe.group_contrasts) + len(recipe.f_tests)
+    per_measure = sum({"repeated": 2, "mean": 1}.get(a.kind, n_tests) for a in analyses)
+    measures: list[MeasureMap] = []
+    runs_of: dict[MeasureMap, pd.DataFrame] = {}
+    for measure in select_measure_maps(recipe):
+        runs = collect_first_level(output_dir, measure, space=recipe.space)
+        usable = runs[runs["session"].isin(recipe.sessions) & ~runs["excluded"] & (runs["file"] != "")]
+        if usable.empty:
+            LOGGER.warning("No first-level map for %s: skipped (%d tests).", measure.label, per_measure)
+            continue
+        check_map_provenance(output_dir, list(usable["file"]), task=measure.task, seed=measure.seed, recipe=recipe)
+        unknown = sorted(set(usable["participant"]) - set(participants.index))
+        if unknown:
+            raise InputDataError(
+                f"sub-{unknown[0]} has first-level maps but no row in {Path(bids_dir) / 'participants.tsv'}: "
+                "add it with its group."
+            )
+        measures.append(measure)
+        runs_of[measure] = runs
+    _write_group_description(output_dir / GROUP_DIR, output_dir, recipe)
+    LOGGER.info("Group level: %d map types x %d session analyses (%d tests each) = %d tests; %s; primary %s",
+                len(measures), len(analyses), per_measure, len(measures) * per_measure,
+                f"{inference.n_permutations} permutations" if set(inference.methods) & set(PERMUTATION_INFERENCES)
+                else "parametric only", inference.primary)
+    return GroupPlan(recipe=recipe, measures=measures, runs=runs_of, analyses=analyses, use_regions=use_regions)
+
+
 def run_group_level(
     output_dir: str | Path,
     recipe: Recipe,
@@ -824,7 +957,14 @@ def run_group_level(
     n_permutations: int | None = None,
     command: Sequence[str] | None = None,
 ) -> Path:
-    """Group-level inference for every task x measure x seed x session contrast of the recipe.
+    """Group-level inference for every task x measure x seed x session contrast of the recipe, in this process.
+
+    The science in one call, one unit after the other and without a cache:
+    :func:`plan_group_level`, then for every measure :func:`load_session_maps` and for each of
+    its session analyses :func:`run_session_analysis`, then :func:`finish_group_level`.
+    ``fcflow BIDS_DIR OUTPUT_DIR group`` runs the same steps as a nipype workflow
+    (:func:`fcflow.workflows.group.init_group_wf`), which spreads the units over processes or
+    SLURM jobs and resumes from its cache; both write the same bytes.
 
     Parameters
     ----------
@@ -846,262 +986,268 @@ def run_group_level(
     results_file : Path
         ``output_dir/group/results.tsv``.
     """
+    plan = plan_group_level(output_dir, recipe, bids_dir=bids_dir, atlas_dir=atlas_dir,
+                            n_permutations=n_permutations)
+    outputs = []
+    for measure in plan.measures:
+        maps = load_session_maps(output_dir, plan.runs[measure], plan.recipe.sessions)
+        for analysis in plan.analyses:
+            outputs.append(run_session_analysis(output_dir, plan.recipe, measure, analysis, maps, bids_dir=bids_dir,
+                                                atlas_dir=atlas_dir, command=command))
+    return finish_group_level(output_dir, outputs)
+
+
+def _unit_files(group_dir: Path, measure: MeasureMap, analysis: SessionAnalysis) -> dict[Path, tuple[int, int]]:
+    """The files of ``group/`` one measure x session analysis writes, with their inode and mtime.
+
+    Every one of its file names starts with its session analysis and task and names its seed,
+    and all sit in its measure folder, so units running at once never list each other's files.
+    """
+    prefix, seed = f"ses-{analysis.label}_task-{measure.task}_", f"_seed-{measure.seed}_"
+    folder = measure_dir(group_dir, measure)
+    if not folder.is_dir():
+        return {}
+    found = {}
+    for path in folder.iterdir():
+        if path.name.startswith(prefix) and seed in path.name and path.is_file():
+            info = path.stat()
+            found[path] = (info.st_ino, info.st_mtime_ns)
+    return found
+
+
+def run_session_analysis(
+    output_dir: str | Path,
+    recipe: Recipe,
+    measure: MeasureMap,
+    analysis: SessionAnalysis,
+    maps: SessionMaps,
+    *,
+    bids_dir: str | Path,
+    atlas_dir: str | Path | None = None,
+    command: Sequence[str] | None = None,
+) -> AnalysisOutputs:
+    """Every group test of one task x measure x seed on one session analysis: one unit of work.
+
+    Builds the analysis' subject maps (a session contrast's change maps, the reference session,
+    or the repeated-measures rows), the design with the recipe's covariates, and runs each group
+    contrast and F test (:func:`run_inference`), the family-wise correction over them and the
+    region level, writing their files into :func:`measure_dir`. Units share nothing but their
+    inputs, so they may run at once in several processes or SLURM jobs.
+
+    Parameters
+    ----------
+    output_dir : path
+        The participant level's OUTPUT_DIR.
+    recipe : Recipe
+        The effective recipe (:attr:`GroupPlan.recipe`).
+    measure : MeasureMap
+    analysis : SessionAnalysis
+    maps : SessionMaps
+        The measure's maps (:func:`load_session_maps`).
+    bids_dir : path
+        Raw BIDS dataset (its ``participants.tsv``).
+    atlas_dir : path or None, default=None
+        Julich-Brain v3.1 folder (area names, the region level).
+    command : sequence of str or None, default=None
+        Command line for the provenance (default ``sys.argv``).
+
+    Returns
+    -------
+    AnalysisOutputs
+    """
     from fcflow.bids import read_participants
     from fcflow.derivatives import software_provenance
     from fcflow.stats import make_group_design
 
     output_dir = Path(output_dir)
     group_dir = output_dir / GROUP_DIR
-    # the effective recipe: what runs is what desc-recipe_config.json, the sidecars and the
-    # methods text record (issue 17: --n-permutations was applied but the recipe's value recorded)
-    recipe = recipe.with_overrides(n_permutations=None if n_permutations is None else int(n_permutations))
     inference = recipe.inference
     n_perm = int(inference.n_permutations)
-    if not any(output_dir.glob("sub-*/sub-*_desc-runs_qc.tsv")):
-        raise InputDataError(
-            f"{output_dir}: expected the participant level's outputs (sub-<label>/sub-<label>_desc-runs_qc.tsv "
-            "and the maps). Got none: run 'fcflow BIDS_DIR OUTPUT_DIR participant' first, with this OUTPUT_DIR."
-        )
     participants = read_participants(Path(bids_dir), recipe.group_column, recipe.groups)
-    _check_permutation_memory(recipe, n_rows=len(participants) * max(1, len(recipe.sessions) - 1))
-    lookup = None
-    if atlas_dir is not None:
-        lookup = julich_area_lookup(atlas_dir)
-    use_regions = recipe.regions.enabled
-    if use_regions and recipe.regions.atlas == "julich-brain-3.1" and atlas_dir is None:
-        LOGGER.warning("Region level skipped: its atlas, Julich-Brain v3.1, is not available (no --julich-dir). "
-                       "Give --julich-dir, or a label image as [regions] 'atlas' in the recipe, or set [regions] "
-                       "enabled = false.")
-        use_regions = False
-    region_atlases: dict[tuple, Any] = {}
+    lookup = julich_area_lookup(atlas_dir) if atlas_dir is not None else None
+    region_atlas = _load_region_atlas(recipe, atlas_dir, maps) if regions_available(recipe, atlas_dir) else None
     provenance = software_provenance(command)
     recipe_sha = recipe.fingerprint()
-    _write_group_description(group_dir, output_dir, recipe)
-
-    measures = select_measure_maps(recipe)
-    analyses = session_analyses(recipe)
-    n_tests = len(recipe.group_contrasts) + len(recipe.f_tests)
-    per_measure = sum({"repeated": 2, "mean": 1}.get(a.kind, n_tests) for a in analyses)
-    n_total = len(measures) * per_measure
-    LOGGER.info("Group level: %d map types x %d session analyses (%d tests each) = %d tests; %s; primary %s",
-                len(measures), len(analyses), per_measure, n_total,
-                f"{n_perm} permutations" if set(inference.methods) & set(PERMUTATION_INFERENCES)
-                else "parametric only", inference.primary)
+    before = _unit_files(group_dir, measure, analysis)
     rows: list[dict[str, Any]] = []
-    used_records: list[str] = []
-    done = 0
-    for measure in measures:
-        runs = collect_first_level(output_dir, measure, space=recipe.space)
-        if not (runs["file"] != "").any():
-            LOGGER.warning("No first-level map for %s: skipped (%d tests).", measure.label, per_measure)
-            done += per_measure
+
+    repeated = None
+    if analysis.kind == "repeated":
+        from fcflow.repeated import build_repeated_measures
+
+        groups_known = participants[recipe.group_column].dropna()
+        repeated = build_repeated_measures(
+            maps.data, maps.present, maps.subjects, maps.sessions, recipe.reference_session,
+            {s: str(groups_known[s]) for s in maps.subjects if s in groups_known.index},
+        )
+        data, subjects, dropped = repeated.data, repeated.subjects, dict(repeated.dropped)
+        for s, reason in dropped.items():
+            if reason == "no study group":
+                dropped[s] = f"no '{recipe.group_column}' in participants.tsv"
+        group_of = participants.loc[subjects, recipe.group_column]
+    else:
+        data, subjects, dropped = compute_change_maps(maps, dict(analysis.weights))
+        group_of = participants.loc[subjects, recipe.group_column]
+        no_group = [s for s, g in zip(subjects, group_of) if pd.isna(g)]
+        if no_group:
+            for s in no_group:
+                dropped[s] = f"no '{recipe.group_column}' in participants.tsv"
+            keep = np.array([s not in no_group for s in subjects])
+            data, subjects = data[keep], [s for s, k in zip(subjects, keep) if k]
+            group_of = participants.loc[subjects, recipe.group_column]
+    counts = {g: int((group_of == g).sum()) for g in recipe.groups}
+    where = f"{measure.label} ses {analysis.expression}"
+    LOGGER.info("%s: n = %s%s", where, _n_per_group_text(counts),
+                f"; dropped {', '.join(f'sub-{s} ({r})' for s, r in dropped.items())}" if dropped else "")
+    base_row = {"task": measure.task, "measure": measure.measure, "seed": measure.seed, "desc": measure.desc,
+                "session_contrast": analysis.expression, "n_per_group": _n_per_group_text(counts),
+                "primary_inference": inference.primary, "is_reference": analysis.is_reference}
+    empty = [g for g, n in counts.items() if n == 0]
+    skip_reason = f"no subject in {empty}" if empty else ""
+    design = None
+    if not skip_reason and repeated is not None:
+        from fcflow.repeated import repeated_measures_design
+
+        row_subjects = [repeated.subjects[i] for i in repeated.row_subject]
+        # each row's mean_fd is its own change in motion, FD(session) - FD(reference)
+        ref_row = maps.sessions.index(recipe.reference_session)
+        fd_rows = [float(maps.mean_fd_mm[maps.sessions.index(k), maps.subjects.index(s)]
+                         - maps.mean_fd_mm[ref_row, maps.subjects.index(s)])
+                   for s, k in zip(row_subjects, repeated.row_session)]
+        covariates = build_covariates(participants, row_subjects, inference.covariates, fd_rows)
+        try:
+            design = repeated_measures_design(repeated, recipe.groups, maps.sessions,
+                                              recipe.reference_session, covariates)
+        except ValueError as exc:
+            skip_reason = f"cannot build the repeated-measures design of {len(data)} differences: {exc}"
+    elif not skip_reason:
+        fd = contrast_mean_fd(maps, analysis.weights, subjects)
+        covariates = build_covariates(participants, subjects, inference.covariates, fd)
+        try:
+            design = make_group_design(list(group_of), recipe.groups, covariates)
+        except ValueError as exc:
+            # The subjects left (exclusions, missing sessions) cannot carry the covariates,
+            # e.g. one constant within groups: this test is skipped with why, the others run.
+            skip_reason = f"cannot build the group design of {len(subjects)} subjects: {exc}"
+        if design is not None:
+            design.index = pd.Index([f"sub-{s}" for s in subjects], name="participant_id")
+    if design is not None:
+        rank = int(np.linalg.matrix_rank(design.to_numpy()))
+        if len(design) - rank < 1:
+            skip_reason = (f"{len(design)} rows leave no residual degree of freedom for the "
+                           f"{rank} design columns {list(design.columns)}")
+    all_columns = list(recipe.groups)
+    if repeated is not None:
+        from fcflow.repeated import repeated_cells
+
+        all_columns = repeated_cells(recipe.groups, maps.sessions, recipe.reference_session)
+    try:
+        tests = analysis_tests(recipe, analysis, design.columns if design is not None else all_columns)
+    except ValueError as exc:
+        # a repeated-measures cell without any subject: its contrasts are not estimable
+        skip_reason = skip_reason or f"no difference in a group x session cell ({exc})"
+        tests = analysis_tests(recipe, analysis, all_columns)
+    row_groups = (pd.Series(repeated.row_group) if repeated is not None else group_of)
+    variance_labels, variance_note = _variance_group_labels(inference.variance_groups, row_groups, where, design)
+    group_cells = (list(recipe.groups) if repeated is None else
+                   [c for c in (design.columns if design is not None else []) if ":" in c])
+    family = inference.family_wise == "contrasts" and not skip_reason and len(tests) > 1 and bool(
+        set(inference.methods) & set(PERMUTATION_INFERENCES))
+    computed: dict[str, InferenceResult] = {}
+    shuffles: dict[str, NDArray] = {}
+
+    def exchange(test: GroupTest) -> tuple[NDArray | None, str]:
+        """Whole-subject shuffles of a repeated-measures test, drawn once per scheme (the voxel
+        and region tests, and the tests of one scheme, share them); the engine's own otherwise."""
+        if repeated is None:
+            return None, "auto"
+        from fcflow.repeated import permutation_scheme, whole_block_permutations
+
+        scheme = permutation_scheme(test.name, variance_labels is not None)
+        if scheme not in shuffles:
+            shuffles[scheme] = whole_block_permutations(
+                repeated.row_subject, repeated.row_session, n_perm, scheme=scheme,
+                patterns=repeated.patterns(), random_seed=inference.random_seed)
+        return shuffles[scheme], scheme
+
+    def infer(test: GroupTest) -> InferenceResult:
+        permutations, scheme = exchange(test)
+        return run_inference(
+            data, design, test, maps.mask, methods=inference.methods, n_permutations=n_perm,
+            two_sided=inference.two_sided, random_seed=inference.random_seed,
+            cluster_forming_p=inference.cluster_forming_p,
+            min_cluster_voxels=inference.min_cluster_voxels, variance_groups=variance_labels,
+            fdr_p=inference.fdr_p, zstat=family, group_variances=inference.group_variances,
+            permutations=permutations, scheme=scheme,
+        )
+
+    family_rows: dict[str, dict[str, Any]] = {}
+    for index, test in enumerate(tests, start=1):
+        row = {**base_row, "group_contrast": test.expression if test.kind == "t" else test.name,
+               "stat_type": test.kind}
+        if skip_reason:
+            LOGGER.warning("[%d/%d] %s: %s skipped: %s.", index, len(tests), where, test.expression, skip_reason)
+            rows.append({**row, "skip_reason": skip_reason})
             continue
-        maps = load_session_maps(output_dir, runs, recipe.sessions)
-        check_map_provenance(output_dir, [f for files in maps.files.values() for f in files], task=measure.task,
-                             seed=measure.seed, recipe=recipe)
-        LOGGER.info("%s: %d subjects, %d maps read, analysis mask %d voxels", measure.label, len(maps.subjects),
-                    int(maps.n_runs.sum()), int(maps.mask.sum()))
-        unknown = [s for s in maps.subjects if s not in participants.index]
-        if unknown:
-            raise InputDataError(
-                f"sub-{unknown[0]} has first-level maps but no row in {Path(bids_dir) / 'participants.tsv'}: "
-                "add it with its group."
-            )
-        region_atlas = None
-        if use_regions:
-            grid = (maps.mask.shape, maps.affine.round(6).tobytes())
-            if grid not in region_atlases:
-                region_atlases[grid] = _load_region_atlas(recipe, atlas_dir, maps)
-            region_atlas = region_atlases[grid]
-        for analysis in analyses:
-            repeated = None
-            if analysis.kind == "repeated":
-                from fcflow.repeated import build_repeated_measures
+        LOGGER.info("[%d/%d] %s: %s (%s)", index, len(tests), where, test.expression,
+                    f"{n_perm} permutations" if set(inference.methods) & set(PERMUTATION_INFERENCES)
+                    else "parametric")
+        diagnostics = None
+        if len(design.columns) > len(group_cells):
+            from fcflow.stats import compute_design_diagnostics
 
-                groups_known = participants[recipe.group_column].dropna()
-                repeated = build_repeated_measures(
-                    maps.data, maps.present, maps.subjects, maps.sessions, recipe.reference_session,
-                    {s: str(groups_known[s]) for s in maps.subjects if s in groups_known.index},
-                )
-                data, subjects, dropped = repeated.data, repeated.subjects, dict(repeated.dropped)
-                for s, reason in dropped.items():
-                    if reason == "no study group":
-                        dropped[s] = f"no '{recipe.group_column}' in participants.tsv"
-                group_of = participants.loc[subjects, recipe.group_column]
-            else:
-                data, subjects, dropped = compute_change_maps(maps, dict(analysis.weights))
-                group_of = participants.loc[subjects, recipe.group_column]
-                no_group = [s for s, g in zip(subjects, group_of) if pd.isna(g)]
-                if no_group:
-                    for s in no_group:
-                        dropped[s] = f"no '{recipe.group_column}' in participants.tsv"
-                    keep = np.array([s not in no_group for s in subjects])
-                    data, subjects = data[keep], [s for s, k in zip(subjects, keep) if k]
-                    group_of = participants.loc[subjects, recipe.group_column]
-            counts = {g: int((group_of == g).sum()) for g in recipe.groups}
-            where = f"{measure.label} ses {analysis.expression}"
-            LOGGER.info("%s: n = %s%s", where, _n_per_group_text(counts),
-                        f"; dropped {', '.join(f'sub-{s} ({r})' for s, r in dropped.items())}" if dropped else "")
-            base_row = {"task": measure.task, "measure": measure.measure, "seed": measure.seed, "desc": measure.desc,
-                        "session_contrast": analysis.expression, "n_per_group": _n_per_group_text(counts),
-                        "primary_inference": inference.primary, "is_reference": analysis.is_reference}
-            empty = [g for g, n in counts.items() if n == 0]
-            skip_reason = f"no subject in {empty}" if empty else ""
-            design = None
-            if not skip_reason and repeated is not None:
-                from fcflow.repeated import repeated_measures_design
+            diagnostics = compute_design_diagnostics(design, group_cells, test.matrix, max_vif=inference.max_vif)
+            for message in diagnostics.warnings:
+                LOGGER.warning("%s: %s: %s.", where, test.expression, message)
+        result = computed[test.name] = infer(test)
+        row.update(_write_test_outputs(
+            group_dir, output_dir, recipe, measure, analysis, test, result, maps, subjects, group_of,
+            design, dropped, counts, lookup, provenance, recipe_sha, n_perm,
+            diagnostics=diagnostics, variance_note=variance_note,
+        ))
+        if region_atlas is not None:
+            permutations, scheme = exchange(test)
+            row.update(_write_region_outputs(
+                group_dir, output_dir, recipe, measure, analysis, test, region_atlas, maps, data,
+                subjects, group_of, design, variance_labels, n_perm, recipe_sha, provenance,
+                permutations=permutations, scheme=scheme,
+            ))
+        rows.append(row)
+        family_rows[test.name] = row
+    if family:
+        update = _write_family_outputs(group_dir, output_dir, recipe, measure, analysis, tests,
+                                       [computed[t.name] for t in tests], maps, where)
+        for name, values in update.items():
+            family_rows[name].update(values)
+    from fcflow.io import sha256_file
 
-                row_subjects = [repeated.subjects[i] for i in repeated.row_subject]
-                # each row's mean_fd is its own change in motion, FD(session) - FD(reference)
-                ref_row = maps.sessions.index(recipe.reference_session)
-                fd_rows = [float(maps.mean_fd_mm[maps.sessions.index(k), maps.subjects.index(s)]
-                                 - maps.mean_fd_mm[ref_row, maps.subjects.index(s)])
-                           for s, k in zip(row_subjects, repeated.row_session)]
-                covariates = build_covariates(participants, row_subjects, inference.covariates, fd_rows)
-                try:
-                    design = repeated_measures_design(repeated, recipe.groups, maps.sessions,
-                                                      recipe.reference_session, covariates)
-                except ValueError as exc:
-                    skip_reason = f"cannot build the repeated-measures design of {len(data)} differences: {exc}"
-            elif not skip_reason:
-                fd = contrast_mean_fd(maps, analysis.weights, subjects)
-                covariates = build_covariates(participants, subjects, inference.covariates, fd)
-                try:
-                    design = make_group_design(list(group_of), recipe.groups, covariates)
-                except ValueError as exc:
-                    # The subjects left (exclusions, missing sessions) cannot carry the covariates,
-                    # e.g. one constant within groups: this test is skipped with why, the others run.
-                    skip_reason = f"cannot build the group design of {len(subjects)} subjects: {exc}"
-                if design is not None:
-                    design.index = pd.Index([f"sub-{s}" for s in subjects], name="participant_id")
-            if design is not None:
-                rank = int(np.linalg.matrix_rank(design.to_numpy()))
-                if len(design) - rank < 1:
-                    skip_reason = (f"{len(design)} rows leave no residual degree of freedom for the "
-                                   f"{rank} design columns {list(design.columns)}")
-            all_columns = list(recipe.groups)
-            if repeated is not None:
-                from fcflow.repeated import repeated_cells
+    written = sorted(p for p, stamp in _unit_files(group_dir, measure, analysis).items() if before.get(p) != stamp)
+    return AnalysisOutputs(rows=rows, files={str(p.relative_to(output_dir)): sha256_file(p) for p in written})
 
-                all_columns = repeated_cells(recipe.groups, maps.sessions, recipe.reference_session)
-            try:
-                tests = analysis_tests(recipe, analysis, design.columns if design is not None else all_columns)
-            except ValueError as exc:
-                # a repeated-measures cell without any subject: its contrasts are not estimable
-                skip_reason = skip_reason or f"no difference in a group x session cell ({exc})"
-                tests = analysis_tests(recipe, analysis, all_columns)
-            row_groups = (pd.Series(repeated.row_group) if repeated is not None else group_of)
-            variance_labels, variance_note = _variance_group_labels(inference.variance_groups, row_groups, where,
-                                                                    design)
-            group_cells = (list(recipe.groups) if repeated is None else
-                           [c for c in (design.columns if design is not None else []) if ":" in c])
-            family = inference.family_wise == "contrasts" and not skip_reason and len(tests) > 1 and bool(
-                set(inference.methods) & set(PERMUTATION_INFERENCES))
-            computed: dict[str, InferenceResult] = {}
-            shuffles: dict[str, NDArray] = {}
 
-            def exchange(test: GroupTest) -> tuple[NDArray | None, str]:
-                """Whole-subject shuffles of a repeated-measures test, drawn once per scheme (the voxel
-                and region tests, and the tests of one scheme, share them); the engine's own otherwise."""
-                if repeated is None:
-                    return None, "auto"
-                from fcflow.repeated import permutation_scheme, whole_block_permutations
+def finish_group_level(output_dir: str | Path, outputs: Sequence[AnalysisOutputs]) -> Path:
+    """Write ``results.tsv`` and ``baseline_results.tsv`` from every unit's rows, in unit order,
+    and set apart the files of ``group/`` no unit wrote (:func:`set_apart_stale_outputs`).
 
-                scheme = permutation_scheme(test.name, variance_labels is not None)
-                if scheme not in shuffles:
-                    shuffles[scheme] = whole_block_permutations(
-                        repeated.row_subject, repeated.row_session, n_perm, scheme=scheme,
-                        patterns=repeated.patterns(), random_seed=inference.random_seed)
-                return shuffles[scheme], scheme
-
-            family_rows: dict[str, dict[str, Any]] = {}
-            for test in tests:
-                done += 1
-                row = {**base_row, "group_contrast": test.expression if test.kind == "t" else test.name,
-                       "stat_type": test.kind}
-                if skip_reason:
-                    LOGGER.warning("[%d/%d] %s: %s skipped: %s.", done, n_total, where, test.expression,
-                                   skip_reason)
-                    rows.append({**row, "skip_reason": skip_reason})
-                    continue
-                LOGGER.info("[%d/%d] %s: %s (%s)", done, n_total, where, test.expression,
-                            f"{n_perm} permutations" if set(inference.methods) & set(PERMUTATION_INFERENCES)
-                            else "parametric")
-                diagnostics = None
-                if len(design.columns) > len(group_cells):
-                    from fcflow.stats import compute_design_diagnostics
-
-                    diagnostics = compute_design_diagnostics(design, group_cells, test.matrix,
-                                                             max_vif=inference.max_vif)
-                    for message in diagnostics.warnings:
-                        LOGGER.warning("%s: %s: %s.", where, test.expression, message)
-
-                def infer(test: GroupTest = test) -> InferenceResult:
-                    permutations, scheme = exchange(test)
-                    return run_inference(
-                        data, design, test, maps.mask, methods=inference.methods, n_permutations=n_perm,
-                        two_sided=inference.two_sided, random_seed=inference.random_seed,
-                        cluster_forming_p=inference.cluster_forming_p,
-                        min_cluster_voxels=inference.min_cluster_voxels, variance_groups=variance_labels,
-                        fdr_p=inference.fdr_p, zstat=family, group_variances=inference.group_variances,
-                        permutations=permutations, scheme=scheme,
-                    )
-
-                def compute() -> dict[str, Any]:
-                    result = computed[test.name] = infer()
-                    out = _write_test_outputs(
-                        group_dir, output_dir, recipe, measure, analysis, test, result, maps, subjects, group_of,
-                        design, dropped, counts, lookup, provenance, recipe_sha, n_perm,
-                        diagnostics=diagnostics, variance_note=variance_note,
-                    )
-                    if region_atlas is not None:
-                        permutations, scheme = exchange(test)
-                        out.update(_write_region_outputs(
-                            group_dir, output_dir, recipe, measure, analysis, test, region_atlas, maps, data,
-                            subjects, group_of, design, variance_labels, n_perm, recipe_sha, provenance,
-                            permutations=permutations, scheme=scheme,
-                        ))
-                    return out
-
-                row.update(_reuse_or_compute_test(
-                    group_dir, f"ses-{analysis.label}_task-{measure.task}_seed-{measure.seed}_contrast-{test.name}_"
-                               f"desc-{measure.desc}",
-                    [recipe_sha, n_perm, provenance, str(atlas_dir), measure, analysis, test, subjects,
-                     list(group_of), design, dropped, counts, maps, data, variance_labels,
-                     # the regions' names as plain lists: an object array would hash its pointers
-                     None if region_atlas is None else [region_atlas.labels, region_atlas.source,
-                                                        region_atlas.regions.astype(str).to_dict("list")]],
-                    compute, used=used_records,
-                ))
-                rows.append(row)
-                family_rows[test.name] = row
-            if family:
-                def compute_family() -> dict[str, Any]:
-                    results = [computed.get(t.name) or infer(t) for t in tests]
-                    return _write_family_outputs(group_dir, output_dir, recipe, measure, analysis, tests, results,
-                                                 maps, where)
-
-                update = _reuse_or_compute_test(
-                    group_dir, f"ses-{analysis.label}_task-{measure.task}_seed-{measure.seed}_desc-{measure.desc}_"
-                               "family",
-                    [recipe_sha, n_perm, provenance, measure, analysis, tests, subjects, list(group_of), design,
-                     maps, data, variance_labels],
-                    compute_family, used=used_records,
-                )
-                for name, values in update.items():
-                    family_rows[name].update(values)
-    results = pd.DataFrame(rows)
+    Returns
+    -------
+    results_file : Path
+        ``output_dir/group/results.tsv``.
+    """
+    group_dir = Path(output_dir) / GROUP_DIR
+    results = pd.DataFrame([row for unit in outputs for row in unit.rows])
     for column in RESULT_COLUMNS + ["is_reference"]:
         if column not in results:
             results[column] = np.nan
     for column in ("dof", "n_significant_clusters", "n_significant_regions"):
         # counts stay integers where some tests lack them (skipped, or no region level)
         results[column] = pd.to_numeric(results[column]).astype("Int64")
-    baseline = results[results["is_reference"].astype(bool)][RESULT_COLUMNS]
-    main = results[~results["is_reference"].astype(bool)][RESULT_COLUMNS]
+    is_reference = results["is_reference"].astype(bool)
+    baseline = results[is_reference][RESULT_COLUMNS]
+    main = results[~is_reference][RESULT_COLUMNS]
     write_tsv(group_dir / "baseline_results.tsv", baseline)
     results_file = write_tsv(group_dir / "results.tsv", main)
-    set_apart_stale_outputs(group_dir, used_records)
+    set_apart_stale_outputs(group_dir, [f for unit in outputs for f in unit.files])
     LOGGER.info("Group level done: %d rows in %s (and %d baseline-equivalence rows)", len(main), results_file,
                 len(baseline))
     return results_file
@@ -1109,8 +1255,8 @@ def run_group_level(
 
 #: group/ files every run writes (not per test)
 _GROUP_FILES = ("results.tsv", "baseline_results.tsv", "dataset_description.json", "desc-recipe_config.json")
-#: folders of group/ that hold no test outputs: resume records, set-apart files, the report's figures
-_GROUP_SPECIAL_DIRS = (".fcflow-resume", ".fcflow-stale", "figures")
+#: folders of group/ that hold no test outputs: set-apart files, the report's figures
+_GROUP_SPECIAL_DIRS = (".fcflow-stale", "figures")
 
 
 def measure_dir(group_dir: str | Path, measure: MeasureMap) -> Path:
@@ -1135,14 +1281,14 @@ def _group_outputs(group_dir: Path) -> list[Path]:
     return sorted(found)
 
 
-def set_apart_stale_outputs(group_dir: str | Path, records: Sequence[str]) -> Path | None:
+def set_apart_stale_outputs(group_dir: str | Path, files: Sequence[str]) -> Path | None:
     """Move the files of ``group/`` that this run did not write or reuse into ``group/.fcflow-stale/<time>/``.
 
     A rerun with fewer contrasts, sessions or measures would otherwise leave the earlier run's
     maps and tables beside the new ones, under names a reader cannot tell apart. This run's files
-    are those of its tests' resume records (``records``, ``group/.fcflow-resume/<name>.json``) and
-    :data:`_GROUP_FILES`; every other file of ``group/`` and its measure folders (:func:`_group_outputs`)
-    and every other record is moved (a rename on the same file system, atomic per file) with a
+    are its units' files (``files``, relative to OUTPUT_DIR: :attr:`AnalysisOutputs.files`) and
+    :data:`_GROUP_FILES`; every other file of ``group/`` and its measure folders
+    (:func:`_group_outputs`) is moved (a rename on the same file system, atomic per file) with a
     ``manifest.json`` of what was there; measure folders left empty are removed.
     The group report's ``figures/`` are rewritten by the report itself.
 
@@ -1152,20 +1298,11 @@ def set_apart_stale_outputs(group_dir: str | Path, records: Sequence[str]) -> Pa
         The folder the stale files went to, or None when nothing was stale.
     """
     import datetime
-    import json
 
     group_dir = Path(group_dir)
     output_dir = group_dir.parent
-    keep = {group_dir / name for name in _GROUP_FILES}
-    record_dir = group_dir / ".fcflow-resume"
-    wanted = {record_dir / f"{name}.json" for name in records}
-    for record in wanted:
-        try:
-            keep |= {output_dir / rel for rel in json.loads(record.read_text()).get("Files", {})}
-        except (OSError, ValueError):
-            continue
+    keep = {group_dir / name for name in _GROUP_FILES} | {output_dir / rel for rel in files}
     stale = sorted(p for p in _group_outputs(group_dir) if p not in keep)
-    stale += sorted(p for p in record_dir.glob("*.json") if p not in wanted) if record_dir.is_dir() else []
     if not stale:
         return None
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
@@ -1247,85 +1384,6 @@ def _volume(values: NDArray, mask: NDArray[np.bool_], affine: NDArray[np.float64
     img = nib.Nifti1Image(volume, affine)
     img.header.set_xyzt_units("mm")
     return img
-
-
-def _reuse_or_compute_test(
-    group_dir: Path, name: str, inputs: Sequence[Any], compute: Callable[[], dict[str, Any]],
-    used: list[str] | None = None,
-) -> dict[str, Any]:
-    """Return one test's ``results.tsv`` values, computing them only if its outputs are missing or stale.
-
-    ``compute`` runs the inference and writes the test's files. Then a record,
-    ``group/.fcflow-resume/<name>.json``, is written after all of them: the SHA-256 of everything
-    that determines their bytes (``inputs``: the maps read, the design, the test, the recipe's
-    fingerprint, the number of permutations, the command and software versions), the values of
-    the row and the SHA-256 of each file written. A rerun (after a kill) reuses the test when its
-    record matches those inputs and every file it lists is intact; otherwise the files of the
-    earlier attempt are removed and the test is computed again. A test interrupted before its
-    record was written is therefore always recomputed, and its files are rewritten whole.
-    """
-    import dataclasses
-    import hashlib
-    import json
-
-    from fcflow.io import sha256_file
-
-    def update(digest, value: Any) -> None:
-        if isinstance(value, np.ndarray):
-            digest.update(f"ndarray{value.dtype.str}{value.shape}".encode())
-            digest.update(np.ascontiguousarray(value).tobytes())
-        elif isinstance(value, pd.DataFrame | pd.Series):
-            update(digest, [repr(value.index.tolist()), repr(getattr(value, "columns", pd.Index([])).tolist())])
-            update(digest, value.to_numpy())
-        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
-            update(digest, [type(value).__name__] + [getattr(value, f.name) for f in dataclasses.fields(value)])
-        elif isinstance(value, Mapping):
-            for key in sorted(value, key=repr):
-                update(digest, [repr(key), value[key]])
-        elif isinstance(value, list | tuple):
-            digest.update(b"[")
-            for item in value:
-                update(digest, item)
-            digest.update(b"]")
-        else:
-            digest.update(json.dumps(value, default=repr).encode() + b";")
-
-    if used is not None:
-        used.append(name)
-    digest = hashlib.sha256()
-    update(digest, list(inputs))
-    fingerprint = digest.hexdigest()
-    output_dir = group_dir.parent
-    record_file = group_dir / ".fcflow-resume" / f"{name}.json"
-    record = None
-    if record_file.is_file():
-        try:
-            record = json.loads(record_file.read_text())
-        except (OSError, ValueError):
-            record = None
-    if record is not None and record.get("InputsSHA256") == fingerprint and all(
-        (output_dir / rel).is_file() and sha256_file(output_dir / rel) == sha
-        for rel, sha in record.get("Files", {}).items()
-    ):
-        LOGGER.info("%s: reused (its outputs are complete and its inputs unchanged)", name)
-        return record["Row"]
-    for rel in (record or {}).get("Files", {}):
-        (output_dir / rel).unlink(missing_ok=True)
-    record_file.unlink(missing_ok=True)
-
-    def snapshot() -> dict[Path, tuple[int, int]]:
-        return {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in _group_outputs(group_dir)}
-
-    before = snapshot()
-    row = compute()
-    written = sorted(p for p, stamp in snapshot().items() if before.get(p) != stamp)
-    write_json(record_file, {
-        "Test": name,
-        "InputsSHA256": fingerprint,
-        "Row": row,
-        "Files": {str(p.relative_to(output_dir)): sha256_file(p) for p in written},
-    })
-    return row
 
 
 def _write_test_outputs(

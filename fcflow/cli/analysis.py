@@ -84,7 +84,9 @@ def _run_group(args: argparse.Namespace, recipe) -> int:
     from fcflow.atlas import resolve_atlas_dir
     from fcflow.derivatives import utc_now, write_execution_record
     from fcflow.errors import AtlasError
-    from fcflow.grouplevel import run_group_level
+    from fcflow.grouplevel import plan_group_level
+    from fcflow.workflows.group import init_group_wf, invalidate_changed_units
+    from fcflow.workflows.runner import run_workflow
 
     # the recipe that runs, with --n-permutations checked, for the group level and its report alike
     recipe = recipe.with_overrides(n_permutations=args.n_permutations)
@@ -95,24 +97,32 @@ def _run_group(args: argparse.Namespace, recipe) -> int:
         logging.getLogger("fcflow.group").warning(
             "The Julich-Brain atlas is unavailable, so the cluster tables list coordinates only (no area "
             "names): %s", exc)
+    output_dir = args.output_dir.resolve()
+    bids_dir = args.bids_dir.resolve()
+    work_dir = (args.work_dir or output_dir.parent / f"{output_dir.name}_work").resolve()
+    plugin, plugin_args = plugin_settings(args)
+    command = ["fcflow", *sys.argv[1:]]
     started = utc_now()
-    with lock_output_dir(args.output_dir.resolve(), "group", command=["fcflow", *sys.argv[1:]]):
-        results = run_group_level(
-            args.output_dir.resolve(), recipe, bids_dir=args.bids_dir.resolve(), atlas_dir=atlas_dir,
-            command=["fcflow", *sys.argv[1:]],
-        )
+    with lock_output_dir(output_dir, "group", command=command):
+        plan = plan_group_level(output_dir, recipe, bids_dir=bids_dir, atlas_dir=atlas_dir)
+        workflow = init_group_wf(plan, output_dir=output_dir, bids_dir=bids_dir, atlas_dir=atlas_dir,
+                                 command=command)
+        invalidate_changed_units(workflow, work_dir, output_dir)
+        logging.getLogger("fcflow.group").info(
+            "Group level: %d units (measure x session analysis) with %s; work directory %s",
+            len(plan.units), plugin, work_dir)
+        run_workflow(workflow, plugin=plugin, plugin_args=plugin_args, work_dir=work_dir)
+        results = output_dir / "group" / "results.tsv"
         if not args.no_reports:
             from fcflow.reports.group import write_group_report
 
-            report = write_group_report(args.output_dir.resolve(), recipe, bids_dir=args.bids_dir.resolve(),
-                                        command=["fcflow", *sys.argv[1:]])
+            report = write_group_report(output_dir, recipe, bids_dir=bids_dir, command=command)
             print(f"Group report: {report}")
-        write_execution_record(args.output_dir.resolve(), "group", command=["fcflow", *sys.argv[1:]],
-                               started=started, settings={
-                                   "n_permutations": recipe.inference.n_permutations,
-                                   "n_permutations_recipe": load_recipe(args.recipe).inference.n_permutations,
-                                   "plugin": "in-process (the group level runs in the fcflow process)",
-                                   "reports": not args.no_reports})
+        write_execution_record(output_dir, "group", command=command, started=started, settings={
+            "n_permutations": recipe.inference.n_permutations,
+            "n_permutations_recipe": load_recipe(args.recipe).inference.n_permutations,
+            "plugin": plugin, "plugin_args": plugin_args, "work_dir": str(work_dir),
+            "units": len(plan.units), "reports": not args.no_reports})
     print(f"Group level done: {results}")
     return 0
 

@@ -89,7 +89,10 @@ def run(args: argparse.Namespace) -> int:
     if status:
         return status
     LOGGER.info("3/3 Group level (200 permutations for the demo; publication needs the recipe's 5000)")
-    status = fcflow_main([str(bids_dir), str(fcflow_dir), "group", *common, "--n-permutations", "200"])
+    group = [str(bids_dir), str(fcflow_dir), "group", *common, "--n-permutations", "200"]
+    if args.nprocs:
+        group += ["--nprocs", str(args.nprocs)]
+    status = fcflow_main(group)
     if status:
         return status
     # the group step has just printed the group report and results.tsv: only what it did not say

@@ -1,0 +1,144 @@
+"""nipype adapters for the group level: one science call each (:mod:`fcflow.grouplevel`).
+
+:class:`LoadGroupMaps` reads one task x measure x seed's first-level maps into its node's
+working directory; :class:`RunSessionAnalysis` runs the group tests of one session analysis on
+them and writes their files into OUTPUT_DIR (atomically); :class:`FinishGroupLevel` writes
+``results.tsv`` from every unit and sets apart what no unit wrote. Every setting arrives as plain
+data (the typed recipe through :func:`fcflow.config.to_plain`), so nipype's hash of a node's
+inputs decides whether it reruns.
+"""
+
+from __future__ import annotations
+
+import os
+
+from nipype.interfaces.base import (
+    BaseInterfaceInputSpec,
+    SimpleInterface,
+    TraitedSpec,
+    traits,
+)
+
+
+def write_pickle(value, path: str) -> str:
+    """Write ``value`` to ``path`` (a node's working directory) as a pickle; return its SHA-256."""
+    import pickle
+
+    from fcflow.io import sha256_file, write_bytes
+
+    write_bytes(path, pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL))
+    return sha256_file(path)
+
+
+def read_pickle(path: str):
+    """Read what :func:`write_pickle` wrote (a node's own output, written by this fcflow)."""
+    import pickle
+
+    with open(path, "rb") as handle:
+        return pickle.load(handle)
+
+
+class _LoadGroupMapsInputSpec(BaseInterfaceInputSpec):
+    output_dir = traits.Str(mandatory=True, desc="the participant level's OUTPUT_DIR")
+    runs = traits.List(traits.Dict(), mandatory=True,
+                       desc="the measure's runs, fcflow.grouplevel.collect_first_level as records")
+    sessions = traits.List(traits.Str(), mandatory=True, desc="the recipe's sessions, in order")
+    input_stamps = traits.Str(mandatory=True, desc=(
+        "identity of every map read and every QC table (fcflow.io.input_stamps): any change reruns this node "
+        "and the tests after it"))
+
+
+class _LoadGroupMapsOutputSpec(TraitedSpec):
+    maps_file = traits.Str(desc="fcflow.grouplevel.SessionMaps, pickled in this node's folder")
+    maps_sha256 = traits.Str(desc="its SHA-256: the tests rerun only when the maps' values change")
+
+
+class LoadGroupMaps(SimpleInterface):
+    """Read every usable map of one task x measure x seed once (:func:`fcflow.grouplevel.load_session_maps`)."""
+
+    input_spec = _LoadGroupMapsInputSpec
+    output_spec = _LoadGroupMapsOutputSpec
+
+    def _run_interface(self, runtime):
+        import pandas as pd
+
+        from fcflow.grouplevel import load_session_maps
+
+        maps = load_session_maps(self.inputs.output_dir, pd.DataFrame(self.inputs.runs), self.inputs.sessions)
+        path = os.path.join(runtime.cwd, "session_maps.pkl")
+        self._results["maps_sha256"] = write_pickle(maps, path)
+        self._results["maps_file"] = path
+        return runtime
+
+
+class _RunSessionAnalysisInputSpec(BaseInterfaceInputSpec):
+    output_dir = traits.Str(mandatory=True, desc="the participant level's OUTPUT_DIR; files go to its group/")
+    bids_dir = traits.Str(mandatory=True, desc="raw BIDS dataset (participants.tsv)")
+    atlas_dir = traits.Either(None, traits.Str(), default=None, usedefault=True,
+                              desc="Julich-Brain v3.1 folder (area names, region level); None: without")
+    recipe = traits.Dict(mandatory=True, desc="the effective recipe (fcflow.config.to_plain of a Recipe)")
+    measure = traits.Dict(mandatory=True, desc="fcflow.grouplevel.MeasureMap fields")
+    analysis = traits.Str(mandatory=True, desc="label of one of fcflow.grouplevel.session_analyses(recipe)")
+    command = traits.List(traits.Str(), mandatory=True, desc="the command line, for the sidecars")
+    maps_file = traits.Str(mandatory=True, desc="LoadGroupMaps' pickled SessionMaps")
+    maps_sha256 = traits.Str(mandatory=True, desc="its SHA-256 (what the hash of this node depends on)")
+    input_stamps = traits.Str(mandatory=True, desc=(
+        "identity of participants.tsv and of the region atlas (fcflow.io.input_stamps)"))
+
+
+class _RunSessionAnalysisOutputSpec(TraitedSpec):
+    outputs_file = traits.Str(desc="fcflow.grouplevel.AnalysisOutputs (rows, files written), pickled")
+
+
+class RunSessionAnalysis(SimpleInterface):
+    """Every group test of one measure x session analysis (:func:`fcflow.grouplevel.run_session_analysis`)."""
+
+    input_spec = _RunSessionAnalysisInputSpec
+    output_spec = _RunSessionAnalysisOutputSpec
+
+    def _run_interface(self, runtime):
+        from fcflow.config import Recipe, from_plain
+        from fcflow.grouplevel import MeasureMap, run_session_analysis, session_analyses
+
+        recipe = from_plain(Recipe, self.inputs.recipe)
+        (analysis,) = [a for a in session_analyses(recipe) if a.label == self.inputs.analysis]
+        outputs = run_session_analysis(
+            self.inputs.output_dir, recipe, MeasureMap(**self.inputs.measure), analysis,
+            read_pickle(self.inputs.maps_file), bids_dir=self.inputs.bids_dir, atlas_dir=self.inputs.atlas_dir,
+            command=list(self.inputs.command),
+        )
+        path = os.path.join(runtime.cwd, "analysis_outputs.pkl")
+        write_pickle(outputs, path)
+        self._results["outputs_file"] = path
+        return runtime
+
+
+class _FinishGroupLevelInputSpec(BaseInterfaceInputSpec):
+    output_dir = traits.Str(mandatory=True, desc="the participant level's OUTPUT_DIR")
+    outputs_files = traits.List(traits.Str(), mandatory=True,
+                                desc="every RunSessionAnalysis' outputs_file, in results.tsv order")
+
+
+class _FinishGroupLevelOutputSpec(TraitedSpec):
+    results_file = traits.Str(desc="OUTPUT_DIR/group/results.tsv")
+
+
+class FinishGroupLevel(SimpleInterface):
+    """``results.tsv`` from every unit, stale files set apart (:func:`fcflow.grouplevel.finish_group_level`).
+
+    Always runs (it is cheap): it decides what ``group/`` holds after this invocation.
+    """
+
+    input_spec = _FinishGroupLevelInputSpec
+    output_spec = _FinishGroupLevelOutputSpec
+    _always_run = True
+
+    def _run_interface(self, runtime):
+        from fcflow.grouplevel import finish_group_level
+
+        outputs = [read_pickle(path) for path in self.inputs.outputs_files]
+        self._results["results_file"] = str(finish_group_level(self.inputs.output_dir, outputs))
+        return runtime
+
+
+__all__ = ["LoadGroupMaps", "RunSessionAnalysis", "FinishGroupLevel", "read_pickle", "write_pickle"]

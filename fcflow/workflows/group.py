@@ -1,0 +1,197 @@
+"""Group level as a nipype workflow: one job per task x measure x seed x session analysis.
+
+:func:`fcflow.grouplevel.plan_group_level` checks the inputs and lists the units of work in the
+fcflow process; :func:`init_group_wf` turns the plan into::
+
+    maps_<measure> (LoadGroupMaps) --> test_<analysis>_<measure> (RunSessionAnalysis) --\\
+                                   \\-> test_<analysis'>_<measure> ...                    --> merge -> results
+                                                                                        (FinishGroupLevel)
+
+so ``fcflow BIDS_DIR OUTPUT_DIR group --plugin MultiProc|SLURM|SLURMGraph`` spreads the
+permutation tests, the costly part of a study, over processes or cluster jobs. Why this unit:
+the family-wise correction over a map's group tests (``inference.family_wise``) needs every test
+of one measure x session analysis together, and a repeated-measures analysis shares its shuffles
+between its tests; the maps of a measure are read once for all its analyses. The shipped recipe
+makes 3 measures x 5 analyses = 15 jobs (36 tests).
+
+Resume is nipype's cache only: a node reruns when its inputs change (the maps' and QC tables'
+identity, :func:`fcflow.io.input_stamps`; the recipe; participants.tsv) or did not finish. The one
+thing nipype cannot see is an output of a finished unit changed or removed in OUTPUT_DIR
+afterwards: :func:`invalidate_changed_units` drops those units from the cache before the run.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import nibabel as nib
+from nipype.interfaces.utility import Merge
+from nipype.pipeline import engine as pe
+
+from fcflow.config import to_plain
+from fcflow.derivatives import analysis_command
+from fcflow.grouplevel import GroupPlan, MeasureMap, SessionAnalysis, unit_name
+from fcflow.interfaces.group import FinishGroupLevel, LoadGroupMaps, RunSessionAnalysis
+from fcflow.io import input_stamps
+
+LOGGER = logging.getLogger("fcflow.group")
+WORKFLOW_NAME = "fcflow_group_wf"
+_BASE_GB = 0.5
+
+
+def _node_name(prefix: str, text: str) -> str:
+    """A nipype node name (letters, digits, underscores) from entity text."""
+    return f"{prefix}_{re.sub(r'[^A-Za-z0-9]+', '_', text).strip('_')}"
+
+
+def maps_node_name(measure: MeasureMap) -> str:
+    return _node_name("maps", f"task-{measure.task}_seed-{measure.seed}_desc-{measure.desc}")
+
+
+def test_node_name(measure: MeasureMap, analysis: SessionAnalysis) -> str:
+    return _node_name("test", unit_name(measure, analysis))
+
+
+def _n_voxels(output_dir: Path, files: Sequence[str]) -> int:
+    """Voxels of the maps' grid (an upper bound of the analysis mask), from the first map's header."""
+    shape = nib.load(output_dir / files[0]).shape[:3]
+    return int(shape[0] * shape[1] * shape[2])
+
+
+def estimate_unit_mem_gb(plan: GroupPlan, measure: MeasureMap, n_voxels: int) -> float:
+    """Memory (GB) of one session analysis: the maps, its design's copies of them and its permutations.
+
+    The maps (float32, sessions x subjects x voxels), three float64 copies of one analysis' rows
+    (data, residuals, statistic work) and :func:`fcflow.permutation.permutation_memory_bytes` for
+    its tests; a generous bound, for MultiProc's budget and SLURM's ``--mem``.
+    """
+    from fcflow.config import PERMUTATION_INFERENCES
+    from fcflow.permutation import permutation_memory_bytes
+
+    runs = plan.runs[measure]
+    n_subjects = int(runs["participant"].nunique())
+    n_sessions = len(plan.recipe.sessions)
+    n_rows = n_subjects * max(1, n_sessions - 1)
+    inference = plan.recipe.inference
+    methods = [m for m in inference.methods if m in PERMUTATION_INFERENCES]
+    n_tests = max(len(plan.recipe.group_contrasts) + len(plan.recipe.f_tests), 2)
+    maps = 4 * n_sessions * n_subjects * n_voxels
+    work = 3 * 8 * n_rows * n_voxels
+    permutations = permutation_memory_bytes(inference.n_permutations if methods else 0, n_rows, len(methods),
+                                            n_tests)
+    return round(_BASE_GB + (maps + work + permutations) / 1e9, 2)
+
+
+def init_group_wf(
+    plan: GroupPlan,
+    *,
+    output_dir: Path,
+    bids_dir: Path,
+    atlas_dir: Path | None,
+    command: Sequence[str],
+) -> pe.Workflow:
+    """Build the group level of ``plan`` (:func:`fcflow.grouplevel.plan_group_level`).
+
+    Parameters
+    ----------
+    plan : GroupPlan
+    output_dir : Path
+        The participant level's OUTPUT_DIR; the units write into its ``group/``.
+    bids_dir : Path
+        Raw BIDS dataset (participants.tsv).
+    atlas_dir : Path or None
+        Julich-Brain v3.1 folder, or None.
+    command : sequence of str
+        The command line, recorded in the sidecars without its execution options.
+
+    Returns
+    -------
+    Workflow
+        ``fcflow_group_wf``; its ``results`` node writes ``group/results.tsv``.
+    """
+    recipe = plan.recipe
+    workflow = pe.Workflow(name=WORKFLOW_NAME)
+    units = plan.units
+    merge = pe.Node(Merge(max(len(units), 1)), name="merge")
+    finish = pe.Node(FinishGroupLevel(output_dir=str(output_dir)), name="results", mem_gb=0.3)
+    if not units:
+        finish.inputs.outputs_files = []
+        workflow.add_nodes([finish])
+        return workflow
+    participants = [bids_dir / "participants.tsv", bids_dir / "participants.json"]
+    label_image = [Path(recipe.regions.atlas)] if recipe.regions.atlas != "julich-brain-3.1" else []
+    unit_stamps = input_stamps([p for p in [*participants, *label_image] if p.exists()])
+    qc_tables = sorted(output_dir.glob("sub-*/sub-*_desc-runs_qc.tsv"))
+    plain_recipe = to_plain(recipe)
+    # without its execution options: rerunning with another plugin or --nprocs reuses every unit
+    analysis_only = analysis_command(command)
+    index = 0
+    for measure in plan.measures:
+        runs = plan.runs[measure]
+        usable = runs[runs["session"].isin(recipe.sessions) & ~runs["excluded"] & (runs["file"] != "")]
+        files = list(usable["file"])
+        n_voxels = _n_voxels(output_dir, files)
+        mem_gb = estimate_unit_mem_gb(plan, measure, n_voxels)
+        load = pe.Node(
+            LoadGroupMaps(output_dir=str(output_dir), runs=runs.to_dict("records"), sessions=list(recipe.sessions),
+                          input_stamps=input_stamps([*(output_dir / f for f in files), *qc_tables])),
+            # the float32 maps of every session and subject, and the pickle written from them
+            name=maps_node_name(measure),
+            mem_gb=round(_BASE_GB + 2 * 4 * len(recipe.sessions) * runs["participant"].nunique() * n_voxels / 1e9, 2),
+        )
+        for analysis in plan.analyses:
+            index += 1
+            unit = pe.Node(
+                RunSessionAnalysis(output_dir=str(output_dir), bids_dir=str(bids_dir),
+                                   atlas_dir=str(atlas_dir) if atlas_dir else None, recipe=plain_recipe,
+                                   measure=to_plain(measure), analysis=analysis.label, command=analysis_only,
+                                   input_stamps=unit_stamps),
+                name=test_node_name(measure, analysis), mem_gb=mem_gb,
+            )
+            workflow.connect([(load, unit, [("maps_file", "maps_file"), ("maps_sha256", "maps_sha256")]),
+                              (unit, merge, [("outputs_file", f"in{index}")])])
+    workflow.connect(merge, "out", finish, "outputs_files")
+    return workflow
+
+
+def invalidate_changed_units(workflow: pe.Workflow, work_dir: Path, output_dir: Path) -> list[str]:
+    """Drop from nipype's cache every finished unit whose files in OUTPUT_DIR changed or went missing.
+
+    nipype decides reuse from a node's inputs; a unit's outputs live in OUTPUT_DIR, outside its
+    working directory, where a user (or a disk fault) may change them after the unit finished.
+    Each finished unit's ``analysis_outputs.pkl`` lists the SHA-256 of the files it wrote; a unit
+    whose files no longer match loses its working directory, so the run recomputes it.
+
+    Returns
+    -------
+    list of str
+        The units dropped.
+    """
+    from fcflow.interfaces.group import read_pickle
+    from fcflow.io import sha256_file
+
+    dropped = []
+    for node in workflow._graph.nodes():
+        if not isinstance(node.interface, RunSessionAnalysis):
+            continue
+        folder = Path(work_dir) / WORKFLOW_NAME / node.name
+        record = folder / "analysis_outputs.pkl"
+        if not (folder / f"result_{node.name}.pklz").is_file() or not record.is_file():
+            continue
+        try:
+            files = read_pickle(str(record)).files
+        except Exception:  # an unreadable record: recompute rather than trust it
+            files = None
+        if files is not None and all((output_dir / rel).is_file() and sha256_file(output_dir / rel) == sha
+                                     for rel, sha in files.items()):
+            continue
+        shutil.rmtree(folder)
+        dropped.append(node.name)
+    if dropped:
+        LOGGER.warning("%d finished group-level unit(s) had outputs changed or removed since they were written; "
+                       "they are computed again: %s", len(dropped), ", ".join(dropped))
+    return dropped
