@@ -1,4 +1,4 @@
-"""Compiled (numba) TFCE kernel behind :func:`fcflow.clusters._tfce_vector`.
+"""Compiled (numba) TFCE kernel behind :func:`fcflow.clusters.tfce_vector`.
 
 Imported lazily, so that code that never computes TFCE does not pay numba's import (about
 1 s). Compiled code is cached in ``__pycache__`` beside this file (numba's ``cache=True``).

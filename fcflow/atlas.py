@@ -1042,10 +1042,15 @@ def _reference_grid(
     return tuple(int(n) for n in reference_img.shape[:3]), affine, reference_img.header  # type: ignore[return-value]
 
 
-def _resample(
+def resample_to_reference(
     data: NDArray[Any], affine: NDArray[np.float64], ref_shape: tuple[int, int, int],
     ref_affine: NDArray[np.float64], interpolation: str,
 ) -> NDArray[Any]:
+    """``data`` (on ``affine``) resampled onto the reference grid with nilearn's ``resample_img``.
+
+    ``interpolation`` is nilearn's (``"nearest"`` for labels and masks, ``"linear"`` for
+    probabilities). Only the non-zero bounding box is resampled (same result, much less work).
+    """
     # Imported here: nilearn is heavy and only this step needs it.
     from nilearn.image import resample_img
     from nilearn.image.resampling import BoundingBoxError
@@ -1093,7 +1098,7 @@ def _mpm_mask(
             )
     selected = np.isin(labels, list(values.values())).astype(np.uint8)
     # Label maps take nearest neighbour: a voxel keeps the area at its centre, never a blend.
-    return _resample(selected, img.affine, ref_shape, ref_affine, "nearest") > 0
+    return resample_to_reference(selected, img.affine, ref_shape, ref_affine, "nearest") > 0
 
 
 def _pmap_mask(
@@ -1117,7 +1122,7 @@ def _pmap_mask(
         )
     # Resample the probabilities, then threshold: thresholding first and resampling a binary map
     # would move the boundary by up to half an atlas voxel on coarse grids.
-    resampled = _resample(np.nan_to_num(prob), img.affine, ref_shape, ref_affine, "linear")
+    resampled = resample_to_reference(np.nan_to_num(prob), img.affine, ref_shape, ref_affine, "linear")
     return resampled >= threshold - 1e-6
 
 

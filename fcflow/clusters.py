@@ -173,7 +173,7 @@ def _signed_clusters(values: NDArray, threshold: float, graph: VoxelGraph, two_s
         yield voxels, labels, sizes, masses
 
 
-def _cluster_maxima(
+def cluster_maxima(
     values: NDArray, threshold: float, graph: VoxelGraph, two_sided: bool
 ) -> tuple[float, float]:
     """Largest cluster size and mass of an in-mask statistic vector (nilearn definitions)."""
@@ -184,7 +184,7 @@ def _cluster_maxima(
     return max_size, max_mass
 
 
-def _cluster_values(
+def cluster_values(
     values: NDArray, threshold: float, graph: VoxelGraph, two_sided: bool
 ) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
     """Per-voxel size and mass of the cluster each voxel belongs to (0 outside clusters)."""
@@ -219,7 +219,7 @@ def tfce_thresholds(max_score: float, dh: float | str = "auto") -> NDArray[np.fl
     return np.linspace(0, max_score, n_steps + 1)[1:]
 
 
-def _tfce_vector(
+def tfce_vector(
     values: NDArray,
     graph: VoxelGraph,
     *,
@@ -314,7 +314,7 @@ def compute_tfce(
     max_score = float(np.max(np.abs(values))) if two_sided else float(np.max(values))
     if mask.size > values.size:
         max_score = max(max_score, 0.0)
-    out[mask] = _tfce_vector(
+    out[mask] = tfce_vector(
         values,
         graph,
         two_sided=two_sided,

@@ -171,7 +171,7 @@ def _low_rank_factor(centred_operator: NDArray[np.float64]) -> NDArray[np.float6
     return eigenvectors[:, keep] * np.sqrt(eigenvalues[keep])
 
 
-def _correlate_cleaned_seeds(
+def correlate_cleaned_seeds(
     data: NDArray,
     operator: NDArray[np.float64],
     seeds_cleaned: NDArray[np.float64],
@@ -267,7 +267,7 @@ def correlate_with_operator(
     used = np.flatnonzero(np.any(weights != 0, axis=1))
     # Only the seed's voxels are needed in float64.
     raw_seeds = data[:, used].astype(np.float64) @ weights[used]
-    r = _correlate_cleaned_seeds(data, operator, operator @ raw_seeds)
+    r = correlate_cleaned_seeds(data, operator, operator @ raw_seeds)
     return r[0] if single else r
 
 
@@ -416,7 +416,7 @@ def compute_multiseed_connectivity(
             if methods[name] == "mean"
             else _eigenvariate(cleaned_seed_voxels)
         )
-    r = _correlate_cleaned_seeds(data, operator, np.column_stack(list(seeds.values())))
+    r = correlate_cleaned_seeds(data, operator, np.column_stack(list(seeds.values())))
     dof = correlation_dof(operator)
     return {
         name: SeedConnectivity(

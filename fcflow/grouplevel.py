@@ -586,7 +586,7 @@ class InferenceResult:
     permutation: Any = field(default=None, repr=False)  # the PermutationResult, for family-wise correction
 
 
-def _parametric_logp(z: NDArray[np.float64], two_sided: bool) -> NDArray[np.float64]:
+def parametric_logp(z: NDArray[np.float64], two_sided: bool) -> NDArray[np.float64]:
     """-log10 of the uncorrected p of z (two-sided: 2 sf(|z|)), accurate far in the tail."""
     log_sf = special.log_ndtr(-np.abs(z) if two_sided else -z)
     if two_sided:
@@ -683,7 +683,7 @@ def run_inference(
         settings["welch_dof"] = {"min": float(np.min(dof_map)), "median": float(np.median(dof_map)),
                                  "max": float(np.max(dof_map))}
     if any(m in methods for m in ("fdr", "bonferroni", "cluster_extent")):
-        logp_unc = _parametric_logp(z, two_sided)
+        logp_unc = parametric_logp(z, two_sided)
         if "fdr" in methods:
             if fdr_p == "permutation":
                 logp["fdr"] = fdr_logq(-np.log10(p_permutation))

@@ -97,12 +97,12 @@ import pandas as pd
 from numpy.typing import ArrayLike, NDArray
 from scipy import special
 
-from fcflow.clusters import VoxelGraph, _cluster_maxima, _cluster_values, _tfce_vector
+from fcflow.clusters import VoxelGraph, cluster_maxima, cluster_values, tfce_vector
 from fcflow.config import PERMUTATION_INFERENCES
 from fcflow.errors import InputDataError
 from fcflow.stats import (
-    _as_data_array,
-    _as_design_array,
+    as_data_array,
+    as_design_array,
     compute_f_threshold,
     compute_t_threshold,
     f_to_z,
@@ -742,7 +742,7 @@ def permutation_test(
     -------
     result : PermutationResult
     """
-    data = _as_data_array(data)
+    data = as_data_array(data)
     n_subjects, n_voxels = data.shape
     if variance_estimate not in ("voxel", "brain"):
         raise InputDataError(f"'variance_estimate' must be 'voxel' or 'brain'. Got {variance_estimate!r}.")
@@ -753,7 +753,7 @@ def permutation_test(
             "the mask to voxels covered in every subject."
         )
     columns = list(design.columns) if isinstance(design, pd.DataFrame) else None
-    design_array = _as_design_array(design, n_subjects)
+    design_array = as_design_array(design, n_subjects)
     contrast_matrix = _as_contrast_matrix(contrast, columns, design_array.shape[1])
     stat_type = "t" if contrast_matrix.shape[0] == 1 else "F"
     two_sided = bool(two_sided) and stat_type == "t"
@@ -937,10 +937,10 @@ def permutation_test(
         if "maxt" in names:
             out["maxt"] = float(np.max(np.abs(stat_vector)) if two_sided else np.max(stat_vector))
         if "cluster_mass" in names or "cluster_size" in names:
-            size, mass = _cluster_maxima(stat_vector, threshold, graph, two_sided)
+            size, mass = cluster_maxima(stat_vector, threshold, graph, two_sided)
             out["cluster_size"], out["cluster_mass"] = size, mass
         if "tfce" in names:
-            out["tfce"] = _tfce_vector(
+            out["tfce"] = tfce_vector(
                 stat_vector, graph, two_sided=two_sided,
                 extent_exponent=tfce_extent_exponent, height_exponent=tfce_height_exponent,
                 dh=tfce_dh, per_voxel=False,
@@ -950,12 +950,12 @@ def permutation_test(
     null_max = {name: np.empty(n_total) for name in keys}
     observed_tfce = observed_size = observed_mass = None
     if "tfce" in inference:
-        observed_tfce = _tfce_vector(
+        observed_tfce = tfce_vector(
             inferred, graph, two_sided=two_sided,
             extent_exponent=tfce_extent_exponent, height_exponent=tfce_height_exponent, dh=tfce_dh,
         )  # fmt: skip
     if "cluster_mass" in inference or "cluster_size" in inference:
-        observed_size, observed_mass = _cluster_values(inferred, threshold, graph, two_sided)
+        observed_size, observed_mass = cluster_values(inferred, threshold, graph, two_sided)
     first = summarise(inferred, keys)
     for key in keys:
         null_max[key][0] = first[key]

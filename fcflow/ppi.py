@@ -37,7 +37,7 @@ import numpy as np
 import pandas as pd
 from numpy.typing import NDArray
 
-from fcflow.connectivity import _correlate_cleaned_seeds, fisher_z
+from fcflow.connectivity import correlate_cleaned_seeds, fisher_z
 from fcflow.errors import InputDataError
 from fcflow.stats import parse_contrast, t_to_z
 
@@ -559,5 +559,5 @@ def compute_background_fc(
             f"({n_time}). Got {seed.shape[0]}, {[p.shape[0] for p in parts]}."
         )
     operator = background_operator(task_regressors, confounds, n_time, sample_mask=sample_mask)
-    r = _correlate_cleaned_seeds(y, operator, (operator @ seed)[:, None])[0]
+    r = correlate_cleaned_seeds(y, operator, (operator @ seed)[:, None])[0]
     return r, fisher_z(r)

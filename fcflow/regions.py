@@ -84,12 +84,12 @@ class RegionAtlas:
 
 def _to_grid(labels: NDArray, affine: NDArray[np.float64], shape: Sequence[int],
              target_affine: NDArray[np.float64]) -> NDArray[np.int32]:
-    from fcflow.atlas import _resample
+    from fcflow.atlas import resample_to_reference
 
     if tuple(labels.shape) == tuple(shape) and np.allclose(affine, target_affine, atol=1e-3):
         return labels.astype(np.int32)
     # Nearest neighbour: a voxel takes the label at its centre, never a blend of two labels.
-    out = _resample(labels.astype(np.int32), np.asarray(affine, dtype=float), tuple(int(n) for n in shape),
+    out = resample_to_reference(labels.astype(np.int32), np.asarray(affine, dtype=float), tuple(int(n) for n in shape),
                     np.asarray(target_affine, dtype=float), "nearest")
     return np.rint(out).astype(np.int32)
 
@@ -269,7 +269,7 @@ def run_region_inference(
         ``two_sided``), ``p_fwe`` the max-statistic permutation p over the regions and
         ``q_fdr`` the Benjamini-Hochberg q of ``p_uncorrected``.
     """
-    from fcflow.grouplevel import _parametric_logp, fdr_logq, run_inference
+    from fcflow.grouplevel import fdr_logq, parametric_logp, run_inference
     from fcflow.stats import fit_ols
 
     if values.shape[1] == 0:
@@ -279,7 +279,7 @@ def run_region_inference(
         random_seed=random_seed, cluster_forming_p=0.001, variance_groups=variance_groups,
         group_variances=group_variances, permutations=permutations, scheme=scheme,
     )  # fmt: skip
-    logp = _parametric_logp(result.z, bool(two_sided) and test.kind == "t")
+    logp = parametric_logp(result.z, bool(two_sided) and test.kind == "t")
     effect = (test.matrix[0] @ fit_ols(values, design).beta if test.kind == "t"
               else np.full(values.shape[1], np.nan))
     return pd.DataFrame({

@@ -412,7 +412,8 @@ class OLSFit:
     xtx_inv: NDArray[np.float64]
 
 
-def _as_design_array(design: pd.DataFrame | ArrayLike, n_subjects: int) -> NDArray[np.float64]:
+def as_design_array(design: pd.DataFrame | ArrayLike, n_subjects: int) -> NDArray[np.float64]:
+    """``design`` as a float (n_subjects, n_regressors) array; a clear error for any other shape."""
     matrix = np.asarray(design, dtype=float)
     if matrix.ndim == 1:
         matrix = matrix[:, None]
@@ -426,7 +427,8 @@ def _as_design_array(design: pd.DataFrame | ArrayLike, n_subjects: int) -> NDArr
     return matrix
 
 
-def _as_data_array(data: ArrayLike) -> NDArray:
+def as_data_array(data: ArrayLike) -> NDArray:
+    """``data`` as a 2-D (n_subjects, n_voxels) float array (float32 kept); a clear error otherwise."""
     data = np.asarray(data)
     if data.ndim != 2:
         raise InputDataError(
@@ -454,9 +456,9 @@ def fit_ols(
     -------
     fit : OLSFit
     """
-    data = _as_data_array(data)
+    data = as_data_array(data)
     n_subjects, n_voxels = data.shape
-    matrix = _as_design_array(design, n_subjects)
+    matrix = as_design_array(design, n_subjects)
     pinv = np.linalg.pinv(matrix)
     rank = np.linalg.matrix_rank(matrix)
     dof = n_subjects - rank

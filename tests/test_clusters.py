@@ -9,8 +9,8 @@ from scipy import ndimage
 
 from fcflow.clusters import (
     VoxelGraph,
-    _cluster_maxima,
-    _cluster_values,
+    cluster_maxima,
+    cluster_values,
     compute_tfce,
     label_clusters,
     make_cluster_table,
@@ -136,7 +136,7 @@ def test_cluster_maxima_equal_nilearn(smooth_map, two_sided):
             stat[..., None], threshold, structure, two_sided_test=two_sided
         )
         graph = VoxelGraph.from_mask(mask, 6)
-        size, mass = _cluster_maxima(stat[mask], threshold, graph, two_sided)
+        size, mass = cluster_maxima(stat[mask], threshold, graph, two_sided)
         assert size == sizes[0]
         assert mass == pytest.approx(masses[0], rel=1e-12)
 
@@ -145,7 +145,7 @@ def test_cluster_values_and_labels_agree(smooth_map):
     stat, mask = smooth_map
     labels, n_clusters = label_clusters(stat, 1.0, connectivity=18)
     graph = VoxelGraph.from_mask(mask, 18)
-    size, mass = _cluster_values(stat[mask], 1.0, graph, True)
+    size, mass = cluster_values(stat[mask], 1.0, graph, True)
     sizes = np.bincount(labels.ravel())
     np.testing.assert_array_equal(size, np.where(labels[mask] > 0, sizes[labels[mask]], 0))
     expected_mass = ndimage.sum(np.abs(stat) - 1.0, labels, np.arange(1, n_clusters + 1))

@@ -73,3 +73,19 @@ def test_science_layer_does_not_import_reports_or_wiring():
                       and any(f"fcflow.{a.name}".startswith(upper) for a in node.names)
                       or name.startswith(upper)]
     assert not found, found
+
+
+def test_no_module_imports_another_modules_private_names():
+    """Issue 20: a helper another module needs is public (documented, named for what it does);
+    ``from fcflow.x import _helper`` couples two modules through a name that promises nothing."""
+    import ast
+    from pathlib import Path
+
+    root = Path(fcflow.__file__).resolve().parent
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("fcflow"):
+                found += [f"{path.relative_to(root.parent)}:{node.lineno} imports {node.module}.{a.name}"
+                          for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
+    assert not found, found
