@@ -1015,6 +1015,121 @@ def _unit_files(group_dir: Path, measure: MeasureMap, analysis: SessionAnalysis)
     return found
 
 
+@dataclass
+class AnalysisSubjects:
+    """The rows one session analysis tests (:func:`analysis_subjects`).
+
+    Attributes
+    ----------
+    data : ndarray of shape (n_rows, n_voxels), float32
+        One change map (or reference-session map) per subject; for the repeated-measures
+        analysis one within-subject difference per subject and session.
+    subjects : list of str
+        The subjects tested (labels without ``sub-``).
+    dropped : dict of str to str
+        Subjects left out and why (a session missing, no group in participants.tsv).
+    group_of : Series
+        Each subject's study group.
+    repeated : fcflow.repeated.RepeatedMeasures or None
+        The repeated-measures rows (None for one map per subject).
+    """
+
+    data: NDArray[np.float32]
+    subjects: list[str]
+    dropped: dict[str, str]
+    group_of: pd.Series
+    repeated: Any = None
+
+
+def analysis_subjects(recipe: Recipe, analysis: SessionAnalysis, maps: SessionMaps,
+                      participants: pd.DataFrame) -> AnalysisSubjects:
+    """The subjects and maps one session analysis tests, and who drops out of it and why.
+
+    A session contrast (or the reference session) gives each subject's weighted sum of session
+    maps (:func:`compute_change_maps`); the repeated-measures analysis gives every subject's
+    difference from the reference session at each other session
+    (:func:`fcflow.repeated.build_repeated_measures`). Subjects without a group in
+    ``participants.tsv`` are dropped with that reason.
+    """
+    repeated = None
+    if analysis.kind == "repeated":
+        from fcflow.repeated import build_repeated_measures
+
+        groups_known = participants[recipe.group_column].dropna()
+        repeated = build_repeated_measures(
+            maps.data, maps.present, maps.subjects, maps.sessions, recipe.reference_session,
+            {s: str(groups_known[s]) for s in maps.subjects if s in groups_known.index},
+        )
+        data, subjects, dropped = repeated.data, repeated.subjects, dict(repeated.dropped)
+        for s, reason in dropped.items():
+            if reason == "no study group":
+                dropped[s] = f"no '{recipe.group_column}' in participants.tsv"
+        group_of = participants.loc[subjects, recipe.group_column]
+    else:
+        data, subjects, dropped = compute_change_maps(maps, dict(analysis.weights))
+        group_of = participants.loc[subjects, recipe.group_column]
+        no_group = [s for s, g in zip(subjects, group_of) if pd.isna(g)]
+        if no_group:
+            for s in no_group:
+                dropped[s] = f"no '{recipe.group_column}' in participants.tsv"
+            keep = np.array([s not in no_group for s in subjects])
+            data, subjects = data[keep], [s for s, k in zip(subjects, keep) if k]
+            group_of = participants.loc[subjects, recipe.group_column]
+    return AnalysisSubjects(data=data, subjects=subjects, dropped=dropped, group_of=group_of, repeated=repeated)
+
+
+def analysis_design(recipe: Recipe, analysis: SessionAnalysis, maps: SessionMaps, participants: pd.DataFrame,
+                    rows_of: AnalysisSubjects) -> tuple[pd.DataFrame | None, str]:
+    """The group design of one session analysis and, when its tests cannot run, why.
+
+    The cell-means design with the recipe's covariates (:func:`fcflow.stats.make_group_design`,
+    or :func:`fcflow.repeated.repeated_measures_design` over group x session cells), ``mean_fd``
+    being the session contrast's change in motion. Returns ``(design, "")``, or ``(design or
+    None, reason)`` when a group has no subject, the covariates cannot be carried, or no residual
+    degree of freedom is left.
+    """
+    from fcflow.stats import make_group_design
+
+    inference = recipe.inference
+    data, subjects, group_of, repeated = rows_of.data, rows_of.subjects, rows_of.group_of, rows_of.repeated
+    counts = {g: int((group_of == g).sum()) for g in recipe.groups}
+    empty = [g for g, n in counts.items() if n == 0]
+    skip_reason = f"no subject in {empty}" if empty else ""
+    design = None
+    if not skip_reason and repeated is not None:
+        from fcflow.repeated import repeated_measures_design
+
+        row_subjects = [repeated.subjects[i] for i in repeated.row_subject]
+        # each row's mean_fd is its own change in motion, FD(session) - FD(reference)
+        ref_row = maps.sessions.index(recipe.reference_session)
+        fd_rows = [float(maps.mean_fd_mm[maps.sessions.index(k), maps.subjects.index(s)]
+                         - maps.mean_fd_mm[ref_row, maps.subjects.index(s)])
+                   for s, k in zip(row_subjects, repeated.row_session)]
+        covariates = build_covariates(participants, row_subjects, inference.covariates, fd_rows)
+        try:
+            design = repeated_measures_design(repeated, recipe.groups, maps.sessions,
+                                              recipe.reference_session, covariates)
+        except ValueError as exc:
+            skip_reason = f"cannot build the repeated-measures design of {len(data)} differences: {exc}"
+    elif not skip_reason:
+        fd = contrast_mean_fd(maps, analysis.weights, subjects)
+        covariates = build_covariates(participants, subjects, inference.covariates, fd)
+        try:
+            design = make_group_design(list(group_of), recipe.groups, covariates)
+        except ValueError as exc:
+            # The subjects left (exclusions, missing sessions) cannot carry the covariates,
+            # e.g. one constant within groups: this test is skipped with why, the others run.
+            skip_reason = f"cannot build the group design of {len(subjects)} subjects: {exc}"
+        if design is not None:
+            design.index = pd.Index([f"sub-{s}" for s in subjects], name="participant_id")
+    if design is not None:
+        rank = int(np.linalg.matrix_rank(design.to_numpy()))
+        if len(design) - rank < 1:
+            skip_reason = (f"{len(design)} rows leave no residual degree of freedom for the "
+                           f"{rank} design columns {list(design.columns)}")
+    return design, skip_reason
+
+
 def run_session_analysis(
     output_dir: str | Path,
     recipe: Recipe,
@@ -1057,7 +1172,6 @@ def run_session_analysis(
     """
     from fcflow.bids import read_participants
     from fcflow.derivatives import software_provenance
-    from fcflow.stats import make_group_design
 
     output_dir = Path(output_dir)
     group_dir = output_dir / GROUP_DIR
@@ -1071,30 +1185,9 @@ def run_session_analysis(
     before = _unit_files(group_dir, measure, analysis)
     rows: list[dict[str, Any]] = []
 
-    repeated = None
-    if analysis.kind == "repeated":
-        from fcflow.repeated import build_repeated_measures
-
-        groups_known = participants[recipe.group_column].dropna()
-        repeated = build_repeated_measures(
-            maps.data, maps.present, maps.subjects, maps.sessions, recipe.reference_session,
-            {s: str(groups_known[s]) for s in maps.subjects if s in groups_known.index},
-        )
-        data, subjects, dropped = repeated.data, repeated.subjects, dict(repeated.dropped)
-        for s, reason in dropped.items():
-            if reason == "no study group":
-                dropped[s] = f"no '{recipe.group_column}' in participants.tsv"
-        group_of = participants.loc[subjects, recipe.group_column]
-    else:
-        data, subjects, dropped = compute_change_maps(maps, dict(analysis.weights))
-        group_of = participants.loc[subjects, recipe.group_column]
-        no_group = [s for s, g in zip(subjects, group_of) if pd.isna(g)]
-        if no_group:
-            for s in no_group:
-                dropped[s] = f"no '{recipe.group_column}' in participants.tsv"
-            keep = np.array([s not in no_group for s in subjects])
-            data, subjects = data[keep], [s for s, k in zip(subjects, keep) if k]
-            group_of = participants.loc[subjects, recipe.group_column]
+    rows_of = analysis_subjects(recipe, analysis, maps, participants)
+    data, subjects, dropped, group_of, repeated = (rows_of.data, rows_of.subjects, rows_of.dropped, rows_of.group_of,
+                                                   rows_of.repeated)
     counts = {g: int((group_of == g).sum()) for g in recipe.groups}
     where = f"{measure.label} ses {analysis.expression}"
     LOGGER.info("%s: n = %s%s", where, _n_per_group_text(counts),
@@ -1102,40 +1195,7 @@ def run_session_analysis(
     base_row = {"task": measure.task, "measure": measure.measure, "seed": measure.seed, "desc": measure.desc,
                 "session_contrast": analysis.expression, "n_per_group": _n_per_group_text(counts),
                 "primary_inference": inference.primary, "is_reference": analysis.is_reference}
-    empty = [g for g, n in counts.items() if n == 0]
-    skip_reason = f"no subject in {empty}" if empty else ""
-    design = None
-    if not skip_reason and repeated is not None:
-        from fcflow.repeated import repeated_measures_design
-
-        row_subjects = [repeated.subjects[i] for i in repeated.row_subject]
-        # each row's mean_fd is its own change in motion, FD(session) - FD(reference)
-        ref_row = maps.sessions.index(recipe.reference_session)
-        fd_rows = [float(maps.mean_fd_mm[maps.sessions.index(k), maps.subjects.index(s)]
-                         - maps.mean_fd_mm[ref_row, maps.subjects.index(s)])
-                   for s, k in zip(row_subjects, repeated.row_session)]
-        covariates = build_covariates(participants, row_subjects, inference.covariates, fd_rows)
-        try:
-            design = repeated_measures_design(repeated, recipe.groups, maps.sessions,
-                                              recipe.reference_session, covariates)
-        except ValueError as exc:
-            skip_reason = f"cannot build the repeated-measures design of {len(data)} differences: {exc}"
-    elif not skip_reason:
-        fd = contrast_mean_fd(maps, analysis.weights, subjects)
-        covariates = build_covariates(participants, subjects, inference.covariates, fd)
-        try:
-            design = make_group_design(list(group_of), recipe.groups, covariates)
-        except ValueError as exc:
-            # The subjects left (exclusions, missing sessions) cannot carry the covariates,
-            # e.g. one constant within groups: this test is skipped with why, the others run.
-            skip_reason = f"cannot build the group design of {len(subjects)} subjects: {exc}"
-        if design is not None:
-            design.index = pd.Index([f"sub-{s}" for s in subjects], name="participant_id")
-    if design is not None:
-        rank = int(np.linalg.matrix_rank(design.to_numpy()))
-        if len(design) - rank < 1:
-            skip_reason = (f"{len(design)} rows leave no residual degree of freedom for the "
-                           f"{rank} design columns {list(design.columns)}")
+    design, skip_reason = analysis_design(recipe, analysis, maps, participants, rows_of)
     all_columns = list(recipe.groups)
     if repeated is not None:
         from fcflow.repeated import repeated_cells
