@@ -613,7 +613,8 @@ def write_group_report(
     bids_dir : path
         The raw BIDS dataset (``participants.tsv``; a simulated study's ground truth).
     command : sequence of str, optional
-        The command line, shown in the report.
+        The command line, shown in the report without its execution options
+        (:func:`fcflow.derivatives.analysis_command`).
 
     Returns
     -------
@@ -623,7 +624,7 @@ def write_group_report(
     import sys
 
     from fcflow.bids import read_participants
-    from fcflow.derivatives import read_runs_qc
+    from fcflow.derivatives import analysis_command, read_runs_qc
     from fcflow.reports.methods import describe_methods, software_versions, write_bibtex
     from fcflow.reports.render import render
 
@@ -637,7 +638,9 @@ def write_group_report(
     context = {
         "recipe": recipe,
         "recipe_sha": recipe.fingerprint(),
-        "command": " ".join(command if command is not None else ["fcflow", *sys.argv[1:]]),
+        # without execution options (plugin, processes, work dir), as the sidecars record it: the
+        # report's bytes do not depend on how the work ran (logs/ records that)
+        "command": " ".join(analysis_command(command if command is not None else ["fcflow", *sys.argv[1:]])),
         "design": _design(output_dir, recipe, qc, participants, both),
         "motion": _motion(output_dir, recipe, qc, participants),
         "qcfc": _qcfc_section(output_dir, recipe, qc),
