@@ -270,10 +270,10 @@ def run_repeated_scenario(
 
     Each repetition is analysed as the group level does: within-subject differences from the
     baseline, the group x difference cell-means design, whole-subject permutations (or sign
-    flips), :func:`fcflow.grouplevel.run_inference` with the recipe's variance-group setting.
+    flips), :func:`fcflow.group.inference.run_inference` with the recipe's variance-group setting.
     The ``inference`` column is ``<test>/<inference>``.
     """
-    from fcflow.grouplevel import GroupTest, run_inference
+    from fcflow.group.inference import GroupTest, run_inference
     from fcflow.repeated import (
         build_repeated_measures,
         permutation_scheme,
@@ -409,19 +409,12 @@ def run_null_study_validation(
     """Count family-wise false positives over subsamples of a null study's participant level.
 
     The maps, change maps, covariates (the recipe's, demeaned) and design are built with the
-    group level's own functions (:mod:`fcflow.grouplevel`); only the subject draw is added.
+    group level's own functions (:mod:`fcflow.group`); only the subject draw is added.
     """
     from fcflow.bids import read_participants
     from fcflow.config import load_recipe
-    from fcflow.grouplevel import (
-        build_covariates,
-        collect_first_level,
-        compute_change_maps,
-        contrast_mean_fd,
-        load_session_maps,
-        select_measure_maps,
-        session_analyses,
-    )
+    from fcflow.group.inference import build_covariates, compute_change_maps, contrast_mean_fd, session_analyses
+    from fcflow.group.inputs import collect_first_level, load_session_maps, select_measure_maps
 
     resolved = load_recipe(recipe)
     measure = next(m for m in select_measure_maps(resolved) if m.task == task)

@@ -11,13 +11,13 @@ rest runs of the baseline and infusion sessions are simulated, see below) analys
    (:func:`fcflow.niftiio.smooth_map` on the run's brain mask at the recipe's 6 mm, what the
    participant level does with ``smoothing_fwhm = 6``; the first study of each run of the script
    runs the participant level at 6 mm for sub-01 and checks the copy against it byte for byte);
-3. per copy, the group level's science functions (:func:`fcflow.grouplevel.collect_first_level`,
+3. per copy, the group level's science functions (:func:`fcflow.group.inputs.collect_first_level`,
    ``load_session_maps``, ``compute_change_maps``, ``contrast_mean_fd``, ``build_covariates``,
    :func:`fcflow.stats.make_group_design`, ``build_tests``) on ``infusion - baseline``, with the
    recipe's inference settings (covariates age, sex, mean_fd; variance groups per study group,
    brain-wide weights; two-sided; TFCE, max-T, cluster mass):
 
-   * ``voxel-unsmoothed`` and ``voxel-6mm``: :func:`fcflow.grouplevel.run_inference` of
+   * ``voxel-unsmoothed`` and ``voxel-6mm``: :func:`fcflow.group.inference.run_inference` of
      ``ketamine - placebo``; detected = a voxel at FWE p < alpha inside the planted left-insula
      sphere (``derivatives/ground_truth/..._desc-leftInsula_mask``), per inference method;
    * ``region-unsmoothed`` and ``region-6mm``: :func:`fcflow.regions.run_region_inference` over
@@ -212,15 +212,8 @@ class GroupInputs:
 
     def __init__(self, output_dir: Path, bids_dir: Path, recipe) -> None:
         from fcflow.bids import read_participants
-        from fcflow.grouplevel import (
-            build_covariates,
-            build_tests,
-            collect_first_level,
-            compute_change_maps,
-            contrast_mean_fd,
-            load_session_maps,
-            select_measure_maps,
-        )
+        from fcflow.group.inference import build_covariates, build_tests, compute_change_maps, contrast_mean_fd
+        from fcflow.group.inputs import collect_first_level, load_session_maps, select_measure_maps
         from fcflow.stats import make_group_design
 
         measure = next(m for m in select_measure_maps(recipe) if m.task == "rest")
@@ -251,7 +244,7 @@ def analyse_study(study_dir: Path, recipe, atlas_cache: dict, *, julich_dir: Pat
                   n_region_permutations: int, alpha: float) -> dict:
     import nibabel as nib
 
-    from fcflow.grouplevel import run_inference
+    from fcflow.group.inference import run_inference
     from fcflow.regions import (
         RegionAtlas,
         compute_region_values,
@@ -343,7 +336,7 @@ def analyse_region_variants(study_dir: Path, recipe, atlas_cache: dict, *, julic
                             n_region_permutations: int) -> dict:
     """What the recipe's covariates and variance groups cost: the region test of ``ketamine - placebo``
     (unsmoothed maps) with and without the covariates, with (WLS) and without (OLS) variance groups."""
-    from fcflow.grouplevel import GroupTest
+    from fcflow.group.inference import GroupTest
     from fcflow.regions import compute_region_values, load_julich_regions, run_region_inference, select_regions
     from fcflow.stats import make_group_design
 

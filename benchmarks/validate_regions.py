@@ -50,7 +50,7 @@ def _clopper_pearson(k: int, n: int) -> tuple[float, float]:
 
 def run(n_regions: int, n_per_group: int, d: float, repetitions: int, n_permutations: int, alpha: float,
         seed: int) -> list[dict]:
-    from fcflow.grouplevel import GroupTest
+    from fcflow.group.inference import GroupTest
     from fcflow.regions import run_region_inference
     from fcflow.stats import make_group_design
 

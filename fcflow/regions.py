@@ -23,7 +23,7 @@ needs a smaller statistic (benchmarks/results/regions_fwe.tsv: a d = 1 effect at
 is found in 27 % of studies over 8 regions, in 4.5 % over 250). A region enters with at least
 ``min_voxels`` voxels inside the group analysis mask.
 
-Inference (:func:`run_region_inference`) is the voxel level's (:func:`fcflow.grouplevel.run_inference`:
+Inference (:func:`run_region_inference`) is the voxel level's (:func:`fcflow.group.inference.run_inference`:
 the same design, statistic, variance groups and permutations) on the (subjects x regions) matrix:
 max-T over regions for the family-wise error (``maxt`` needs no spatial mask, each region is one
 "voxel"), and the Benjamini-Hochberg q of the parametric p. The regions are a second, declared
@@ -254,9 +254,9 @@ def run_region_inference(
     regions : DataFrame
         ``region``, ``hemisphere``, ``n_voxels`` of each column of ``values``.
     design : DataFrame of shape (n_subjects, n_regressors)
-    test : fcflow.grouplevel.GroupTest
+    test : fcflow.group.inference.GroupTest
     n_permutations, two_sided, random_seed, variance_groups, group_variances, permutations, scheme
-        As for :func:`fcflow.grouplevel.run_inference` (``permutations``: e.g. the whole-subject
+        As for :func:`fcflow.group.inference.run_inference` (``permutations``: e.g. the whole-subject
         shuffles of a repeated-measures model, :mod:`fcflow.repeated`).
 
     Returns
@@ -269,7 +269,7 @@ def run_region_inference(
         ``two_sided``), ``p_fwe`` the max-statistic permutation p over the regions and
         ``q_fdr`` the Benjamini-Hochberg q of ``p_uncorrected``.
     """
-    from fcflow.grouplevel import fdr_logq, parametric_logp, run_inference
+    from fcflow.group.inference import fdr_logq, parametric_logp, run_inference
     from fcflow.stats import fit_ols
 
     if values.shape[1] == 0:

@@ -19,17 +19,10 @@ import pytest
 
 from fcflow.config import load_recipe, recipe_from_dict
 from fcflow.errors import InputDataError
-from fcflow.grouplevel import (
-    MeasureMap,
-    build_covariates,
-    collect_first_level,
-    compute_change_maps,
-    fdr_logq,
-    julich_area_lookup,
-    load_session_maps,
-    run_group_level,
-    select_measure_maps,
-)
+from fcflow.group.inference import build_covariates, compute_change_maps, fdr_logq
+from fcflow.group.inputs import MeasureMap, collect_first_level, load_session_maps, select_measure_maps
+from fcflow.group.outputs import julich_area_lookup
+from fcflow.group.run import run_group_level
 
 SHAPE = (9, 10, 11)
 AFFINE = np.array([[4.0, 0, 0, -16], [0, 4.0, 0, -18], [0, 0, 4.0, -20], [0, 0, 0, 1]])
@@ -536,7 +529,7 @@ def test_variance_groups_none_gives_ols_t_and_a_collinear_covariate_is_flagged(t
 
 
 def test_fdr_on_permutation_p_needs_a_permutation_method():
-    from fcflow.grouplevel import GroupTest, run_inference
+    from fcflow.group.inference import GroupTest, run_inference
 
     design = pd.DataFrame({"a": [1.0, 1, 0, 0], "b": [0.0, 0, 1, 1]})
     test = GroupTest("d", "a - b", "t", np.array([[1.0, -1.0]]))
@@ -564,16 +557,16 @@ def test_family_wise_maps_beside_per_test_maps(study):
 
 
 def test_a_group_of_one_falls_back_to_one_common_variance(caplog):
-    from fcflow.grouplevel import _variance_group_labels
+    from fcflow.group.inference import variance_group_labels
 
     groups = pd.Series(["placebo"] * 4 + ["ketamine"] + ["lamotrigine_ketamine"] * 3)
     with caplog.at_level("WARNING", logger="fcflow.group"):
-        labels, note = _variance_group_labels("auto", groups, "task-rest")
+        labels, note = variance_group_labels("auto", groups, "task-rest")
     assert labels is None and "group(s) ['ketamine'] have fewer than 2 subjects" in note
     assert "fell back to one common variance" in caplog.text
-    labels, note = _variance_group_labels("auto", groups.replace("ketamine", "placebo"), "task-rest")
+    labels, note = variance_group_labels("auto", groups.replace("ketamine", "placebo"), "task-rest")
     assert labels == list(groups.replace("ketamine", "placebo")) and note == ""
-    assert _variance_group_labels("none", groups, "task-rest") == (None, "")
+    assert variance_group_labels("none", groups, "task-rest") == (None, "")
 
 
 def test_report_summary_gives_cluster_one_its_own_peak(study):

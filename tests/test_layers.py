@@ -89,3 +89,46 @@ def test_no_module_imports_another_modules_private_names():
                 found += [f"{path.relative_to(root.parent)}:{node.lineno} imports {node.module}.{a.name}"
                           for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
     assert not found, found
+
+
+#: Modules that read or write files of the datasets, and why; every other module of the science
+#: layer computes on arrays and tables only and must not import fcflow.io, fcflow.derivatives or
+#: fcflow.lock (issue 20). The entries marked "not yet" are the known remainder of that work.
+_FILE_LAYER = {
+    "fcflow.io": "the atomic writers",
+    "fcflow.derivatives": "BIDS-derivative names, sidecars, the participant level's tables",
+    "fcflow.lock": "output-directory locks",
+    "fcflow.group.inputs": "reads the participant level's maps and QC tables",
+    "fcflow.group.outputs": "writes group/",
+    "fcflow.group.run": "runs one unit of the group level: inputs, inference, outputs",
+    "fcflow.plotting": "writes figures for the reports",
+    "fcflow.simulate.nifti": "writes synthetic studies",
+    "fcflow.simulate.study": "writes synthetic studies",
+    "fcflow.atlas": "not yet split: fetches and caches the Julich-Brain release beside the seed science",
+    "fcflow.firstlevel": "not yet moved into its adapter: run_first_level writes a run's results to its node folder",
+    "fcflow.qc": "not yet moved into its adapter: writes a run's report arrays",
+}
+
+
+def test_science_layer_reads_and_writes_no_dataset_files():
+    """The science modules outside :data:`_FILE_LAYER` import neither the writers (``fcflow.io``), the
+    derivatives' names and tables (``fcflow.derivatives``) nor the locks; the group level's inference
+    (``fcflow.group.inference``) is one of them."""
+    import ast
+    from pathlib import Path
+
+    root = Path(fcflow.__file__).resolve().parent
+    files = ("fcflow.io", "fcflow.derivatives", "fcflow.lock")
+    science = [m for m in _science_modules() if m not in _FILE_LAYER and not m.startswith("fcflow.reports")]
+    assert "fcflow.group.inference" in science and "fcflow.permutation" in science
+    found = []
+    for module in science:
+        path = root.joinpath(*module.split(".")[1:])
+        path = path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            names = ([node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+                     if isinstance(node, ast.ImportFrom) else
+                     [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+            found += [f"{module} imports {name} (line {node.lineno})" for name in names if name in files]
+    assert not found, found
+    assert set(_FILE_LAYER) <= set(_science_modules()), "a module named in _FILE_LAYER no longer exists"

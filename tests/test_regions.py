@@ -21,7 +21,8 @@ from scipy import stats
 
 from fcflow.config import RegionsConfig
 from fcflow.errors import InputDataError
-from fcflow.grouplevel import GroupTest, run_group_level
+from fcflow.group.inference import GroupTest
+from fcflow.group.run import run_group_level
 from fcflow.regions import (
     REGION_COLUMNS,
     compute_region_values,

@@ -11,7 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fcflow.grouplevel import GroupTest, run_group_level, run_inference
+from fcflow.group.inference import GroupTest, run_inference
+from fcflow.group.run import run_group_level
 from fcflow.permutation import permutation_test
 from fcflow.repeated import (
     build_repeated_measures,
@@ -225,7 +226,7 @@ def test_default_variance_groups_flip_whole_subjects_and_keep_the_family(tmp_pat
 
 
 def test_repeated_measures_can_be_switched_off_and_needs_three_sessions(tmp_path):
-    from fcflow.grouplevel import session_analyses
+    from fcflow.group.inference import session_analyses
 
     assert [a.kind for a in session_analyses(_recipe())] == ["contrast", "contrast", "repeated", "mean",
                                                               "reference"]

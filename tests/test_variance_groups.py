@@ -537,7 +537,6 @@ def test_group_level_falls_back_to_one_variance_exactly_when_a_group_has_too_lit
     """Small groups with covariates (a high-motion study: 3/2/2 subjects, age, sex, mean FD) leave a
     group less than 0.5 residual dof: the group level must fall back (with a note) exactly when
     permutation_test would refuse the variance groups, instead of aborting."""
-    from fcflow.grouplevel import _variance_group_labels
 
     rng = np.random.default_rng(seed)
     groups = ["placebo"] * 3 + ["ketamine"] * 2 + ["lamotrigine_ketamine"] * 2
@@ -545,7 +544,9 @@ def test_group_level_falls_back_to_one_variance_exactly_when_a_group_has_too_lit
     for name in ["age", "sex", "mean_fd"][: 1 + seed % 3]:
         design[name] = rng.normal(size=len(groups))
     data = rng.normal(size=(len(groups), 30))
-    labels, note = _variance_group_labels("auto", pd.Series(groups), "test", design)
+    from fcflow.group.inference import variance_group_labels
+
+    labels, note = variance_group_labels("auto", pd.Series(groups), "test", design)
     try:
         permutation_test(data, design, "ketamine - placebo", n_permutations=20, random_seed=0,
                          inference=("maxt",), variance_groups=groups, zstat=True)

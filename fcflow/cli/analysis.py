@@ -84,7 +84,7 @@ def _run_group(args: argparse.Namespace, recipe) -> int:
     from fcflow.atlas import resolve_atlas_dir
     from fcflow.derivatives import utc_now, write_execution_record
     from fcflow.errors import AtlasError
-    from fcflow.grouplevel import plan_group_level
+    from fcflow.group.run import plan_group_level
     from fcflow.workflows.group import init_group_wf, invalidate_changed_units
     from fcflow.workflows.runner import run_workflow
 

@@ -1,4 +1,4 @@
-"""nipype adapters for the group level: one science call each (:mod:`fcflow.grouplevel`).
+"""nipype adapters for the group level: one science call each (:mod:`fcflow.group`).
 
 :class:`LoadGroupMaps` reads one task x measure x seed's first-level maps into its node's
 working directory; :class:`RunSessionAnalysis` runs the group tests of one session analysis on
@@ -41,7 +41,7 @@ def read_pickle(path: str):
 class _LoadGroupMapsInputSpec(BaseInterfaceInputSpec):
     output_dir = traits.Str(mandatory=True, desc="the participant level's OUTPUT_DIR")
     runs = traits.List(traits.Dict(), mandatory=True,
-                       desc="the measure's runs, fcflow.grouplevel.collect_first_level as records")
+                       desc="the measure's runs, fcflow.group.inputs.collect_first_level as records")
     sessions = traits.List(traits.Str(), mandatory=True, desc="the recipe's sessions, in order")
     input_stamps = traits.Str(mandatory=True, desc=(
         "identity of every map read and every QC table (fcflow.io.input_stamps): any change reruns this node "
@@ -49,12 +49,12 @@ class _LoadGroupMapsInputSpec(BaseInterfaceInputSpec):
 
 
 class _LoadGroupMapsOutputSpec(TraitedSpec):
-    maps_file = traits.Str(desc="fcflow.grouplevel.SessionMaps, pickled in this node's folder")
+    maps_file = traits.Str(desc="fcflow.group.inputs.SessionMaps, pickled in this node's folder")
     maps_sha256 = traits.Str(desc="its SHA-256: the tests rerun only when the maps' values change")
 
 
 class LoadGroupMaps(SimpleInterface):
-    """Read every usable map of one task x measure x seed once (:func:`fcflow.grouplevel.load_session_maps`)."""
+    """Read every usable map of one task x measure x seed once (:func:`fcflow.group.inputs.load_session_maps`)."""
 
     input_spec = _LoadGroupMapsInputSpec
     output_spec = _LoadGroupMapsOutputSpec
@@ -62,7 +62,7 @@ class LoadGroupMaps(SimpleInterface):
     def _run_interface(self, runtime):
         import pandas as pd
 
-        from fcflow.grouplevel import load_session_maps
+        from fcflow.group.inputs import load_session_maps
 
         maps = load_session_maps(self.inputs.output_dir, pd.DataFrame(self.inputs.runs), self.inputs.sessions)
         path = os.path.join(runtime.cwd, "session_maps.pkl")
@@ -77,8 +77,8 @@ class _RunSessionAnalysisInputSpec(BaseInterfaceInputSpec):
     atlas_dir = traits.Either(None, traits.Str(), default=None, usedefault=True,
                               desc="Julich-Brain v3.1 folder (area names, region level); None: without")
     recipe = traits.Dict(mandatory=True, desc="the effective recipe (fcflow.config.to_plain of a Recipe)")
-    measure = traits.Dict(mandatory=True, desc="fcflow.grouplevel.MeasureMap fields")
-    analysis = traits.Str(mandatory=True, desc="label of one of fcflow.grouplevel.session_analyses(recipe)")
+    measure = traits.Dict(mandatory=True, desc="fcflow.group.inputs.MeasureMap fields")
+    analysis = traits.Str(mandatory=True, desc="label of one of fcflow.group.inference.session_analyses(recipe)")
     command = traits.List(traits.Str(), mandatory=True, desc="the command line, for the sidecars")
     maps_file = traits.Str(mandatory=True, desc="LoadGroupMaps' pickled SessionMaps")
     maps_sha256 = traits.Str(mandatory=True, desc="its SHA-256 (what the hash of this node depends on)")
@@ -87,18 +87,20 @@ class _RunSessionAnalysisInputSpec(BaseInterfaceInputSpec):
 
 
 class _RunSessionAnalysisOutputSpec(TraitedSpec):
-    outputs_file = traits.Str(desc="fcflow.grouplevel.AnalysisOutputs (rows, files written), pickled")
+    outputs_file = traits.Str(desc="fcflow.group.outputs.AnalysisOutputs (rows, files written), pickled")
 
 
 class RunSessionAnalysis(SimpleInterface):
-    """Every group test of one measure x session analysis (:func:`fcflow.grouplevel.run_session_analysis`)."""
+    """Every group test of one measure x session analysis (:func:`fcflow.group.run.run_session_analysis`)."""
 
     input_spec = _RunSessionAnalysisInputSpec
     output_spec = _RunSessionAnalysisOutputSpec
 
     def _run_interface(self, runtime):
         from fcflow.config import Recipe, from_plain
-        from fcflow.grouplevel import MeasureMap, run_session_analysis, session_analyses
+        from fcflow.group.inference import session_analyses
+        from fcflow.group.inputs import MeasureMap
+        from fcflow.group.run import run_session_analysis
 
         recipe = from_plain(Recipe, self.inputs.recipe)
         (analysis,) = [a for a in session_analyses(recipe) if a.label == self.inputs.analysis]
@@ -124,7 +126,7 @@ class _FinishGroupLevelOutputSpec(TraitedSpec):
 
 
 class FinishGroupLevel(SimpleInterface):
-    """``results.tsv`` from every unit, stale files set apart (:func:`fcflow.grouplevel.finish_group_level`).
+    """``results.tsv`` from every unit, stale files set apart (:func:`fcflow.group.outputs.finish_group_level`).
 
     Always runs (it is cheap): it decides what ``group/`` holds after this invocation.
     """
@@ -134,7 +136,7 @@ class FinishGroupLevel(SimpleInterface):
     _always_run = True
 
     def _run_interface(self, runtime):
-        from fcflow.grouplevel import finish_group_level
+        from fcflow.group.outputs import finish_group_level
 
         outputs = [read_pickle(path) for path in self.inputs.outputs_files]
         self._results["results_file"] = str(finish_group_level(self.inputs.output_dir, outputs))

@@ -1,6 +1,6 @@
 """Group level as a nipype workflow: one job per task x measure x seed x session analysis.
 
-:func:`fcflow.grouplevel.plan_group_level` checks the inputs and lists the units of work in the
+:func:`fcflow.group.run.plan_group_level` checks the inputs and lists the units of work in the
 fcflow process; :func:`init_group_wf` turns the plan into::
 
     maps_<measure> (LoadGroupMaps) --> test_<analysis>_<measure> (RunSessionAnalysis) --\\
@@ -34,7 +34,9 @@ from nipype.pipeline import engine as pe
 
 from fcflow.config import to_plain
 from fcflow.derivatives import analysis_command
-from fcflow.grouplevel import GroupPlan, MeasureMap, SessionAnalysis, unit_name
+from fcflow.group.inference import SessionAnalysis
+from fcflow.group.inputs import MeasureMap
+from fcflow.group.run import GroupPlan, unit_name
 from fcflow.interfaces.group import FinishGroupLevel, LoadGroupMaps, RunSessionAnalysis
 from fcflow.io import input_stamps
 
@@ -94,7 +96,7 @@ def init_group_wf(
     atlas_dir: Path | None,
     command: Sequence[str],
 ) -> pe.Workflow:
-    """Build the group level of ``plan`` (:func:`fcflow.grouplevel.plan_group_level`).
+    """Build the group level of ``plan`` (:func:`fcflow.group.run.plan_group_level`).
 
     Parameters
     ----------

@@ -93,7 +93,7 @@ def through_nipype(tmp_path_factory, group_first_level, group_recipe) -> Path:
 def test_workflow_writes_the_in_process_group_level_bytes(through_nipype, tmp_path, group_first_level,
                                                           group_recipe):
     from fcflow.config import load_recipe
-    from fcflow.grouplevel import run_group_level
+    from fcflow.group.run import run_group_level
 
     folder = make_group_study(tmp_path / "B", group_first_level, group_recipe)
     cwd = os.getcwd()

@@ -14,7 +14,7 @@ import pandas as pd
 sys.path.insert(0, "tests")
 from test_grouplevel import _recipe, write_first_level
 
-from fcflow.grouplevel import run_group_level
+from fcflow.group.run import run_group_level
 
 rows = []
 for seed in (0, 1, 2):

@@ -1,0 +1,390 @@
+"""Group level, run: the plan of a group-level run and its units of work.
+
+:func:`plan_group_level` checks the inputs (without reading a map) and lists the units, one per
+task x measure x seed x session analysis; :func:`run_session_analysis` runs one unit (its
+subjects, design, tests, family-wise correction and region level) and writes its files;
+:func:`fcflow.group.outputs.finish_group_level` writes ``results.tsv``. The nipype workflow
+(:mod:`fcflow.workflows.group`) runs one node per unit; :func:`run_group_level` runs them one
+after the other in this process. See :mod:`fcflow.group` for what is computed and written.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from numpy.typing import NDArray
+
+from fcflow.config import PERMUTATION_INFERENCES, Recipe
+from fcflow.errors import InputDataError
+from fcflow.group.inference import (
+    GroupTest,
+    InferenceResult,
+    SessionAnalysis,
+    analysis_design,
+    analysis_subjects,
+    analysis_tests,
+    check_permutation_memory,
+    run_inference,
+    session_analyses,
+    variance_group_labels,
+)
+from fcflow.group.inputs import (
+    MeasureMap,
+    SessionMaps,
+    check_map_provenance,
+    collect_first_level,
+    load_session_maps,
+    select_measure_maps,
+)
+from fcflow.group.outputs import (
+    GROUP_DIR,
+    AnalysisOutputs,
+    finish_group_level,
+    julich_area_lookup,
+    n_per_group_text,
+    unit_files,
+    write_family_outputs,
+    write_group_description,
+    write_region_outputs,
+    write_test_outputs,
+)
+
+LOGGER = logging.getLogger("fcflow.group")
+
+
+@dataclass
+class GroupPlan:
+    """What one group-level run does, decided before any map is read (:func:`plan_group_level`).
+
+    Attributes
+    ----------
+    recipe : Recipe
+        The effective recipe (``--n-permutations`` applied): what runs and what is recorded.
+    measures : list of MeasureMap
+        The task x measure x seed maps that have at least one first-level map, recipe order.
+    runs : dict of MeasureMap to DataFrame
+        Each measure's runs (:func:`collect_first_level`).
+    analyses : list of SessionAnalysis
+        The session analyses every measure gets (:func:`session_analyses`).
+    use_regions : bool
+        The region level runs (enabled in the recipe and its atlas available).
+    """
+
+    recipe: Recipe
+    measures: list[MeasureMap]
+    runs: dict[MeasureMap, pd.DataFrame]
+    analyses: list[SessionAnalysis]
+    use_regions: bool
+
+    @property
+    def units(self) -> list[tuple[MeasureMap, SessionAnalysis]]:
+        """The units of work, one per measure x session analysis, in ``results.tsv`` order."""
+        return [(m, a) for m in self.measures for a in self.analyses]
+
+
+def unit_name(measure: MeasureMap, analysis: SessionAnalysis) -> str:
+    """A name for one measure x session analysis, made of its entities (node names, logs)."""
+    return f"ses-{analysis.label}_task-{measure.task}_seed-{measure.seed}_desc-{measure.desc}"
+
+
+def regions_available(recipe: Recipe, atlas_dir: str | Path | None) -> bool:
+    """Whether the region level can run: enabled, and its atlas (Julich-Brain or the recipe's labels) at hand."""
+    return recipe.regions.enabled and not (recipe.regions.atlas == "julich-brain-3.1" and atlas_dir is None)
+
+
+def plan_group_level(
+    output_dir: str | Path,
+    recipe: Recipe,
+    *,
+    bids_dir: str | Path,
+    atlas_dir: str | Path | None = None,
+    n_permutations: int | None = None,
+) -> GroupPlan:
+    """Check the group level's inputs and decide its units of work; writes only ``group``'s description.
+
+    Every check that reads no map runs here, before any inference, so a bad input stops the run
+    at once with one message: the participant level's outputs exist, ``participants.tsv`` has a
+    group for every subject with maps, the permutations fit in memory, and every map of a
+    task x measure x seed was made with the same analysis settings (:func:`check_map_provenance`).
+
+    Parameters
+    ----------
+    output_dir : path
+        The participant level's OUTPUT_DIR.
+    recipe : Recipe
+    bids_dir : path
+        Raw BIDS dataset (its ``participants.tsv``).
+    atlas_dir : path or None, default=None
+        Julich-Brain v3.1 folder; None skips the Julich-Brain region level with a warning.
+    n_permutations : int or None, default=None
+        Overrides the recipe's ``inference.n_permutations``.
+
+    Returns
+    -------
+    GroupPlan
+    """
+    from fcflow.bids import read_participants
+
+    output_dir = Path(output_dir)
+    # the effective recipe: what runs is what desc-recipe_config.json, the sidecars and the
+    # methods text record (issue 17: --n-permutations was applied but the recipe's value recorded)
+    recipe = recipe.with_overrides(n_permutations=None if n_permutations is None else int(n_permutations))
+    inference = recipe.inference
+    if not any(output_dir.glob("sub-*/sub-*_desc-runs_qc.tsv")):
+        raise InputDataError(
+            f"{output_dir}: expected the participant level's outputs (sub-<label>/sub-<label>_desc-runs_qc.tsv "
+            "and the maps). Got none: run 'fcflow BIDS_DIR OUTPUT_DIR participant' first, with this OUTPUT_DIR."
+        )
+    participants = read_participants(Path(bids_dir), recipe.group_column, recipe.groups)
+    check_permutation_memory(recipe, n_rows=len(participants) * max(1, len(recipe.sessions) - 1))
+    use_regions = regions_available(recipe, atlas_dir)
+    if recipe.regions.enabled and not use_regions:
+        LOGGER.warning("Region level skipped: its atlas, Julich-Brain v3.1, is not available (no --julich-dir). "
+                       "Give --julich-dir, or a label image as [regions] 'atlas' in the recipe, or set [regions] "
+                       "enabled = false.")
+    analyses = session_analyses(recipe)
+    n_tests = len(recipe.group_contrasts) + len(recipe.f_tests)
+    per_measure = sum({"repeated": 2, "mean": 1}.get(a.kind, n_tests) for a in analyses)
+    measures: list[MeasureMap] = []
+    runs_of: dict[MeasureMap, pd.DataFrame] = {}
+    for measure in select_measure_maps(recipe):
+        runs = collect_first_level(output_dir, measure, space=recipe.space)
+        usable = runs[runs["session"].isin(recipe.sessions) & ~runs["excluded"] & (runs["file"] != "")]
+        if usable.empty:
+            LOGGER.warning("No first-level map for %s: skipped (%d tests).", measure.label, per_measure)
+            continue
+        check_map_provenance(output_dir, list(usable["file"]), task=measure.task, seed=measure.seed, recipe=recipe)
+        unknown = sorted(set(usable["participant"]) - set(participants.index))
+        if unknown:
+            raise InputDataError(
+                f"sub-{unknown[0]} has first-level maps but no row in {Path(bids_dir) / 'participants.tsv'}: "
+                "add it with its group."
+            )
+        measures.append(measure)
+        runs_of[measure] = runs
+    write_group_description(output_dir / GROUP_DIR, output_dir, recipe)
+    LOGGER.info("Group level: %d map types x %d session analyses (%d tests each) = %d tests; %s; primary %s",
+                len(measures), len(analyses), per_measure, len(measures) * per_measure,
+                f"{inference.n_permutations} permutations" if set(inference.methods) & set(PERMUTATION_INFERENCES)
+                else "parametric only", inference.primary)
+    return GroupPlan(recipe=recipe, measures=measures, runs=runs_of, analyses=analyses, use_regions=use_regions)
+
+
+def run_group_level(
+    output_dir: str | Path,
+    recipe: Recipe,
+    *,
+    bids_dir: str | Path,
+    atlas_dir: str | Path | None = None,
+    n_permutations: int | None = None,
+    command: Sequence[str] | None = None,
+) -> Path:
+    """Group-level inference for every task x measure x seed x session contrast of the recipe, in this process.
+
+    The science in one call, one unit after the other and without a cache:
+    :func:`plan_group_level`, then for every measure :func:`load_session_maps` and for each of
+    its session analyses :func:`run_session_analysis`, then :func:`finish_group_level`.
+    ``fcflow BIDS_DIR OUTPUT_DIR group`` runs the same steps as a nipype workflow
+    (:func:`fcflow.workflows.group.init_group_wf`), which spreads the units over processes or
+    SLURM jobs and resumes from its cache; both write the same bytes.
+
+    Parameters
+    ----------
+    output_dir : path
+        The participant level's OUTPUT_DIR; results go to ``output_dir/group``.
+    recipe : Recipe
+    bids_dir : path
+        Raw BIDS dataset (its ``participants.tsv`` gives groups and covariates).
+    atlas_dir : path or None, default=None
+        Julich-Brain v3.1 folder for area names in the cluster tables; None gives coordinates
+        only.
+    n_permutations : int or None, default=None
+        Overrides the recipe's ``inference.n_permutations`` (demos, tests).
+    command : sequence of str or None, default=None
+        Command line for the provenance (default ``sys.argv``).
+
+    Returns
+    -------
+    results_file : Path
+        ``output_dir/group/results.tsv``.
+    """
+    plan = plan_group_level(output_dir, recipe, bids_dir=bids_dir, atlas_dir=atlas_dir,
+                            n_permutations=n_permutations)
+    outputs = []
+    for measure in plan.measures:
+        maps = load_session_maps(output_dir, plan.runs[measure], plan.recipe.sessions)
+        for analysis in plan.analyses:
+            outputs.append(run_session_analysis(output_dir, plan.recipe, measure, analysis, maps, bids_dir=bids_dir,
+                                                atlas_dir=atlas_dir, command=command))
+    return finish_group_level(output_dir, outputs)
+
+
+def run_session_analysis(
+    output_dir: str | Path,
+    recipe: Recipe,
+    measure: MeasureMap,
+    analysis: SessionAnalysis,
+    maps: SessionMaps,
+    *,
+    bids_dir: str | Path,
+    atlas_dir: str | Path | None = None,
+    command: Sequence[str] | None = None,
+) -> AnalysisOutputs:
+    """Every group test of one task x measure x seed on one session analysis: one unit of work.
+
+    Builds the analysis' subject maps (a session contrast's change maps, the reference session,
+    or the repeated-measures rows), the design with the recipe's covariates, and runs each group
+    contrast and F test (:func:`run_inference`), the family-wise correction over them and the
+    region level, writing their files into :func:`measure_dir`. Units share nothing but their
+    inputs, so they may run at once in several processes or SLURM jobs.
+
+    Parameters
+    ----------
+    output_dir : path
+        The participant level's OUTPUT_DIR.
+    recipe : Recipe
+        The effective recipe (:attr:`GroupPlan.recipe`).
+    measure : MeasureMap
+    analysis : SessionAnalysis
+    maps : SessionMaps
+        The measure's maps (:func:`load_session_maps`).
+    bids_dir : path
+        Raw BIDS dataset (its ``participants.tsv``).
+    atlas_dir : path or None, default=None
+        Julich-Brain v3.1 folder (area names, the region level).
+    command : sequence of str or None, default=None
+        Command line for the provenance (default ``sys.argv``).
+
+    Returns
+    -------
+    AnalysisOutputs
+    """
+    from fcflow.bids import read_participants
+    from fcflow.derivatives import software_provenance
+
+    output_dir = Path(output_dir)
+    group_dir = output_dir / GROUP_DIR
+    inference = recipe.inference
+    n_perm = int(inference.n_permutations)
+    participants = read_participants(Path(bids_dir), recipe.group_column, recipe.groups)
+    lookup = julich_area_lookup(atlas_dir) if atlas_dir is not None else None
+    region_atlas = _load_region_atlas(recipe, atlas_dir, maps) if regions_available(recipe, atlas_dir) else None
+    provenance = software_provenance(command)
+    recipe_sha = recipe.fingerprint()
+    before = unit_files(group_dir, measure, analysis)
+    rows: list[dict[str, Any]] = []
+
+    rows_of = analysis_subjects(recipe, analysis, maps, participants)
+    data, subjects, dropped, group_of, repeated = (rows_of.data, rows_of.subjects, rows_of.dropped, rows_of.group_of,
+                                                   rows_of.repeated)
+    counts = {g: int((group_of == g).sum()) for g in recipe.groups}
+    where = f"{measure.label} ses {analysis.expression}"
+    LOGGER.info("%s: n = %s%s", where, n_per_group_text(counts),
+                f"; dropped {', '.join(f'sub-{s} ({r})' for s, r in dropped.items())}" if dropped else "")
+    base_row = {"task": measure.task, "measure": measure.measure, "seed": measure.seed, "desc": measure.desc,
+                "session_contrast": analysis.expression, "n_per_group": n_per_group_text(counts),
+                "primary_inference": inference.primary, "is_reference": analysis.is_reference}
+    design, skip_reason = analysis_design(recipe, analysis, maps, participants, rows_of)
+    all_columns = list(recipe.groups)
+    if repeated is not None:
+        from fcflow.repeated import repeated_cells
+
+        all_columns = repeated_cells(recipe.groups, maps.sessions, recipe.reference_session)
+    try:
+        tests = analysis_tests(recipe, analysis, design.columns if design is not None else all_columns)
+    except ValueError as exc:
+        # a repeated-measures cell without any subject: its contrasts are not estimable
+        skip_reason = skip_reason or f"no difference in a group x session cell ({exc})"
+        tests = analysis_tests(recipe, analysis, all_columns)
+    row_groups = (pd.Series(repeated.row_group) if repeated is not None else group_of)
+    variance_labels, variance_note = variance_group_labels(inference.variance_groups, row_groups, where, design)
+    group_cells = (list(recipe.groups) if repeated is None else
+                   [c for c in (design.columns if design is not None else []) if ":" in c])
+    family = inference.family_wise == "contrasts" and not skip_reason and len(tests) > 1 and bool(
+        set(inference.methods) & set(PERMUTATION_INFERENCES))
+    computed: dict[str, InferenceResult] = {}
+    shuffles: dict[str, NDArray] = {}
+
+    def exchange(test: GroupTest) -> tuple[NDArray | None, str]:
+        """Whole-subject shuffles of a repeated-measures test, drawn once per scheme (the voxel
+        and region tests, and the tests of one scheme, share them); the engine's own otherwise."""
+        if repeated is None:
+            return None, "auto"
+        from fcflow.repeated import permutation_scheme, whole_block_permutations
+
+        scheme = permutation_scheme(test.name, variance_labels is not None)
+        if scheme not in shuffles:
+            shuffles[scheme] = whole_block_permutations(
+                repeated.row_subject, repeated.row_session, n_perm, scheme=scheme,
+                patterns=repeated.patterns(), random_seed=inference.random_seed)
+        return shuffles[scheme], scheme
+
+    def infer(test: GroupTest) -> InferenceResult:
+        permutations, scheme = exchange(test)
+        return run_inference(
+            data, design, test, maps.mask, methods=inference.methods, n_permutations=n_perm,
+            two_sided=inference.two_sided, random_seed=inference.random_seed,
+            cluster_forming_p=inference.cluster_forming_p,
+            min_cluster_voxels=inference.min_cluster_voxels, variance_groups=variance_labels,
+            fdr_p=inference.fdr_p, zstat=family, group_variances=inference.group_variances,
+            permutations=permutations, scheme=scheme,
+        )
+
+    family_rows: dict[str, dict[str, Any]] = {}
+    for index, test in enumerate(tests, start=1):
+        row = {**base_row, "group_contrast": test.expression if test.kind == "t" else test.name,
+               "stat_type": test.kind}
+        if skip_reason:
+            LOGGER.warning("[%d/%d] %s: %s skipped: %s.", index, len(tests), where, test.expression, skip_reason)
+            rows.append({**row, "skip_reason": skip_reason})
+            continue
+        LOGGER.info("[%d/%d] %s: %s (%s)", index, len(tests), where, test.expression,
+                    f"{n_perm} permutations" if set(inference.methods) & set(PERMUTATION_INFERENCES)
+                    else "parametric")
+        diagnostics = None
+        if len(design.columns) > len(group_cells):
+            from fcflow.stats import compute_design_diagnostics
+
+            diagnostics = compute_design_diagnostics(design, group_cells, test.matrix, max_vif=inference.max_vif)
+            for message in diagnostics.warnings:
+                LOGGER.warning("%s: %s: %s.", where, test.expression, message)
+        result = computed[test.name] = infer(test)
+        row.update(write_test_outputs(
+            group_dir, output_dir, recipe, measure, analysis, test, result, maps, subjects, group_of,
+            design, dropped, counts, lookup, provenance, recipe_sha, n_perm,
+            diagnostics=diagnostics, variance_note=variance_note,
+        ))
+        if region_atlas is not None:
+            permutations, scheme = exchange(test)
+            row.update(write_region_outputs(
+                group_dir, output_dir, recipe, measure, analysis, test, region_atlas, maps, data,
+                subjects, group_of, design, variance_labels, n_perm, recipe_sha, provenance,
+                permutations=permutations, scheme=scheme,
+            ))
+        rows.append(row)
+        family_rows[test.name] = row
+    if family:
+        update = write_family_outputs(group_dir, output_dir, recipe, measure, analysis, tests,
+                                       [computed[t.name] for t in tests], maps, where)
+        for name, values in update.items():
+            family_rows[name].update(values)
+    from fcflow.io import sha256_file
+
+    written = sorted(p for p, stamp in unit_files(group_dir, measure, analysis).items() if before.get(p) != stamp)
+    return AnalysisOutputs(rows=rows, files={str(p.relative_to(output_dir)): sha256_file(p) for p in written})
+
+
+def _load_region_atlas(recipe: Recipe, atlas_dir: str | Path | None, maps: SessionMaps) -> Any:
+    """The recipe's declared regions (``areas``) on the maps' grid (:mod:`fcflow.regions`)."""
+    from fcflow.regions import load_julich_regions, load_label_regions, select_regions
+
+    if recipe.regions.labels is None:
+        atlas = load_julich_regions(atlas_dir, maps.mask.shape, maps.affine)
+    else:
+        atlas = load_label_regions(recipe.regions.atlas, recipe.regions.labels, maps.mask.shape, maps.affine)
+    return select_regions(atlas, recipe.regions.areas)
