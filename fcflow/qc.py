@@ -20,7 +20,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
-from pathlib import Path
 from typing import Any
 
 import nibabel as nib
@@ -32,11 +31,9 @@ from scipy import stats
 from fcflow.config import DenoisingConfig, TaskConfig
 from fcflow.connectivity import per_seed
 from fcflow.errors import InputDataError
-from fcflow.io import atomic_path
 
 __all__ = [
     "compute_run_report_data",
-    "write_run_report_data",
     "select_carpet_voxels",
     "zscore_rows",
     "summarise_motion",
@@ -293,7 +290,7 @@ def compute_run_report_data(
 ) -> dict[str, NDArray]:
     """The arrays of a run's report, from the in-mask data the first level has already read.
 
-    The first level calls this in its own pass over the run (:func:`fcflow.firstlevel.run_maps_from_files`
+    The first level calls this in its own pass over the run (:func:`fcflow.runfiles.run_maps_from_files`
     with ``report_data=True``), so a report costs no second decompression of the BOLD file: on a
     2 mm run that is the largest part of the report's cost (see benchmarks/bench_study.py).
 
@@ -412,12 +409,3 @@ def _strategy_arrays(data, mask_img, brain, seed_imgs, *, bold_file, t_r, task, 
             [per[n]["z"][seed] if "z" in per[n] else np.full(n_points, np.nan, np.float32) for n in names],
             dtype=np.float32)
     return arrays
-
-
-def write_run_report_data(path: str | Path, arrays: Mapping[str, NDArray]) -> Path:
-    """Save :func:`compute_run_report_data`'s arrays as one ``.npz`` (atomically)."""
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as handle:
-            np.savez(handle, **arrays)
-    return path

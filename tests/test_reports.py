@@ -235,9 +235,10 @@ SEED = dataclasses.replace(RECIPE.seeds[0], signal="mean", min_coverage=0.8)
 @pytest.fixture(scope="module")
 def reported(tmp_path_factory, one_subject_infusion):
     """Two runs of a tiny simulated study through the first level and the report: one kept, one excluded."""
-    from fcflow.firstlevel import run_maps_from_files, select_run_confounds
+    from fcflow.firstlevel import select_run_confounds
     from fcflow.io import write_json, write_tsv
     from fcflow.reports.participant import make_run_report, write_participant_report
+    from fcflow.runfiles import run_maps_from_files
 
     root = tmp_path_factory.mktemp("reports")
     bids, runs = one_subject_infusion["bids"], one_subject_infusion["runs"]
@@ -367,7 +368,7 @@ def test_no_denoise_map_is_the_plain_correlation_and_differs_from_the_recipes(re
 
 def test_report_data_share_the_first_levels_read_and_leave_its_maps_alone(reported, tmp_path):
     """With report_data=True the maps are byte-identical to a run without reports; the arrays are the run's."""
-    from fcflow.firstlevel import run_maps_from_files
+    from fcflow.runfiles import run_maps_from_files
 
     kwargs = reported["kwargs"]["rest"]
     run = reported["runs"]["rest"]

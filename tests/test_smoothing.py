@@ -83,8 +83,9 @@ SEED = dataclasses.replace(RECIPE.seeds[0], signal="mean", min_coverage=0.8)
 @pytest.fixture(scope="module")
 def first_level(tmp_path_factory, one_subject_infusion):
     """One subject's rest and n-back runs through ``run_maps_from_files``, smoothing off and on."""
-    from fcflow.firstlevel import run_maps_from_files, select_run_confounds
+    from fcflow.firstlevel import select_run_confounds
     from fcflow.io import write_json, write_tsv
+    from fcflow.runfiles import run_maps_from_files
 
     root = tmp_path_factory.mktemp("smoothing")
     runs, seed_file = one_subject_infusion["runs"], one_subject_infusion["seed_file"]
@@ -143,7 +144,7 @@ def test_first_level_maps_are_the_unsmoothed_maps_smoothed_by_nilearn(first_leve
 def test_smoothing_off_never_touches_the_maps(first_level, tmp_path, monkeypatch):
     """Off, the maps are what the first level computed before smoothing existed: byte for byte."""
     import fcflow.firstlevel
-    from fcflow.firstlevel import run_maps_from_files
+    from fcflow.runfiles import run_maps_from_files
 
     def refuse(*args, **kwargs):
         raise AssertionError("smooth_map was called with smoothing off")

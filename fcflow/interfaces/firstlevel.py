@@ -132,7 +132,7 @@ class ComputeRunMaps(SimpleInterface):
 
     def _run_interface(self, runtime):
         from fcflow.config import DenoisingConfig, SeedConfig, TaskConfig, from_plain
-        from fcflow.firstlevel import run_maps_from_files
+        from fcflow.runfiles import run_maps_from_files
 
         outputs = run_maps_from_files(
             bold_file=self.inputs.bold_file, mask_file=self.inputs.mask_file,

@@ -132,7 +132,7 @@ def make_run_report(
     Parameters
     ----------
     report_data_file : path
-        The first level's ``report_data.npz`` (:func:`fcflow.qc.write_run_report_data`).
+        The first level's ``report_data.npz`` (:func:`fcflow.runfiles.write_run_report_data`).
     mask_file, fmriprep_confounds_file : path
         fMRIPrep's brain mask of the run and its full confounds TSV (FD, DVARS).
     seed_files, seed_names : sequence
