@@ -48,7 +48,7 @@ import numpy as np
 import pandas as pd
 from numpy.typing import NDArray
 
-from fcflow.atlas import SeedQC, seed_qc
+from fcflow.atlas.seedqc import SeedQC, seed_qc
 from fcflow.config import DenoisingConfig, SeedConfig
 from fcflow.connectivity import compute_multiseed_connectivity, extract_seed_signal, per_seed
 from fcflow.denoise import build_cleaning_operator, confound_blocks, correlation_dof, dof_budget

@@ -378,7 +378,7 @@ def compute_tsnr(data: NDArray[np.floating]) -> NDArray[np.float64]:
     """Temporal SNR of each column: mean over standard deviation in time (raw data, all volumes).
 
     The one definition of tSNR in fcflow: the report's tSNR map and the seed tSNR of
-    :func:`fcflow.atlas.seed_qc` both use it, so the map and the QC table agree. Constant columns
+    :func:`fcflow.atlas.seedqc.seed_qc` both use it, so the map and the QC table agree. Constant columns
     give nan. Standard deviation with ddof=0, as fMRIPrep's.
 
     Parameters

@@ -84,7 +84,7 @@ class RegionAtlas:
 
 def _to_grid(labels: NDArray, affine: NDArray[np.float64], shape: Sequence[int],
              target_affine: NDArray[np.float64]) -> NDArray[np.int32]:
-    from fcflow.atlas import resample_to_reference
+    from fcflow.atlas.seeds import resample_to_reference
 
     if tuple(labels.shape) == tuple(shape) and np.allclose(affine, target_affine, atol=1e-3):
         return labels.astype(np.int32)
@@ -143,7 +143,8 @@ def load_julich_regions(atlas_dir: str | Path, shape: Sequence[int], affine: NDA
     fcflow.errors.AtlasError
         The folder lacks an MPM or its label table.
     """
-    from fcflow.atlas import find_atlas_file, load_atlas_release, read_label_table
+    from fcflow.atlas.fetch import find_atlas_file
+    from fcflow.atlas.release import load_atlas_release, read_label_table
     from fcflow.errors import AtlasError
 
     release = load_atlas_release()

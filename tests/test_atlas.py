@@ -30,7 +30,10 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from fcflow import atlas
+from fcflow.atlas import fetch as atlas_fetch
+from fcflow.atlas import release as atlas_release
+from fcflow.atlas import seedqc as atlas_seedqc
+from fcflow.atlas import seeds as atlas_seeds
 from fcflow.cli import main
 from fcflow.errors import AtlasError, InputDataError
 from fcflow.io import sha256_file
@@ -38,7 +41,7 @@ from fcflow.templates import mni_grid
 
 PGACC = ("Area p24ab (pACC)", "Area p24c (pACC)", "Area p32 (pACC)")
 SGACC = ("Area s24 (sACC)", "Area s32 (sACC)", "Area 25 (sACC)")
-RELEASE = atlas.load_atlas_release()
+RELEASE = atlas_release.load_atlas_release()
 
 
 # --------------------------------------------------------------------------------------------
@@ -47,9 +50,9 @@ RELEASE = atlas.load_atlas_release()
 @pytest.fixture(autouse=True)
 def _isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A fresh cache per test; no user atlas settings; loopback never goes through a proxy."""
-    monkeypatch.setenv(atlas.ENV_CACHE_DIR, str(tmp_path / "cache"))
-    monkeypatch.delenv(atlas.ENV_JULICH_DIR, raising=False)
-    monkeypatch.delenv(atlas.ENV_JULICH_URL, raising=False)
+    monkeypatch.setenv(atlas_fetch.ENV_CACHE_DIR, str(tmp_path / "cache"))
+    monkeypatch.delenv(atlas_fetch.ENV_JULICH_DIR, raising=False)
+    monkeypatch.delenv(atlas_fetch.ENV_JULICH_URL, raising=False)
     for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
@@ -120,7 +123,7 @@ def make_synthetic_atlas(folder: Path, *, drop_from_right: str | None = None,
             table[name] = value
         labels[0, 0, 0] = SYN_FILLER["Area 7PC (SPL)"]
         nib.save(nib.Nifti1Image(labels, SYN_AFFINE), folder / Path(RELEASE.mpm_file(hemi)).name)
-        _write_xml(folder / Path(RELEASE.labels_file(hemi)).name, table, atlas.HEMISPHERES[hemi])
+        _write_xml(folder / Path(RELEASE.labels_file(hemi)).name, table, atlas_release.HEMISPHERES[hemi])
         if with_pmaps:
             for name in SYN_BLOCKS:
                 nib.save(nib.Nifti1Image(_syn_pmap(name, hemi), SYN_AFFINE),
@@ -177,7 +180,7 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 
 def real_labels(real: Path, hemi: str, areas) -> tuple[np.ndarray, np.ndarray]:
     """Atlas-grid mask of ``areas`` in one hemisphere of the real atlas, labels read from its XML."""
-    table = atlas.read_label_table(real / Path(RELEASE.labels_file(hemi)).name)
+    table = atlas_release.read_label_table(real / Path(RELEASE.labels_file(hemi)).name)
     img = nib.load(real / Path(RELEASE.mpm_file(hemi)).name)
     return np.isin(np.asarray(img.dataobj), [table[a] for a in areas]), img.affine
 
@@ -188,7 +191,7 @@ def real_labels(real: Path, hemi: str, areas) -> tuple[np.ndarray, np.ndarray]:
 @pytest.mark.julich
 def test_real_pgacc_matches_independent_resampling(real_dir: Path) -> None:
     shape, affine = mni_grid(2)
-    seed = atlas.build_seed(real_dir, PGACC, ("left", "right"), ref_img(shape, affine), name="pgACC")
+    seed = atlas_seeds.build_seed(real_dir, PGACC, ("left", "right"), ref_img(shape, affine), name="pgACC")
     mask = np.asarray(seed.img.dataobj) > 0
     assert seed.img.get_data_dtype() == np.uint8 and seed.img.shape == shape
     np.testing.assert_allclose(seed.img.affine, affine)
@@ -214,8 +217,8 @@ def test_real_pgacc_matches_independent_resampling(real_dir: Path) -> None:
 def test_real_hemispheres_and_sgacc_from_definitions(real_dir: Path) -> None:
     shape, affine = mni_grid(2)
     reference = ref_img(shape, affine)
-    defs = atlas.load_seed_definitions()
-    seeds = {name: atlas.build_seed_from_definition(real_dir, defs[name], reference)
+    defs = atlas_release.load_seed_definitions()
+    seeds = {name: atlas_seeds.build_seed_from_definition(real_dir, defs[name], reference)
              for name in ("pgACC", "pgACCleft", "pgACCright", "sgACC")}
     left, right, both = (np.asarray(seeds[n].img.dataobj) > 0
                          for n in ("pgACCleft", "pgACCright", "pgACC"))
@@ -277,7 +280,7 @@ class _RecordingHandler(http.server.SimpleHTTPRequestHandler):
 
 def _bucket_tree(source: Path, dest: Path) -> Path:
     """Copy an atlas folder into the EBRAINS bucket layout (sub-folders)."""
-    for rel in atlas.required_files(RELEASE, with_pmaps_for=PGACC):
+    for rel in atlas_fetch.required_files(RELEASE, with_pmaps_for=PGACC):
         src = source / Path(rel).name
         if src.is_file():
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -304,38 +307,38 @@ def test_download_cache_and_corruption(served, tmp_path: Path, caplog) -> None:
     cache = tmp_path / "dlcache"
     shape, affine = mni_grid(2)
     reference = ref_img(shape, affine)
-    local = np.asarray(atlas.build_seed_mask(source, PGACC, "both", reference).dataobj)
+    local = np.asarray(atlas_seeds.build_seed_mask(source, PGACC, "both", reference).dataobj)
 
     with caplog.at_level(logging.INFO, logger="fcflow.atlas"):
-        got = atlas.resolve_atlas_dir(cache_dir=cache, base_url=bucket.url)
+        got = atlas_fetch.resolve_atlas_dir(cache_dir=cache, base_url=bucket.url)
     assert got == cache / "julich-brain" / "v3.1"
-    assert sorted(_requested(bucket)) == sorted(Path(r).name for r in atlas.required_files())
+    assert sorted(_requested(bucket)) == sorted(Path(r).name for r in atlas_fetch.required_files())
     assert re.search(r"MPM_lh_MNI152\.nii\.gz: \d+ of \d+ bytes", caplog.text)  # progress
     manifest = json.loads((got / "manifest.json").read_text())
     mpm_rel = RELEASE.mpm_file("left")
     assert manifest["files"][mpm_rel]["sha256"] == sha256_file(source / Path(mpm_rel).name)
-    downloaded = np.asarray(atlas.build_seed_mask(got, PGACC, "both", reference).dataobj)
+    downloaded = np.asarray(atlas_seeds.build_seed_mask(got, PGACC, "both", reference).dataobj)
     np.testing.assert_array_equal(downloaded, local)
 
     # second use: served from the cache, no request
     n_before = len(bucket.requests)
-    assert atlas.resolve_atlas_dir(cache_dir=cache, base_url=bucket.url) == got
+    assert atlas_fetch.resolve_atlas_dir(cache_dir=cache, base_url=bucket.url) == got
     assert len(bucket.requests) == n_before
 
     # a corrupted cached file is detected, reported and fetched again (that file only)
     (got / mpm_rel).write_bytes(b"not a nifti file")
     with pytest.warns(UserWarning, match=r"does not match the cache manifest.*fetched again"):
-        atlas.resolve_atlas_dir(cache_dir=cache, base_url=bucket.url)
+        atlas_fetch.resolve_atlas_dir(cache_dir=cache, base_url=bucket.url)
     assert _requested(bucket)[n_before:] == [Path(mpm_rel).name]
-    again = np.asarray(atlas.build_seed_mask(got, PGACC, "both", reference).dataobj)
+    again = np.asarray(atlas_seeds.build_seed_mask(got, PGACC, "both", reference).dataobj)
     np.testing.assert_array_equal(again, local)
 
 
 def test_download_url_from_environment_and_pmaps(tmp_path: Path, monkeypatch) -> None:
     source = make_synthetic_atlas(tmp_path / "synthetic")
     with _Bucket(_bucket_tree(source, tmp_path / "served")) as bucket:
-        monkeypatch.setenv(atlas.ENV_JULICH_URL, bucket.url.rstrip("/"))
-        got = atlas.resolve_atlas_dir(with_pmaps_for=["p24ab"])
+        monkeypatch.setenv(atlas_fetch.ENV_JULICH_URL, bucket.url.rstrip("/"))
+        got = atlas_fetch.resolve_atlas_dir(with_pmaps_for=["p24ab"])
         assert got == tmp_path / "cache" / "julich-brain" / "v3.1"  # FCFLOW_CACHE_DIR
         assert "Area-p24ab_lh_MNI152.nii.gz" in _requested(bucket)
         assert (got / RELEASE.pmap_file("Area p24ab (pACC)", "right")).is_file()
@@ -348,7 +351,7 @@ def test_download_missing_file_is_a_clear_error(tmp_path: Path) -> None:
     with _Bucket(tree) as bucket:
         with pytest.raises(AtlasError, match=r"MPM_rh_MNI152\.xml.*HTTP 404.*Pass --julich-dir .*"
                                              r"local copy of .*MPM_lh_MNI152\.nii\.gz"):
-            atlas.resolve_atlas_dir(cache_dir=tmp_path / "c", base_url=bucket.url)
+            atlas_fetch.resolve_atlas_dir(cache_dir=tmp_path / "c", base_url=bucket.url)
     # the files that did arrive are kept and verified; nothing half-written is left
     cached = tmp_path / "c" / "julich-brain" / "v3.1"
     assert (cached / RELEASE.mpm_file("left")).is_file()
@@ -377,7 +380,7 @@ def test_truncated_download_leaves_nothing(tmp_path: Path) -> None:
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}/"
         with pytest.raises(AtlasError, match=r"MPM_lh_MNI152\.nii\.gz stopped after 10 of 1000 bytes\. Pass --julich-dir"):
-            atlas.resolve_atlas_dir(cache_dir=tmp_path / "c", base_url=url)
+            atlas_fetch.resolve_atlas_dir(cache_dir=tmp_path / "c", base_url=url)
     finally:
         server.shutdown()
         server.server_close()
@@ -391,64 +394,64 @@ def test_offline_is_a_clear_error(tmp_path: Path) -> None:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     with pytest.raises(AtlasError, match=r"offline\? Pass --julich-dir .* \(download from "):
-        atlas.resolve_atlas_dir(cache_dir=tmp_path / "c", base_url=f"http://127.0.0.1:{port}/x")
+        atlas_fetch.resolve_atlas_dir(cache_dir=tmp_path / "c", base_url=f"http://127.0.0.1:{port}/x")
 
 
 def test_no_download_with_empty_cache(tmp_path: Path) -> None:
     with pytest.raises(AtlasError, match=r"not in the cache .* downloading is off\. Pass --julich-dir"):
-        atlas.resolve_atlas_dir(cache_dir=tmp_path / "c", download=False)
+        atlas_fetch.resolve_atlas_dir(cache_dir=tmp_path / "c", download=False)
 
 
 # --------------------------------------------------------------------------------------------
 # Local copies
 # --------------------------------------------------------------------------------------------
 def test_local_dir_flat_or_bucket_layout_and_env(syn_dir: Path, tmp_path: Path, monkeypatch) -> None:
-    assert atlas.resolve_atlas_dir(syn_dir) == syn_dir
+    assert atlas_fetch.resolve_atlas_dir(syn_dir) == syn_dir
     tree = _bucket_tree(syn_dir, tmp_path / "tree")
-    monkeypatch.setenv(atlas.ENV_JULICH_DIR, str(tree))
-    assert atlas.resolve_atlas_dir(with_pmaps_for=PGACC) == tree
+    monkeypatch.setenv(atlas_fetch.ENV_JULICH_DIR, str(tree))
+    assert atlas_fetch.resolve_atlas_dir(with_pmaps_for=PGACC) == tree
     shape, affine = mni_grid(2)
-    a = atlas.build_seed_mask(syn_dir, PGACC, "both", ref_img(shape, affine))
-    b = atlas.build_seed_mask(tree, PGACC, "both", ref_img(shape, affine))
+    a = atlas_seeds.build_seed_mask(syn_dir, PGACC, "both", ref_img(shape, affine))
+    b = atlas_seeds.build_seed_mask(tree, PGACC, "both", ref_img(shape, affine))
     np.testing.assert_array_equal(np.asarray(a.dataobj), np.asarray(b.dataobj))
 
 
 def test_local_dir_missing_file(syn_dir: Path, tmp_path: Path) -> None:
     (syn_dir / Path(RELEASE.mpm_file("right")).name).unlink()
     with pytest.raises(AtlasError, match=rf"{syn_dir}.*lacks \['JulichBrainAtlas_3\.1_207areas_MPM_rh"):
-        atlas.resolve_atlas_dir(syn_dir)
+        atlas_fetch.resolve_atlas_dir(syn_dir)
     with pytest.raises(AtlasError, match=r"does not exist; it must hold \['JulichBrainAtlas"):
-        atlas.resolve_atlas_dir(tmp_path / "nowhere")
+        atlas_fetch.resolve_atlas_dir(tmp_path / "nowhere")
     shape, affine = mni_grid(4)
     with pytest.raises(AtlasError, match=r"lacks JulichBrainAtlas_3\.1_207areas_MPM_rh_MNI152\.nii\.gz"):
-        atlas.build_seed_mask(syn_dir, PGACC, "both", ref_img(shape, affine))
+        atlas_seeds.build_seed_mask(syn_dir, PGACC, "both", ref_img(shape, affine))
 
 
 # --------------------------------------------------------------------------------------------
 # Areas by name
 # --------------------------------------------------------------------------------------------
 def test_read_label_table_and_names(syn_dir: Path, tmp_path: Path) -> None:
-    table = atlas.read_label_table(syn_dir / Path(RELEASE.labels_file("left")).name)
+    table = atlas_release.read_label_table(syn_dir / Path(RELEASE.labels_file("left")).name)
     assert table["Area p24ab (pACC)"] == 20 and table["Area 25 (sACC)"] == 71
     names = sorted(table)
-    assert atlas.resolve_area_name("area P24AB (pacc)", names) == "Area p24ab (pACC)"
-    assert atlas.resolve_area_name("p24ab", names) == "Area p24ab (pACC)"
-    assert atlas.resolve_area_name("Area 25", names) == "Area 25 (sACC)"
-    assert atlas.area_key("Area p24ab (pACC)") == "Area-p24ab"
+    assert atlas_release.resolve_area_name("area P24AB (pacc)", names) == "Area p24ab (pACC)"
+    assert atlas_release.resolve_area_name("p24ab", names) == "Area p24ab (pACC)"
+    assert atlas_release.resolve_area_name("Area 25", names) == "Area 25 (sACC)"
+    assert atlas_release.area_key("Area p24ab (pACC)") == "Area-p24ab"
     bad = tmp_path / "bad.xml"
     bad.write_text("<Structures><Structure grayvalue='x'>A</Structure></Structures>")
     with pytest.raises(AtlasError, match="without a name or an integer grayvalue"):
-        atlas.read_label_table(bad)
+        atlas_release.read_label_table(bad)
     bad.write_text("<Structures><Structure")
     with pytest.raises(AtlasError, match="Cannot read the Julich-Brain label table"):
-        atlas.read_label_table(bad)
+        atlas_release.read_label_table(bad)
 
 
 def test_unknown_area_lists_close_matches(syn_dir: Path) -> None:
     shape, affine = mni_grid(4)
     with pytest.raises(AtlasError, match=r"Unknown area 'Area p42ab \(pACC\)'.*Close matches: "
                                          r"\['Area p24ab \(pACC\)'"):
-        atlas.build_seed_mask(syn_dir, ["Area p42ab (pACC)"], "both", ref_img(shape, affine))
+        atlas_seeds.build_seed_mask(syn_dir, ["Area p42ab (pACC)"], "both", ref_img(shape, affine))
 
 
 def test_area_missing_from_one_hemisphere(tmp_path: Path) -> None:
@@ -456,8 +459,8 @@ def test_area_missing_from_one_hemisphere(tmp_path: Path) -> None:
     shape, affine = mni_grid(2)
     with pytest.raises(AtlasError, match=r"'Area p24c \(pACC\)' is not in the right-hemisphere label "
                                          r"table .* restrict the seed to hemispheres=\['left'\]"):
-        atlas.build_seed_mask(folder, PGACC, "both", ref_img(shape, affine))
-    left = atlas.build_seed_mask(folder, PGACC, ["left"], ref_img(shape, affine))
+        atlas_seeds.build_seed_mask(folder, PGACC, "both", ref_img(shape, affine))
+    left = atlas_seeds.build_seed_mask(folder, PGACC, ["left"], ref_img(shape, affine))
     assert np.asarray(left.dataobj).sum() > 0
 
 
@@ -471,7 +474,7 @@ def test_area_in_table_without_voxels_warns(tmp_path: Path) -> None:
     shape, affine = mni_grid(2)
     with pytest.warns(UserWarning, match=r"'Area p24c \(pACC\)' \(grey value 126\) has 0 voxels in "
                                          r"the right-hemisphere MPM"):
-        atlas.build_seed_mask(folder, PGACC, "both", ref_img(shape, affine))
+        atlas_seeds.build_seed_mask(folder, PGACC, "both", ref_img(shape, affine))
 
 
 @pytest.mark.parametrize(
@@ -487,14 +490,14 @@ def test_build_seed_mask_validates(syn_dir: Path, kwargs, match) -> None:
     shape, affine = mni_grid(4)
     args = {"areas": PGACC, "hemispheres": "both", "reference_img": ref_img(shape, affine)} | kwargs
     with pytest.raises(AtlasError, match=match):
-        atlas.build_seed_mask(syn_dir, **args)
+        atlas_seeds.build_seed_mask(syn_dir, **args)
 
 
 # --------------------------------------------------------------------------------------------
 # Grids: the synthetic truth through regular, flipped, oblique and 4D references
 # --------------------------------------------------------------------------------------------
 def test_mask_on_atlas_grid_is_exact(syn_dir: Path) -> None:
-    seed = atlas.build_seed_mask(syn_dir, PGACC, "both", ref_img(SYN_SHAPE, SYN_AFFINE))
+    seed = atlas_seeds.build_seed_mask(syn_dir, PGACC, "both", ref_img(SYN_SHAPE, SYN_AFFINE))
     np.testing.assert_array_equal(np.asarray(seed.dataobj) > 0, syn_truth(PGACC, ("left", "right")))
 
 
@@ -503,10 +506,10 @@ def test_flipped_reference_keeps_world_positions(syn_dir: Path, hemispheres) -> 
     # x axis flipped (radiological storage) and y stored backwards: world positions must not move
     affine = np.array([[-2.0, 0, 0, 12], [0, -2, 0, 48], [0, 0, 2, -8], [0, 0, 0, 1]])
     shape = (13, 11, 9)
-    seed = atlas.build_seed_mask(syn_dir, PGACC, hemispheres, ref_img(shape, affine))
+    seed = atlas_seeds.build_seed_mask(syn_dir, PGACC, hemispheres, ref_img(shape, affine))
     expected = independent_nearest(syn_truth(PGACC, hemispheres), SYN_AFFINE, shape, affine)
     np.testing.assert_array_equal(np.asarray(seed.dataobj) > 0, expected)
-    x = atlas.center_of_mass_mm(seed)[0]
+    x = atlas_seeds.center_of_mass_mm(seed)[0]
     assert (x < 0) if hemispheres == ("left",) else (x > 0) if hemispheres == ("right",) else abs(x) < 1
 
 
@@ -518,7 +521,7 @@ def test_oblique_reference(syn_dir: Path) -> None:
     affine[:3, :3] = rot @ tilt @ np.diag([1.3, 1.1, 1.2])
     affine[:3, 3] = [-14, 24, -12]
     shape = (30, 26, 22)
-    seed = atlas.build_seed_mask(syn_dir, PGACC, "both", ref_img(shape, affine, n_timepoints=3))
+    seed = atlas_seeds.build_seed_mask(syn_dir, PGACC, "both", ref_img(shape, affine, n_timepoints=3))
     assert seed.shape == shape and seed.get_data_dtype() == np.uint8
     np.testing.assert_allclose(seed.affine, affine)
     expected = independent_nearest(syn_truth(PGACC, ("left", "right")), SYN_AFFINE, shape, affine)
@@ -532,7 +535,7 @@ def test_seed_outside_reference_grid_is_an_error(syn_dir: Path, tmp_path: Path) 
     path = tmp_path / "sub-01_task-rest_space-T1w_desc-preproc_bold.nii.gz"
     nib.save(ref_img((7, 8, 9), affine, n_timepoints=2), path)
     with pytest.raises(InputDataError, match=r"0 voxels on the grid of sub-01.*found space 'T1w'"):
-        atlas.build_seed_mask(syn_dir, PGACC, "both", path)
+        atlas_seeds.build_seed_mask(syn_dir, PGACC, "both", path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -543,7 +546,7 @@ def test_pmap_threshold_resample_then_threshold(syn_dir: Path) -> None:
     reference = ref_img(shape, affine)
     masks = {}
     for threshold in (0.3, 0.6):
-        seed = atlas.build_seed(syn_dir, ["p24ab"], "both", reference, source="pmap",
+        seed = atlas_seeds.build_seed(syn_dir, ["p24ab"], "both", reference, source="pmap",
                                 pmap_threshold=threshold)
         expected = np.zeros(shape, dtype=bool)
         for hemi in ("left", "right"):
@@ -562,11 +565,11 @@ def test_pmap_missing_or_out_of_range(syn_dir: Path) -> None:
     (syn_dir / "Area-p32_rh_MNI152.nii.gz").unlink()
     with pytest.raises(AtlasError, match=r"source='pmap' needs the probability map "
                                          r"Area-p32_rh_MNI152\.nii\.gz .*with_pmaps_for"):
-        atlas.build_seed_mask(syn_dir, PGACC, "both", ref_img(shape, affine), source="pmap")
+        atlas_seeds.build_seed_mask(syn_dir, PGACC, "both", ref_img(shape, affine), source="pmap")
     nib.save(nib.Nifti1Image(_syn_pmap("Area p24ab (pACC)", "left") * 100, SYN_AFFINE),
              syn_dir / "Area-p24ab_lh_MNI152.nii.gz")
     with pytest.raises(AtlasError, match=r"must be 3D with values in \[0, 1\]"):
-        atlas.build_seed_mask(syn_dir, ["p24ab"], "left", ref_img(shape, affine), source="pmap")
+        atlas_seeds.build_seed_mask(syn_dir, ["p24ab"], "left", ref_img(shape, affine), source="pmap")
 
 
 # --------------------------------------------------------------------------------------------
@@ -589,7 +592,7 @@ def test_seed_qc_coverage_and_tsnr(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     n_t = 400
     bold = 100 + 2 * rng.standard_normal(QC_SHAPE + (n_t,))  # voxel tSNR 50
-    qc = atlas.seed_qc(seed_img, brain_img, bold, run_name="sub-01_task-rest", seed_name="pgACC")
+    qc = atlas_seedqc.seed_qc(seed_img, brain_img, bold, run_name="sub-01_task-rest", seed_name="pgACC")
     assert (qc.n_voxels_seed, qc.n_voxels, qc.coverage, qc.excluded) == (36, 36, 1.0, False)
     assert qc.volume_mm3 == 36 * 27 and qc.n_timepoints == n_t
     assert qc.tsnr_median == pytest.approx(50, rel=0.05)
@@ -602,10 +605,10 @@ def test_seed_qc_coverage_and_tsnr(tmp_path: Path) -> None:
     path = tmp_path / "bold.nii.gz"
     nib.save(nib.Nifti1Image(bold.astype(np.float32), QC_AFFINE), path)
     for other in (path, bold[mask].T, bold.reshape(-1, n_t)[np.ones(np.prod(QC_SHAPE), bool)].T):
-        assert atlas.seed_qc(seed_img, brain_img, other).tsnr_median == pytest.approx(expected, rel=1e-5)
+        assert atlas_seedqc.seed_qc(seed_img, brain_img, other).tsnr_median == pytest.approx(expected, rel=1e-5)
     assert json.dumps(qc.to_dict())
     with pytest.raises(InputDataError, match=r"must be a 4D image, .*n_voxels = 36"):
-        atlas.seed_qc(seed_img, brain_img, np.zeros((10, 5)))
+        atlas_seedqc.seed_qc(seed_img, brain_img, np.zeros((10, 5)))
 
 
 def test_seed_qc_low_coverage_excludes_run() -> None:
@@ -613,11 +616,11 @@ def test_seed_qc_low_coverage_excludes_run() -> None:
     with pytest.warns(UserWarning, match=r"32 of 64 voxels of seed 'pgACC' lie outside the brain mask "
                                          r"of sub-02; coverage 0\.50 is below the minimum of 0\.80 "
                                          r"\(min_coverage\)\. Run excluded\."):
-        qc = atlas.seed_qc(seed_img, brain_img, min_coverage=0.8, run_name="sub-02", seed_name="pgACC")
+        qc = atlas_seedqc.seed_qc(seed_img, brain_img, min_coverage=0.8, run_name="sub-02", seed_name="pgACC")
     assert qc.excluded and qc.coverage == 0.5 and qc.n_voxels == 32
     assert "Run excluded" in qc.exclusion_reason
-    assert not atlas.seed_qc(seed_img, brain_img, min_coverage=0.5).excluded
-    masked = atlas.mask_seed(seed_img, brain_img)
+    assert not atlas_seedqc.seed_qc(seed_img, brain_img, min_coverage=0.5).excluded
+    masked = atlas_seedqc.mask_seed(seed_img, brain_img)
     assert np.asarray(masked.dataobj).sum() == 32
 
 
@@ -626,28 +629,28 @@ def test_seed_qc_zero_voxels_names_run_and_space(tmp_path: Path) -> None:
     run = "sub-07_ses-24h_task-rest_space-T1w_desc-preproc_bold.nii.gz"
     with pytest.raises(InputDataError, match=r"Seed 'pgACC' has 0 voxels inside the brain mask of "
                                              r"sub-07_ses-24h.*MNI152NLin2009cAsym \(found space 'T1w'"):
-        atlas.seed_qc(seed_img, brain_img, run_name=run, seed_name="pgACC")
+        atlas_seedqc.seed_qc(seed_img, brain_img, run_name=run, seed_name="pgACC")
     # the space entity is also found in the BOLD file name when the run name lacks it
     bold_file = tmp_path / run
     nib.save(nib.Nifti1Image(np.zeros(QC_SHAPE + (3,), np.float32), QC_AFFINE), bold_file)
     with pytest.raises(InputDataError, match=r"of sub-07_ses-24h_task-rest .*found space 'T1w'"):
-        atlas.seed_qc(seed_img, brain_img, bold_file, run_name="sub-07_ses-24h_task-rest")
+        atlas_seedqc.seed_qc(seed_img, brain_img, bold_file, run_name="sub-07_ses-24h_task-rest")
 
 
 def test_seed_qc_validates() -> None:
     seed_img, brain_img = _qc_images(np.s_[0:2, 0:2, 0:2], np.s_[:, :, :])
     with pytest.raises(InputDataError, match=r"'min_coverage' must be a fraction in \[0, 1\]\. Got 2"):
-        atlas.seed_qc(seed_img, brain_img, min_coverage=2)
+        atlas_seedqc.seed_qc(seed_img, brain_img, min_coverage=2)
     other = nib.Nifti1Image(np.ones((7, 8, 10), np.uint8), QC_AFFINE)
     with pytest.raises(InputDataError, match=r"not on one grid"):
-        atlas.seed_qc(seed_img, other, run_name="sub-03")
+        atlas_seedqc.seed_qc(seed_img, other, run_name="sub-03")
 
 
 # --------------------------------------------------------------------------------------------
 # Seed definitions, provenance, CLI
 # --------------------------------------------------------------------------------------------
 def test_seed_definitions() -> None:
-    defs = atlas.load_seed_definitions()
+    defs = atlas_release.load_seed_definitions()
     assert defs["pgACC"].areas == PGACC and defs["pgACC"].hemispheres == ("left", "right")
     assert defs["pgACCleft"].hemispheres == ("left",) and defs["pgACCright"].hemispheres == ("right",)
     assert defs["sgACC"].areas == SGACC and defs["sgACC"].rule == "mpm"
@@ -656,13 +659,13 @@ def test_seed_definitions() -> None:
     assert RELEASE.license == "CC BY-NC-SA 4.0"
     assert any("10.1126/science.abb4588" in c for c in RELEASE.citation)
     with pytest.raises(AtlasError, match=r"Unknown seed 'pgAC'.*Did you mean \['pgACC'"):
-        atlas.get_seed_definition("pgAC", defs)
+        atlas_release.get_seed_definition("pgAC", defs)
 
 
 def test_seed_definition_strings_and_both(tmp_path: Path) -> None:
     path = tmp_path / "seeds.toml"
     path.write_text('[seeds.acc33]\nareas = "Area 33 (ACC)"\nhemispheres = "both"\n')
-    (definition,) = atlas.load_seed_definitions(path).values()
+    (definition,) = atlas_release.load_seed_definitions(path).values()
     assert definition.areas == ("Area 33 (ACC)",) and definition.hemispheres == ("left", "right")
     assert definition.rule == "mpm" and definition.pmap_threshold == 0.5
 
@@ -681,15 +684,15 @@ def test_seed_definitions_validate(tmp_path: Path, table: str, match: str) -> No
     path = tmp_path / "seeds.toml"
     path.write_text(f"[seeds.bad]\n{table}\n")
     with pytest.raises(AtlasError, match=rf"Seed 'bad' in .*seeds\.toml.*{match}"):
-        atlas.load_seed_definitions(path)
+        atlas_release.load_seed_definitions(path)
 
 
 def test_atlas_provenance(syn_dir: Path) -> None:
-    prov = atlas.atlas_provenance(syn_dir)
+    prov = atlas_fetch.atlas_provenance(syn_dir)
     assert prov["Version"] == "3.1" and prov["License"] == "CC BY-NC-SA 4.0"
     assert prov["EbrainsDatasetVersionId"] == "f1fe19e8-99bd-44bc-9616-a52850680777"
     assert [f["Sha256"] for f in prov["Files"]] == [
-        sha256_file(syn_dir / Path(r).name) for r in atlas.required_files()
+        sha256_file(syn_dir / Path(r).name) for r in atlas_fetch.required_files()
     ]
 
 
@@ -707,7 +710,7 @@ def test_cli_seeds_writes_masks_and_sidecars(syn_dir: Path, tmp_path: Path) -> N
         assert sidecar["VolumeMm3"] == 8 * sidecar["VoxelCount"]
         assert sidecar["Atlas"]["EbrainsDatasetVersionId"] == RELEASE.ebrains_dataset_version_id
         assert all(len(f["Sha256"]) == 64 for f in sidecar["Atlas"]["Files"])
-        np.testing.assert_allclose(sidecar["CenterOfMassMm"], atlas.center_of_mass_mm(mask), atol=0.01)
+        np.testing.assert_allclose(sidecar["CenterOfMassMm"], atlas_seeds.center_of_mass_mm(mask), atol=0.01)
     sidecar = json.loads((out / "space-MNI152NLin2009cAsym_res-2_seed-myACC_mask.json").read_text())
     assert sidecar["Areas"] == ["Area p24ab (pACC)", "Area 33 (ACC)"]
     assert sidecar["Hemispheres"] == ["left"] and sidecar["LabelValues"]["left"]["Area 33 (ACC)"] == 143
@@ -749,7 +752,7 @@ def test_local_atlas_with_swapped_or_truncated_files_is_refused(kind, tmp_path: 
     (swapped / "tmp.nii.gz").rename(swapped / names["right"])
     with pytest.raises(AtlasError, match=rf"{names['left']} should hold the left hemisphere's Julich-Brain map, but "
                                          r"its labelled voxels lie in the right hemisphere \(median x = \d+ mm\)"):
-        atlas.resolve_atlas_dir(swapped)
+        atlas_fetch.resolve_atlas_dir(swapped)
     truncated = tmp_path / "truncated"
     shutil.copytree(source, truncated, copy_function=shutil.copyfile)
     truncated.chmod(0o755)
@@ -757,5 +760,5 @@ def test_local_atlas_with_swapped_or_truncated_files_is_refused(kind, tmp_path: 
     (truncated / names["right"]).write_bytes(data[: len(data) // 2])
     with pytest.raises(AtlasError, match=rf"{names['right']}: cannot be read as the right hemisphere's Julich-Brain "
                                          r"map .* truncated or damaged"):
-        atlas.resolve_atlas_dir(truncated)
-    assert atlas.resolve_atlas_dir(source) == Path(source)
+        atlas_fetch.resolve_atlas_dir(truncated)
+    assert atlas_fetch.resolve_atlas_dir(source) == Path(source)

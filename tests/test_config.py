@@ -187,7 +187,7 @@ def test_seed_from_a_mask_file(tmp_path):
     import nibabel as nib
     import numpy as np
 
-    from fcflow.atlas import seed_from_mask_file
+    from fcflow.atlas.seedqc import seed_from_mask_file
 
     text = SHIPPED.read_text()
     block = text[text.index("[seeds.pgACC]"):text.index("[denoising]")]

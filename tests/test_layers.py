@@ -93,7 +93,7 @@ def test_no_module_imports_another_modules_private_names():
 
 #: Modules that read or write files of the datasets, and why; every other module of the science
 #: layer computes on arrays and tables only and must not import fcflow.io, fcflow.derivatives or
-#: fcflow.lock (issue 20). The entries marked "not yet" are the known remainder of that work.
+#: fcflow.lock (issue 20).
 _FILE_LAYER = {
     "fcflow.io": "the atomic writers",
     "fcflow.derivatives": "BIDS-derivative names, sidecars, the participant level's tables",
@@ -104,7 +104,8 @@ _FILE_LAYER = {
     "fcflow.plotting": "writes figures for the reports",
     "fcflow.simulate.nifti": "writes synthetic studies",
     "fcflow.simulate.study": "writes synthetic studies",
-    "fcflow.atlas": "not yet split: fetches and caches the Julich-Brain release beside the seed science",
+    "fcflow.atlas.fetch": "finds, downloads and caches the Julich-Brain files (atomic writes, SHA-256 manifest)",
+    "fcflow.atlas.seedqc": "records the SHA-256 of a user's seed mask file in the seed's provenance",
     "fcflow.runfiles": "the first level's file side: a run's prepared inputs in, its results into its node folder",
 }
 
@@ -119,7 +120,8 @@ def test_science_layer_reads_and_writes_no_dataset_files():
     root = Path(fcflow.__file__).resolve().parent
     files = ("fcflow.io", "fcflow.derivatives", "fcflow.lock")
     science = [m for m in _science_modules() if m not in _FILE_LAYER and not m.startswith("fcflow.reports")]
-    assert {"fcflow.group.inference", "fcflow.permutation", "fcflow.firstlevel", "fcflow.qc"} <= set(science)
+    assert {"fcflow.group.inference", "fcflow.permutation", "fcflow.firstlevel", "fcflow.qc",
+            "fcflow.atlas.seeds"} <= set(science)
     found = []
     for module in science:
         path = root.joinpath(*module.split(".")[1:])

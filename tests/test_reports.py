@@ -203,7 +203,7 @@ def test_methods_name_the_declared_regions_by_their_patterns():
 def test_every_number_of_the_methods_comes_from_the_recipe_or_the_software():
     import inspect
 
-    from fcflow.atlas import load_atlas_release
+    from fcflow.atlas.release import load_atlas_release
     from fcflow.permutation import permutation_test
 
     recipe = _with(_with(RECIPE, "denoising", fd_threshold_mm=0.43, min_volumes=77, n_compcor=6, smoothing_fwhm=7.5),
@@ -446,7 +446,7 @@ def test_save_figure_writes_png_or_svg_only(tmp_path):
 
 
 def test_stand_in_and_unverified_seeds_are_found_from_the_seed_sidecars(tmp_path):
-    from fcflow.atlas import atlas_provenance
+    from fcflow.atlas.fetch import atlas_provenance
     from fcflow.reports.group import seed_caveats_of_study
     from fcflow.reports.participant import seed_caveats
 

@@ -585,7 +585,7 @@ def test_julich_seed(tmp_path):
     julich = os.environ.get("FCFLOW_TEST_JULICH_DIR") or os.environ.get("FCFLOW_JULICH_TEST_DIR")
     if not julich:
         pytest.skip("set FCFLOW_TEST_JULICH_DIR to the Julich-Brain 3.1 folder")
-    pytest.importorskip("fcflow.atlas")
+    pytest.importorskip("fcflow.atlas.seeds")
     result = simulate_study(tmp_path / "j", n_per_group=1, resolution_mm=4, n_volumes=30,
                             seed=1, julich_dir=julich)
     assert result.seed_source == "julich-brain"

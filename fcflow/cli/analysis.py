@@ -81,7 +81,7 @@ def _add_group_arguments(parser: argparse.ArgumentParser) -> None:
 def _run_group(args: argparse.Namespace, recipe) -> int:
     import sys
 
-    from fcflow.atlas import resolve_atlas_dir
+    from fcflow.atlas.fetch import resolve_atlas_dir
     from fcflow.derivatives import utc_now, write_execution_record
     from fcflow.errors import AtlasError
     from fcflow.group.run import plan_group_level
@@ -174,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
 def _run_participant(args: argparse.Namespace, recipe) -> int:
     import sys
 
-    from fcflow.atlas import resolve_atlas_dir
+    from fcflow.atlas.fetch import resolve_atlas_dir
     from fcflow.bids import collect_runs
     from fcflow.derivatives import utc_now, write_dataset_description, write_execution_record
     from fcflow.workflows.runner import run_workflow

@@ -45,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _atlas_or_none(julich_dir: Path | None) -> Path | None:
-    from fcflow.atlas import resolve_atlas_dir
+    from fcflow.atlas.fetch import resolve_atlas_dir
 
     try:
         return resolve_atlas_dir(julich_dir)

@@ -26,7 +26,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from fcflow import atlas
+from fcflow.atlas import fetch as atlas_fetch
+from fcflow.atlas import release as atlas_release
+from fcflow.atlas import seeds as atlas_seeds
 from fcflow.config import load_recipe
 from fcflow.errors import InputDataError
 from fcflow.io import save_img, write_json
@@ -73,7 +75,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Write the masks and sidecars; return 0."""
-    definitions = atlas.load_seed_definitions(args.seeds_file)
+    definitions = atlas_release.load_seed_definitions(args.seeds_file)
     if args.list:
         for name, definition in definitions.items():
             print(f"{name:<14} {', '.join(definition.hemispheres):<12} {definition.rule:<5} "
@@ -82,40 +84,40 @@ def run(args: argparse.Namespace) -> int:
     if args.output_dir is None:
         raise InputDataError("'--output-dir' is required (where the masks are written).")
 
-    seeds = [atlas.get_seed_definition(name, definitions) for name in args.seed]
+    seeds = [atlas_release.get_seed_definition(name, definitions) for name in args.seed]
     if args.recipe:
         recipe = load_recipe(args.recipe)
         seeds.extend(
-            atlas.SeedDefinition(
+            atlas_release.SeedDefinition(
                 name=seed.name, areas=seed.areas, hemispheres=seed.hemispheres, rule=seed.source,
                 pmap_threshold=seed.pmap_threshold, description=f"seed of recipe {recipe.name}",
             )
             for seed in recipe.seeds
         )
     if args.areas:
-        seeds.append(atlas.SeedDefinition(
+        seeds.append(atlas_release.SeedDefinition(
             name=args.seed_name, areas=tuple(args.areas),
-            hemispheres=atlas.normalize_hemispheres(args.hemisphere),
+            hemispheres=atlas_release.normalize_hemispheres(args.hemisphere),
             description="custom seed from the command line",
         ))
     if not seeds:
-        seeds = [atlas.get_seed_definition("pgACC", definitions)]
+        seeds = [atlas_release.get_seed_definition("pgACC", definitions)]
     overrides = {}
     if args.source:
         overrides["rule"] = args.source
     if args.pmap_threshold is not None:
         overrides["pmap_threshold"] = args.pmap_threshold
     if overrides:
-        seeds = [atlas.SeedDefinition(**{**_fields(s), **overrides}) for s in seeds]
+        seeds = [atlas_release.SeedDefinition(**{**_fields(s), **overrides}) for s in seeds]
 
     reference, prefix = _reference(args)
     pmap_areas = sorted({a for s in seeds if s.rule == "pmap" for a in s.areas})
-    atlas_dir = atlas.resolve_atlas_dir(
+    atlas_dir = atlas_fetch.resolve_atlas_dir(
         args.julich_dir, cache_dir=args.cache_dir, download=not args.no_download,
         with_pmaps_for=pmap_areas,
     )
     for definition in seeds:
-        seed = atlas.build_seed_from_definition(atlas_dir, definition, reference)
+        seed = atlas_seeds.build_seed_from_definition(atlas_dir, definition, reference)
         stem = args.output_dir / f"{prefix}seed-{definition.name}_mask"
         mask_file = save_img(seed.img, stem.with_name(stem.name + ".nii.gz"))
         write_json(stem.with_name(stem.name + ".json"), seed.to_sidecar())
@@ -126,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fields(definition: atlas.SeedDefinition) -> dict:
+def _fields(definition: atlas_release.SeedDefinition) -> dict:
     return {f: getattr(definition, f) for f in
             ("name", "areas", "hemispheres", "rule", "pmap_threshold", "description")}
 
@@ -142,7 +144,7 @@ def _reference(args: argparse.Namespace) -> tuple[nib.Nifti1Image | Path, str]:
         return nib.Nifti1Image(np.zeros(shape, dtype=np.uint8), affine), f"space-{MNI_SPACE}_res-{res}_"
     if not args.reference.is_file():
         raise InputDataError(f"'--reference' must be an existing image file. Got {str(args.reference)!r}.")
-    space = atlas.space_entity(args.reference)
+    space = atlas_release.space_entity(args.reference)
     if space is not None and space != MNI_SPACE:
         raise InputDataError(
             f"'--reference' {args.reference.name} is in space {space!r}, but the Julich-Brain atlas "

@@ -48,7 +48,8 @@ def julich_area_lookup(atlas_dir: str | Path) -> Callable[[NDArray[np.float64]],
     area of the nearest MPM voxel, prefixed by its hemisphere ("left Area Id8 (Insula)"), or
     "unlabelled" outside both maps.
     """
-    from fcflow.atlas import find_atlas_file, load_atlas_release, read_label_table
+    from fcflow.atlas.fetch import find_atlas_file
+    from fcflow.atlas.release import load_atlas_release, read_label_table
 
     release = load_atlas_release()
     layers = []

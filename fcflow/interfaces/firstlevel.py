@@ -44,7 +44,8 @@ class BuildSeedMasks(SimpleInterface):
     output_spec = _BuildSeedMasksOutputSpec
 
     def _run_interface(self, runtime):
-        from fcflow.atlas import build_seed, seed_from_mask_file
+        from fcflow.atlas.seedqc import seed_from_mask_file
+        from fcflow.atlas.seeds import build_seed
         from fcflow.config import SeedConfig, from_plain
         from fcflow.io import save_img, write_json
 

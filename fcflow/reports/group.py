@@ -581,7 +581,7 @@ def seed_caveats_of_study(output_dir: str | Path, kind: str) -> dict[str, str]:
     (``sub-*/[ses-*/]func/*_seed-<name>_mask.json``) by :func:`fcflow.atlas.seed_caveat`, the same
     reading as the participant report's.
     """
-    from fcflow.atlas import seed_caveat
+    from fcflow.atlas.fetch import seed_caveat
 
     out: dict[str, str] = {}
     for path in sorted(Path(output_dir).glob("sub-*/**/func/*_mask.json")):

@@ -284,7 +284,7 @@ def describe_methods(
     versions = dict(software_versions() if versions is None else versions)
     uses_atlas = any(seed.mask is None for seed in recipe.seeds)
     if atlas is None and uses_atlas:
-        from fcflow.atlas import load_atlas_release
+        from fcflow.atlas.release import load_atlas_release
 
         atlas = load_atlas_release()
     defaults = {name: p.default for name, p in inspect.signature(permutation_test).parameters.items()}

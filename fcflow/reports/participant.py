@@ -299,7 +299,7 @@ def seed_caveats(seed_files: Sequence[str], seed_names: Sequence[str], kind: str
     ``"unverified"`` (atlas files not verified against the release); :func:`fcflow.atlas.seed_caveat`
     reads the sidecar the first level writes beside each seed mask.
     """
-    from fcflow.atlas import seed_caveat
+    from fcflow.atlas.fetch import seed_caveat
 
     out = {}
     for name, path in zip(seed_names, seed_files, strict=True):

@@ -141,7 +141,7 @@ def check_nback_fits(n_volumes: int, t_r: float, nback: NbackDesign) -> None:
 
 
 def _julich_seed(julich_dir: Path, anatomy: Anatomy) -> NDArray[np.bool_]:
-    from fcflow.atlas import build_seed_mask  # another module; only needed with real atlases
+    from fcflow.atlas.seeds import build_seed_mask  # another module; only needed with real atlases
 
     img = build_seed_mask(julich_dir, JULICH_PGACC_AREAS, ("left", "right"),
                           anatomy.brain_mask_img(), source="mpm")
