@@ -19,7 +19,7 @@ from pathlib import Path
 from fcflow.config import load_recipe
 from fcflow.errors import InputDataError, OutputError
 from fcflow.lock import lock_output_dir
-from fcflow.workflows.execution import add_execution_arguments, plugin_settings, positive_type
+from fcflow.workflows.options import add_execution_arguments, plugin_settings, positive_type
 
 _LABEL = re.compile(r"^[A-Za-z0-9]+$")
 LOGGER = logging.getLogger("fcflow.participant")

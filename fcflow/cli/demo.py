@@ -26,7 +26,7 @@ from pathlib import Path
 from fcflow.errors import AtlasError
 from fcflow.io import write_text
 from fcflow.resources import data_dir, recipe_file
-from fcflow.workflows.execution import positive_type
+from fcflow.workflows.options import positive_type
 
 LOGGER = logging.getLogger("fcflow.demo")
 

@@ -20,17 +20,15 @@ from nipype.interfaces.utility import IdentityInterface
 import fcflow
 from fcflow.cli import analysis
 from fcflow.errors import FcflowError
-from fcflow.workflows import execution
-from fcflow.workflows.execution import (
+from fcflow.workflows import options
+from fcflow.workflows.execution import run_with_plugin
+from fcflow.workflows.options import add_execution_arguments, parse_plugin_args, plugin_settings
+from fcflow.workflows.slurm import (
     SlurmJob,
-    add_execution_arguments,
     check_nodes_finished,
     ensure_slurm_environment,
-    parse_plugin_args,
     participant_from_array,
-    plugin_settings,
     request_node_resources,
-    run_with_plugin,
     set_node_resources,
     slurm_job_template,
     slurm_resource_args,
@@ -129,16 +127,16 @@ def _re(text: str) -> str:
 
 # ---- plugin arguments ---------------------------------------------------------------------------
 def test_multiproc_settings(monkeypatch):
-    monkeypatch.setattr(execution, "_usable_cpus", lambda: 8)
-    monkeypatch.setattr(execution, "_allocation_cpus", lambda: None)
+    monkeypatch.setattr(options, "_usable_cpus", lambda: 8)
+    monkeypatch.setattr(options, "_allocation_cpus", lambda: None)
     name, settings = plugin_settings(_parse("--nprocs", "3", "--mem-gb", "6"))
     assert name == "MultiProc"
     assert settings == {"n_procs": 3, "memory_gb": 6.0, "raise_insufficient": False}
 
 
 def test_nprocs_above_the_cpus_is_capped_with_a_warning(monkeypatch, caplog):
-    monkeypatch.setattr(execution, "_usable_cpus", lambda: 2)
-    monkeypatch.setattr(execution, "_allocation_cpus", lambda: None)
+    monkeypatch.setattr(options, "_usable_cpus", lambda: 2)
+    monkeypatch.setattr(options, "_allocation_cpus", lambda: None)
     with caplog.at_level("WARNING", logger="fcflow"):
         settings = plugin_settings(_parse("--nprocs", "1000"))[1]
     assert settings["n_procs"] == 2
@@ -166,7 +164,7 @@ def test_slurm_settings():
     name, settings = plugin_settings(_parse("--plugin", "SLURM", "--sbatch-args=--time=1:00:00"))
     assert name == "SLURM"
     assert settings["sbatch_args"] == "--time=1:00:00"
-    assert settings["max_jobs"] == execution.DEFAULT_MAX_JOBS
+    assert settings["max_jobs"] == options.DEFAULT_MAX_JOBS
     assert settings["template"] == slurm_job_template()
 
 

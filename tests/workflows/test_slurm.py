@@ -24,11 +24,9 @@ from nipype import Function, JoinNode, Node, Workflow  # noqa: E402
 
 import fcflow  # noqa: E402
 from fcflow.errors import FcflowError  # noqa: E402
-from fcflow.workflows.execution import (  # noqa: E402
-    plugin_settings,
-    run_with_plugin,
-    set_node_resources,
-)
+from fcflow.workflows.execution import run_with_plugin  # noqa: E402
+from fcflow.workflows.options import plugin_settings  # noqa: E402
+from fcflow.workflows.slurm import set_node_resources  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 ARRAY_SCRIPT = REPO / "docs" / "slurm" / "fcflow_array.sbatch"
