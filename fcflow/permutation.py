@@ -88,7 +88,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -638,6 +638,54 @@ def _batch_design(
     return np.ascontiguousarray(stacked, dtype=dtype)
 
 
+def _check_options(
+    *, inference: Sequence[str], scheme: str, residuals: str, precision: str, n_jobs: int | None,
+    mask: ArrayLike | None, connectivity: int, cluster_forming_p: float, n_voxels: int,
+) -> tuple[tuple[str, ...], int, VoxelGraph | None]:
+    """Check :func:`permutation_test`'s options; return the inferences, the thread count and the
+    voxel graph (None when only max-T is asked for).
+
+    Raises
+    ------
+    InputDataError
+        An unknown inference, scheme, residuals or precision, a bad ``n_jobs``, a missing or
+        mismatched ``mask`` for cluster or TFCE inference, ``cluster_forming_p`` outside (0, 1).
+    """
+    inference = tuple(inference)
+    unknown = [name for name in inference if name not in INFERENCES]
+    if unknown or not inference:
+        raise InputDataError(
+            f"'inference' must be a non-empty subset of {INFERENCES!r}. Got {inference!r}."
+        )
+    if scheme not in SCHEMES:
+        raise InputDataError(f"'scheme' must be one of {SCHEMES!r}. Got {scheme!r}.")
+    if residuals not in RESIDUALS:
+        raise InputDataError(f"'residuals' must be one of {RESIDUALS!r}. Got {residuals!r}.")
+    if precision not in ("float32", "float64"):
+        raise InputDataError(f"'precision' must be 'float32' or 'float64'. Got {precision!r}.")
+    if n_jobs is None:
+        n_jobs = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if not isinstance(n_jobs, int) or n_jobs < 1:
+        raise InputDataError(f"'n_jobs' must be a positive integer or None. Got {n_jobs!r}.")
+    graph = None
+    if any(name != "maxt" for name in inference):
+        if mask is None:
+            raise InputDataError(
+                f"'mask' must be given for cluster or TFCE inference. Got inference={inference!r} "
+                "and mask=None."
+            )
+        mask = np.asarray(mask, dtype=bool)
+        if mask.ndim != 3 or int(mask.sum()) != n_voxels:
+            raise InputDataError(
+                f"'mask' must be a 3D boolean array with one True voxel per data column "
+                f"({n_voxels}). Got shape {mask.shape!r} with {int(mask.sum())} True voxels."
+            )
+        graph = VoxelGraph.from_mask(mask, connectivity)
+    if not 0 < cluster_forming_p < 1:
+        raise InputDataError(f"'cluster_forming_p' must be in (0, 1). Got {cluster_forming_p!r}.")
+    return inference, n_jobs, graph
+
+
 def permutation_test(
     data: ArrayLike,
     design: pd.DataFrame | ArrayLike,
@@ -758,40 +806,12 @@ def permutation_test(
     stat_type = "t" if contrast_matrix.shape[0] == 1 else "F"
     two_sided = bool(two_sided) and stat_type == "t"
 
-    inference = tuple(inference)
-    unknown = [name for name in inference if name not in INFERENCES]
-    if unknown or not inference:
-        raise InputDataError(
-            f"'inference' must be a non-empty subset of {INFERENCES!r}. Got {inference!r}."
-        )
-    if scheme not in SCHEMES:
-        raise InputDataError(f"'scheme' must be one of {SCHEMES!r}. Got {scheme!r}.")
-    if residuals not in RESIDUALS:
-        raise InputDataError(f"'residuals' must be one of {RESIDUALS!r}. Got {residuals!r}.")
-    if precision not in ("float32", "float64"):
-        raise InputDataError(f"'precision' must be 'float32' or 'float64'. Got {precision!r}.")
-    if n_jobs is None:
-        n_jobs = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    if not isinstance(n_jobs, int) or n_jobs < 1:
-        raise InputDataError(f"'n_jobs' must be a positive integer or None. Got {n_jobs!r}.")
+    inference, n_jobs, graph = _check_options(
+        inference=inference, scheme=scheme, residuals=residuals, precision=precision, n_jobs=n_jobs, mask=mask,
+        connectivity=connectivity, cluster_forming_p=cluster_forming_p, n_voxels=n_voxels,
+    )
     dtype = np.dtype(precision)
-    needs_graph = any(name != "maxt" for name in inference)
-    graph = None
-    if needs_graph:
-        if mask is None:
-            raise InputDataError(
-                f"'mask' must be given for cluster or TFCE inference. Got inference={inference!r} "
-                "and mask=None."
-            )
-        mask = np.asarray(mask, dtype=bool)
-        if mask.ndim != 3 or int(mask.sum()) != n_voxels:
-            raise InputDataError(
-                f"'mask' must be a 3D boolean array with one True voxel per data column "
-                f"({n_voxels}). Got shape {mask.shape!r} with {int(mask.sum())} True voxels."
-            )
-        graph = VoxelGraph.from_mask(mask, connectivity)
-    if not 0 < cluster_forming_p < 1:
-        raise InputDataError(f"'cluster_forming_p' must be in (0, 1). Got {cluster_forming_p!r}.")
+    needs_graph = graph is not None
 
     tested, nuisance, dof = _partition_design(design_array, contrast_matrix)
     n_tested = tested.shape[1]
@@ -859,56 +879,14 @@ def permutation_test(
         gemm_basis = np.hstack([basis, masked.reshape(n_subjects, -1)])
     else:
         gemm_basis = basis
-    n_gemm = gemm_basis.shape[1]
-    n_groups = len(groups.names) if welch else 0
+    statistic = _NullStatistic(gemm_basis=gemm_basis, n_columns=n_columns, n_tested=n_tested, dof=dof,
+                               stat_type=stat_type, groups=groups if welch else None, zstat=zstat)
+    to_z = statistic.to_z
 
-    def to_statistic(projections: NDArray, squares: NDArray | None) -> tuple[NDArray, NDArray]:
-        """v or G and their dof from (b, n_gemm, v) projections and (b, G, v) sums, float64."""
-        a = np.moveaxis(projections[:, :n_columns], 1, 0)  # views: (c0, b, v)
-        per_group = projections[:, n_columns:].reshape(
-            len(projections), n_groups, n_columns, -1
-        )
-        return _welch_statistic(
-            a, np.moveaxis(per_group, (1, 2), (0, 1)), np.moveaxis(squares, 1, 0),
-            groups, n_tested, stat_type,
-        )  # fmt: skip
-
-    def to_z(values: NDArray, dof_values: NDArray | float) -> NDArray[np.float64]:
-        if stat_type == "t":
-            return t_to_z(values, dof_values)
-        return f_to_z(values, n_tested, dof_values)
-
-    # unit-norm residuals in the null's precision; the observed statistic in float64
-    unit = np.empty((n_subjects, n_voxels), dtype=dtype)
-    observed = np.empty(n_voxels)
-    observed_dof = np.full(n_voxels, float(dof))
     chunk = 32768 if not welch else 4096
-    for begin in range(0, n_voxels, chunk):
-        block = np.asarray(data[:, begin : begin + chunk], dtype=np.float64)
-        scale = np.sqrt(np.einsum("ij,ij->j", block, block))
-        if nuisance.shape[1]:
-            block = block - nuisance @ (nuisance.T @ block)
-        norm = np.sqrt(np.einsum("ij,ij->j", block, block))
-        # a voxel whose residual is rounding noise of its data is constant: statistic 0
-        block = np.divide(block, norm, out=np.zeros_like(block), where=norm > 1e-10 * scale)
-        if residuals == "ter_braak":
-            full = block - tested @ (tested.T @ block)  # R_M = R_Z - P_X, X orthogonal to Z
-            full_norm = np.sqrt(np.einsum("ij,ij->j", full, full))
-            unit[:, begin : begin + chunk] = np.divide(
-                full, full_norm, out=np.zeros_like(full), where=full_norm > 1e-10
-            )
-        else:
-            unit[:, begin : begin + chunk] = block
-        if welch:
-            stat_block, dof_block = to_statistic(
-                (gemm_basis.T @ block)[None], (groups.indicator.T @ np.square(block))[None]
-            )
-            observed[begin : begin + chunk] = stat_block[0]
-            observed_dof[begin : begin + chunk] = dof_block[0]
-        else:
-            observed[begin : begin + chunk] = _statistic(
-                (basis.T @ block)[None], n_tested, dof, stat_type
-            )[0]
+    unit, observed, observed_dof = _residuals_and_statistic(data, tested, nuisance, statistic, basis=basis,
+                                                            ter_braak=residuals == "ter_braak", dtype=dtype,
+                                                            chunk=chunk)
     if residuals == "auto":
         residuals = "weighted_freedman_lane" if welch and scheme == "sign_flip" else "freedman_lane"
     if residuals == "weighted_freedman_lane":
@@ -922,12 +900,7 @@ def permutation_test(
     # the statistic every inference uses
     inferred = observed_z if zstat else observed
 
-    if zstat:
-        threshold = float(special.ndtri(1.0 - (cluster_forming_p / 2 if two_sided else cluster_forming_p)))
-    elif stat_type == "t":
-        threshold = compute_t_threshold(cluster_forming_p, dof, two_sided=two_sided)
-    else:
-        threshold = compute_f_threshold(cluster_forming_p, n_tested, dof)
+    threshold = _cluster_forming_threshold(cluster_forming_p, statistic, two_sided=two_sided)
 
     keys = [name for name in INFERENCES if name in inference]
     graph_keys = [name for name in keys if name != "maxt"]
@@ -965,8 +938,171 @@ def permutation_test(
     rtol = (1e-4 if zstat else 1e-5) if dtype == np.float32 else 1e-9 if zstat else 1e-12
     observed_abs = np.abs(inferred) if two_sided else inferred
     tie_floor = (observed_abs - rtol * np.abs(observed_abs)).astype(dtype)
-    exceed = np.ones(n_voxels, dtype=np.int64)  # the identity
 
+    exceed = _null_distribution(
+        statistic, unit, rows, null_max, scheme=scheme, tie_floor=tie_floor, two_sided=two_sided,
+        summarise=lambda vector: summarise(vector, graph_keys), graph_keys=graph_keys, batch_size=batch_size,
+        n_jobs=n_jobs, chunk=chunk, dtype=dtype,
+    )
+    p_uncorrected = exceed / n_total
+
+    logp_fwe = {}
+    if "maxt" in keys:
+        logp_fwe["maxt"] = _fwe_logp(observed_abs, null_max["maxt"], rtol)
+    observed_maps = {
+        "cluster_mass": observed_mass,
+        "cluster_size": observed_size,
+        "tfce": None if observed_tfce is None else np.abs(observed_tfce),
+    }
+    for name in graph_keys:
+        logp_fwe[name] = _fwe_logp(observed_maps[name], null_max[name], rtol, zero_is_null=True)
+
+    return PermutationResult(
+        stat=observed,
+        stat_type=result_type,
+        dof=dof,
+        p_uncorrected=p_uncorrected,
+        logp_fwe=logp_fwe,
+        null_max=null_max,
+        scheme=scheme,
+        permutations=rows,
+        two_sided=two_sided,
+        contrast=contrast_matrix,
+        tfce=observed_tfce,
+        cluster_size=observed_size,
+        cluster_mass=observed_mass,
+        cluster_forming_threshold=threshold if needs_graph else None,
+        z=observed_z,
+        dof_map=observed_dof if welch else None,
+        zstat=zstat,
+        variance_groups=groups.names if welch else (),
+        settings={
+            "connectivity": connectivity,
+            "cluster_forming_p": cluster_forming_p,
+            "tfce_extent_exponent": tfce_extent_exponent,
+            "tfce_height_exponent": tfce_height_exponent,
+            "tfce_dh": tfce_dh,
+            "precision": precision,
+            "statistic": result_type,
+            "zstat": zstat,
+            "variance_groups": list(groups.names) if welch else [],
+            "residuals": residuals,
+        },
+    )
+
+
+@dataclass(frozen=True)
+class _NullStatistic:
+    """How a statistic is computed from the residuals' projections on the (permuted) design.
+
+    ``gemm_basis`` is the tested columns and the permuted nuisance (``n_columns``), followed,
+    with variance groups, by the same columns masked to each group: one product gives every
+    group's projections (Winkler et al. 2014's v and G).
+    """
+
+    gemm_basis: NDArray[np.float64]
+    n_columns: int
+    n_tested: int
+    dof: float
+    stat_type: str
+    groups: _VarianceGroups | None
+    zstat: bool
+
+    @property
+    def n_gemm(self) -> int:
+        return self.gemm_basis.shape[1]
+
+    @property
+    def n_groups(self) -> int:
+        return 0 if self.groups is None else len(self.groups.names)
+
+    def welch(self, projections: NDArray, squares: NDArray | None) -> tuple[NDArray, NDArray]:
+        """v or G and their dof from (b, n_gemm, v) projections and (b, G, v) sums, float64."""
+        a = np.moveaxis(projections[:, : self.n_columns], 1, 0)  # views: (c0, b, v)
+        per_group = projections[:, self.n_columns :].reshape(len(projections), self.n_groups, self.n_columns, -1)
+        return _welch_statistic(
+            a, np.moveaxis(per_group, (1, 2), (0, 1)), np.moveaxis(squares, 1, 0),
+            self.groups, self.n_tested, self.stat_type,
+        )  # fmt: skip
+
+    def to_z(self, values: NDArray, dof_values: NDArray | float) -> NDArray[np.float64]:
+        """The z of the same tail probability as ``values`` (t or F) at ``dof_values``."""
+        if self.stat_type == "t":
+            return t_to_z(values, dof_values)
+        return f_to_z(values, self.n_tested, dof_values)
+
+
+def _residuals_and_statistic(
+    data: NDArray, tested: NDArray[np.float64], nuisance: NDArray[np.float64], statistic: _NullStatistic, *,
+    basis: NDArray[np.float64], ter_braak: bool, dtype: np.dtype, chunk: int,
+) -> tuple[NDArray, NDArray[np.float64], NDArray[np.float64]]:
+    """The unit-norm residuals the permutations shuffle, and the observed statistic and its dof.
+
+    Residuals of the nuisance model (Freedman-Lane), or of the full model with ``ter_braak``,
+    scaled to unit norm per voxel, in the null's precision ``dtype``; the observed statistic in
+    float64. Voxels in chunks of ``chunk`` (smaller with variance groups).
+    """
+    n_subjects, n_voxels = data.shape
+    groups, n_tested, dof, stat_type = statistic.groups, statistic.n_tested, statistic.dof, statistic.stat_type
+    unit = np.empty((n_subjects, n_voxels), dtype=dtype)
+    observed = np.empty(n_voxels)
+    observed_dof = np.full(n_voxels, float(dof))
+    for begin in range(0, n_voxels, chunk):
+        block = np.asarray(data[:, begin : begin + chunk], dtype=np.float64)
+        scale = np.sqrt(np.einsum("ij,ij->j", block, block))
+        if nuisance.shape[1]:
+            block = block - nuisance @ (nuisance.T @ block)
+        norm = np.sqrt(np.einsum("ij,ij->j", block, block))
+        # a voxel whose residual is rounding noise of its data is constant: statistic 0
+        block = np.divide(block, norm, out=np.zeros_like(block), where=norm > 1e-10 * scale)
+        if ter_braak:
+            full = block - tested @ (tested.T @ block)  # R_M = R_Z - P_X, X orthogonal to Z
+            full_norm = np.sqrt(np.einsum("ij,ij->j", full, full))
+            unit[:, begin : begin + chunk] = np.divide(
+                full, full_norm, out=np.zeros_like(full), where=full_norm > 1e-10
+            )
+        else:
+            unit[:, begin : begin + chunk] = block
+        if groups is not None:
+            stat_block, dof_block = statistic.welch(
+                (statistic.gemm_basis.T @ block)[None], (groups.indicator.T @ np.square(block))[None]
+            )
+            observed[begin : begin + chunk] = stat_block[0]
+            observed_dof[begin : begin + chunk] = dof_block[0]
+        else:
+            observed[begin : begin + chunk] = _statistic(
+                (basis.T @ block)[None], n_tested, dof, stat_type
+            )[0]
+    return unit, observed, observed_dof
+
+
+def _cluster_forming_threshold(cluster_forming_p: float, statistic: _NullStatistic, *, two_sided: bool) -> float:
+    """The statistic (or z) value of ``cluster_forming_p``: two-sided for two-sided t, as nilearn."""
+    if statistic.zstat:
+        return float(special.ndtri(1.0 - (cluster_forming_p / 2 if two_sided else cluster_forming_p)))
+    if statistic.stat_type == "t":
+        return compute_t_threshold(cluster_forming_p, statistic.dof, two_sided=two_sided)
+    return compute_f_threshold(cluster_forming_p, statistic.n_tested, statistic.dof)
+
+
+def _null_distribution(
+    statistic: _NullStatistic, unit: NDArray, rows: NDArray, null_max: dict[str, NDArray], *, scheme: str,
+    tie_floor: NDArray, two_sided: bool, summarise: Callable[[NDArray], dict[str, float]],
+    graph_keys: Sequence[str], batch_size: int | None, n_jobs: int, chunk: int, dtype: np.dtype,
+) -> NDArray[np.int64]:
+    """Every permutation of ``rows`` but the identity (row 0), in batches of one matrix product.
+
+    Fills ``null_max`` (each inference's maximum per permutation; row 0 is the observed one)
+    and returns, per voxel, how many permutations (the identity included) reach the observed
+    statistic (``tie_floor``). Cluster and TFCE maxima are computed in ``n_jobs`` threads.
+    """
+    gemm_basis, n_gemm, n_groups = statistic.gemm_basis, statistic.n_gemm, statistic.n_groups
+    n_columns, n_tested, dof, stat_type = statistic.n_columns, statistic.n_tested, statistic.dof, statistic.stat_type
+    groups, welch, zstat = statistic.groups, statistic.groups is not None, statistic.zstat
+    to_statistic, to_z = statistic.welch, statistic.to_z
+    n_total = rows.shape[0]
+    n_voxels = unit.shape[1]
+    exceed = np.ones(n_voxels, dtype=np.int64)  # the identity
     if batch_size is None:
         # about 160 MB of buffers (projections, statistic, work, flags): a wide GEMM that
         # reads the residuals once per ~30 permutations on the 2 mm MNI mask
@@ -1026,63 +1162,17 @@ def permutation_test(
                 compared = np.abs(stats_batch, out=stats_batch)
             np.greater_equal(compared, tie_floor, out=exceeds[:n_batch])
             exceed += np.count_nonzero(exceeds[:n_batch], axis=0)
-            if "maxt" in keys:
+            if "maxt" in null_max:
                 null_max["maxt"][start : start + n_batch] = compared.max(axis=1)
             if graph_keys:
-                summaries = (executor.map if executor else map)(
-                    lambda vector: summarise(vector, graph_keys), stats_batch
-                )
+                summaries = (executor.map if executor else map)(summarise, stats_batch)
                 for offset, summary in enumerate(summaries):
                     for key in graph_keys:
                         null_max[key][start + offset] = summary[key]
     finally:
         if executor:
             executor.shutdown()
-    p_uncorrected = exceed / n_total
-
-    logp_fwe = {}
-    if "maxt" in keys:
-        logp_fwe["maxt"] = _fwe_logp(observed_abs, null_max["maxt"], rtol)
-    observed_maps = {
-        "cluster_mass": observed_mass,
-        "cluster_size": observed_size,
-        "tfce": None if observed_tfce is None else np.abs(observed_tfce),
-    }
-    for name in graph_keys:
-        logp_fwe[name] = _fwe_logp(observed_maps[name], null_max[name], rtol, zero_is_null=True)
-
-    return PermutationResult(
-        stat=observed,
-        stat_type=result_type,
-        dof=dof,
-        p_uncorrected=p_uncorrected,
-        logp_fwe=logp_fwe,
-        null_max=null_max,
-        scheme=scheme,
-        permutations=rows,
-        two_sided=two_sided,
-        contrast=contrast_matrix,
-        tfce=observed_tfce,
-        cluster_size=observed_size,
-        cluster_mass=observed_mass,
-        cluster_forming_threshold=threshold if needs_graph else None,
-        z=observed_z,
-        dof_map=observed_dof if welch else None,
-        zstat=zstat,
-        variance_groups=groups.names if welch else (),
-        settings={
-            "connectivity": connectivity,
-            "cluster_forming_p": cluster_forming_p,
-            "tfce_extent_exponent": tfce_extent_exponent,
-            "tfce_height_exponent": tfce_height_exponent,
-            "tfce_dh": tfce_dh,
-            "precision": precision,
-            "statistic": result_type,
-            "zstat": zstat,
-            "variance_groups": list(groups.names) if welch else [],
-            "residuals": residuals,
-        },
-    )
+    return exceed
 
 
 def combine_family_wise(results: Sequence[PermutationResult]) -> list[dict[str, NDArray[np.float64]]]:
