@@ -63,20 +63,21 @@ FCFLOW = """
 import sys
 from pathlib import Path
 import nibabel as nib, numpy as np, pandas as pd
+from fcflow.config import DenoisingConfig, load_recipe
 from fcflow.denoise import load_run_confounds
 from fcflow.firstlevel import compute_run_maps
 from fcflow.io import save_img
 from fcflow.niftiio import unmask
 bold, mask, seed, out, task, events = sys.argv[1:7]
 sel = load_run_confounds(bold, "24P+aCompCor", censor=False, n_compcor=5)
+recipe = load_recipe("weigner2025_pgacc")
 if task == "rest":
-    kwargs = dict(measures=["correlation"], high_pass=0.01, low_pass=0.08)
+    kwargs = dict(task=recipe.task("rest"))
 else:
-    kwargs = dict(measures=["gppi", "background"], high_pass=0.008, low_pass=None, conditions=["0back", "2back"],
-                  condition_contrasts={"2backMinus0back": "2back - 0back"}, events=pd.read_csv(events, sep="\\t"),
-                  events_file=events)
+    kwargs = dict(task=recipe.task("nback"), events=pd.read_csv(events, sep="\\t"), events_file=events)
 maps = compute_run_maps(bold, mask, {"pgACC": nib.load(seed)}, t_r=2.0, confounds=sel.confounds,
-                        sample_mask=sel.sample_mask, smoothing_fwhm=None, run_name="bench", **kwargs)
+                        sample_mask=sel.sample_mask, denoising=DenoisingConfig(min_dof=0.0), run_name="bench",
+                        **kwargs)
 mask_img = nib.load(mask)
 brain = np.asarray(mask_img.dataobj) > 0
 Path(out).mkdir(parents=True, exist_ok=True)

@@ -49,8 +49,8 @@ import pandas as pd
 from numpy.typing import NDArray
 
 from fcflow.atlas.seedqc import SeedQC, seed_qc
-from fcflow.config import DenoisingConfig, SeedConfig
-from fcflow.connectivity import compute_multiseed_connectivity, extract_seed_signal, per_seed
+from fcflow.config import DenoisingConfig, SeedConfig, TaskConfig
+from fcflow.connectivity import compute_multiseed_connectivity, extract_seed_signal
 from fcflow.denoise import build_cleaning_operator, confound_blocks, correlation_dof, dof_budget
 from fcflow.errors import InputDataError
 from fcflow.niftiio import MaskedBoldInfo, read_masked_bold, smooth_map
@@ -114,22 +114,13 @@ def compute_run_maps(
     seed_imgs: Mapping[str, nib.spatialimages.SpatialImage],
     *,
     t_r: float,
-    measures: Sequence[str],
+    task: TaskConfig,
+    denoising: DenoisingConfig,
     confounds: pd.DataFrame | None,
     sample_mask: NDArray[np.int64] | None,
-    high_pass: float | None,
-    low_pass: float | None,
-    smoothing_fwhm: float | None,
-    conditions: Sequence[str] = (),
-    condition_contrasts: Mapping[str, str] | None = None,
+    seeds: Sequence[SeedConfig] = (),
     events: pd.DataFrame | None = None,
     events_file: str = "",
-    signal: str | Mapping[str, str] = "mean",
-    min_coverage: float | Mapping[str, float] = SeedConfig.min_coverage,
-    detrend: bool = True,
-    standardize_confounds: bool = True,
-    filter: str = "dct",
-    min_dof: float = 0.0,
     run_name: str = "",
     masked: tuple[NDArray[np.float32], MaskedBoldInfo] | None = None,
 ) -> RunMaps:
@@ -143,30 +134,24 @@ def compute_run_maps(
         Seed masks on the run's grid (before intersection with the brain mask).
     t_r : float
         Repetition time in seconds.
-    measures : sequence of {"correlation", "gppi", "background"}
+    task : TaskConfig
+        The recipe's task: its ``measures`` (``correlation``, ``gppi``, ``background``), band
+        (``high_pass``, ``low_pass``, Hz), ``conditions`` and ``condition_contrasts``.
+    denoising : DenoisingConfig
+        The recipe's ``[denoising]``: ``detrend``, ``standardize_confounds``, ``filter``
+        (:func:`fcflow.denoise.build_cleaning_operator`), ``min_dof`` (a measure with fewer
+        effective degrees of freedom excludes the run) and ``smoothing_fwhm`` (FWHM in mm of the
+        Gaussian kernel every map is smoothed with, :func:`fcflow.niftiio.smooth_map`; None leaves
+        the maps as computed).
     confounds : DataFrame of shape (n_timepoints, n_confounds) or None
         From :func:`fcflow.denoise.load_run_confounds`.
     sample_mask : ndarray of int or None
         Kept volumes (censoring, non-steady-state removal); None keeps all.
-    high_pass, low_pass : float or None
-        Butterworth band in Hz.
-    smoothing_fwhm : float or None
-        FWHM in mm of the Gaussian kernel every map is smoothed with (the recipe's
-        ``[denoising] smoothing_fwhm``; :func:`fcflow.niftiio.smooth_map`); None leaves the maps
-        as computed. Required, so that no caller forgets the recipe's value.
-    conditions, condition_contrasts, events, events_file :
-        For task measures: the modelled conditions, named contrasts over them
-        (``{"2backMinus0back": "2back - 0back"}``), the events table and its file name.
-    signal : {"mean", "eigenvariate"} or mapping of seed name to it, default="mean"
-        How each seed's signal is summarised (one value for every seed, or each seed's own).
-    min_coverage : float or mapping of seed name to float, default=SeedConfig.min_coverage (0.8)
-        A seed with less of its volume inside the brain mask excludes the run (one value for
-        every seed, or each seed's own).
-    detrend, standardize_confounds : bool, default=True
-    filter : {"dct", "butterworth"}, default="dct"
-        See :func:`fcflow.denoise.build_cleaning_operator`.
-    min_dof : float, default=0
-        Exclude the run when a measure would have fewer effective degrees of freedom.
+    seeds : sequence of SeedConfig, default=()
+        The recipe's seeds: each seed of ``seed_imgs`` is summarised with its own ``signal``
+        and needs its own ``min_coverage`` (a seed not listed gets :class:`SeedConfig`'s defaults).
+    events, events_file :
+        For task measures: the events table and its file name (in messages).
     run_name : str
         Used in messages.
     masked : (data, info) or None
@@ -178,12 +163,19 @@ def compute_run_maps(
     -------
     RunMaps
     """
+    measures, high_pass, low_pass = list(task.measures), task.high_pass, task.low_pass
+    conditions = list(task.conditions)
+    condition_contrasts = {c.name: c.expression for c in task.condition_contrasts}
+    detrend, filter, min_dof = denoising.detrend, denoising.filter, denoising.min_dof
+    # each seed's own settings; a seed the recipe does not list gets SeedConfig's defaults
+    by_name = {seed.name: seed for seed in seeds}
+    signals = {name: by_name[name].signal if name in by_name else SeedConfig.signal for name in seed_imgs}
+    coverages = {name: by_name[name].min_coverage if name in by_name else SeedConfig.min_coverage
+                 for name in seed_imgs}
     mask_img = nib.load(mask_file)
     brain = np.asarray(mask_img.dataobj).reshape(mask_img.shape[:3]) > 0
     result = RunMaps()
     columns = {}
-    signals = per_seed(signal, seed_imgs, "signal")
-    coverages = per_seed(min_coverage, seed_imgs, "min_coverage")
     for name, img in seed_imgs.items():
         # Coverage first: a run that loses its seed is excluded before its data are read.
         qc = seed_qc(img, mask_img, None, min_coverage=coverages[name], run_name=run_name, seed_name=name)
@@ -207,18 +199,18 @@ def compute_run_maps(
         block: confounds[cols].to_numpy(dtype=np.float64) for block, cols in confound_blocks(confounds.columns).items()
     }
     task_measures = [m for m in measures if m in ("gppi", "background")]
-    task = None
+    regressors = None
     if task_measures:
         from fcflow.ppi import build_task_regressors, check_task_design
 
         if events is None:
             raise InputDataError(f"{run_name}: task measures {list(measures)} need the run's events file.")
-        task = build_task_regressors(events, conditions, n_time, t_r, events_file=events_file)
-        blocks["task"] = task.to_numpy(dtype=np.float64)
+        regressors = build_task_regressors(events, conditions, n_time, t_r, events_file=events_file)
+        blocks["task"] = regressors.to_numpy(dtype=np.float64)
         preparation = build_cleaning_operator(n_time, t_r, None, sample_mask, high_pass, low_pass, detrend,
                                               filter=filter)
-        task_prepared = pd.DataFrame(preparation @ task.to_numpy(dtype=np.float64), columns=task.columns)
-        reason = check_task_design(task, task_prepared, conditions, events_file=events_file, run_name=run_name)
+        task_prepared = pd.DataFrame(preparation @ regressors.to_numpy(dtype=np.float64), columns=regressors.columns)
+        reason = check_task_design(regressors, task_prepared, conditions, events_file=events_file, run_name=run_name)
         if reason:
             return _exclude(result, reason)
     budget = dof_budget(n_time, t_r, sample_mask=sample_mask, high_pass=high_pass, low_pass=low_pass,
@@ -239,7 +231,7 @@ def compute_run_maps(
         # one cleaning operator and one pass over the data for all seeds
         connectivity = compute_multiseed_connectivity(
             data, columns, t_r, confounds, sample_mask, high_pass=high_pass, low_pass=low_pass,
-            detrend=detrend, standardize_confounds=standardize_confounds, signal=signals,
+            detrend=detrend, standardize_confounds=denoising.standardize_confounds, signal=signals,
             filter=filter, run_name=run_name,
         )
         for name, conn in connectivity.items():
@@ -251,15 +243,15 @@ def compute_run_maps(
     if task_measures:
         _task_maps(result, data, columns, t_r=t_r, confounds=confounds, sample_mask=sample_mask,
                    high_pass=high_pass, low_pass=low_pass, measures=task_measures, conditions=conditions,
-                   condition_contrasts=condition_contrasts or {}, task=task, signal=signals,
+                   condition_contrasts=condition_contrasts, task=regressors, signal=signals,
                    detrend=detrend, filter=filter, min_dof=min_dof, run_name=run_name)
         if result.excluded:
             return result
 
-    if smoothing_fwhm is not None:
+    if denoising.smoothing_fwhm is not None:
         for spec, values in result.maps.items():
-            result.maps[spec] = smooth_map(values, brain, mask_img.affine, smoothing_fwhm)
-        result.smoothing_fwhm = float(smoothing_fwhm)
+            result.maps[spec] = smooth_map(values, brain, mask_img.affine, denoising.smoothing_fwhm)
+        result.smoothing_fwhm = float(denoising.smoothing_fwhm)
     result.kept_volumes = np.arange(n_time) if sample_mask is None else np.asarray(sample_mask)
     return result
 

@@ -88,15 +88,8 @@ def run_maps_from_files(
                 "qc_file": str(write_json(out / "run_qc.json", qc)), **outputs}
     events = pd.read_csv(events_file, sep="\t") if events_file else None
     result = compute_run_maps(
-        bold_file, mask_file, seed_imgs, t_r=t_r, measures=list(task.measures),
-        confounds=confounds, sample_mask=sample_mask, high_pass=task.high_pass,
-        low_pass=task.low_pass, smoothing_fwhm=denoising.smoothing_fwhm,
-        conditions=list(task.conditions),
-        condition_contrasts={c.name: c.expression for c in task.condition_contrasts},
-        events=events, events_file=str(events_file or ""), signal=signals,
-        min_coverage={seed.name: seed.min_coverage for seed in seeds}, detrend=denoising.detrend,
-        standardize_confounds=denoising.standardize_confounds,
-        filter=denoising.filter, min_dof=denoising.min_dof, run_name=run_name,
+        bold_file, mask_file, seed_imgs, t_r=t_r, task=task, denoising=denoising, confounds=confounds,
+        sample_mask=sample_mask, seeds=seeds, events=events, events_file=str(events_file or ""), run_name=run_name,
         masked=masked,
     )
     brain = np.asarray(mask_img.dataobj).reshape(mask_img.shape[:3]) > 0

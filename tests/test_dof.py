@@ -14,6 +14,7 @@ import pytest
 import scipy.fft
 from nilearn import signal as nilearn_signal
 
+from fcflow.config import Contrast, DenoisingConfig, TaskConfig
 from fcflow.connectivity import correlate_with_operator
 from fcflow.denoise import (
     build_cleaning_operator,
@@ -230,17 +231,16 @@ def test_run_below_min_dof_is_excluded_with_its_budget(tmp_path):
     n_time = 100
     bold, mask, seeds = _write_run(tmp_path, n_time, rng)
     confounds = pd.DataFrame(rng.normal(size=(n_time, 24)), columns=[f"trans_x{i}" for i in range(24)])
-    result = compute_run_maps(bold, mask, seeds, t_r=T_R, measures=["correlation"], confounds=confounds,
-                              sample_mask=None, high_pass=0.01, low_pass=0.08, smoothing_fwhm=None, min_dof=20,
-                              run_name="sub-01_task-rest")
+    rest = TaskConfig(name="rest", measures=("correlation",), high_pass=0.01, low_pass=0.08)
+    result = compute_run_maps(bold, mask, seeds, t_r=T_R, task=rest, denoising=DenoisingConfig(min_dof=20),
+                              confounds=confounds, sample_mask=None, run_name="sub-01_task-rest")
     assert result.excluded and not result.maps
     assert "below the minimum of 20 (min_dof)" in result.exclusion_reason
     assert "motion -" in result.exclusion_reason and "filter -" in result.exclusion_reason
     assert result.dof_budget["dof"] < 20
     # The same run with 6 regressors keeps enough.
-    kept = compute_run_maps(bold, mask, seeds, t_r=T_R, measures=["correlation"],
-                            confounds=confounds.iloc[:, :6], sample_mask=None, high_pass=0.01,
-                            low_pass=0.08, smoothing_fwhm=None, min_dof=10, run_name="sub-01_task-rest")
+    kept = compute_run_maps(bold, mask, seeds, t_r=T_R, task=rest, denoising=DenoisingConfig(min_dof=10),
+                            confounds=confounds.iloc[:, :6], sample_mask=None, run_name="sub-01_task-rest")
     assert not kept.excluded
     assert kept.dof["correlation"] == pytest.approx(kept.dof_budget["dof"])
 
@@ -250,10 +250,11 @@ def test_identical_conditions_exclude_the_run(tmp_path):
     n_time = 200
     bold, mask, seeds = _write_run(tmp_path, n_time, rng)
     events = _events(identical=True)
-    result = compute_run_maps(bold, mask, seeds, t_r=T_R, measures=["gppi", "background"], confounds=None,
-                              sample_mask=None, high_pass=0.008, low_pass=None, smoothing_fwhm=None,
-                              conditions=["0back", "2back"],
-                              condition_contrasts={"2backMinus0back": "2back - 0back"}, events=events,
+    nback = TaskConfig(name="nback", measures=("gppi", "background"), high_pass=0.008, low_pass=None,
+                       conditions=("0back", "2back"),
+                       condition_contrasts=(Contrast("2backMinus0back", "2back - 0back", (("2back", 1.0), ("0back", -1.0))),))
+    result = compute_run_maps(bold, mask, seeds, t_r=T_R, task=nback, denoising=DenoisingConfig(min_dof=0.0),
+                              confounds=None, sample_mask=None, events=events,
                               events_file="sub-01_task-nback_events.tsv", run_name="sub-01_task-nback")
     assert result.excluded and not result.maps
     assert "identical regressors" in result.exclusion_reason
