@@ -468,12 +468,6 @@ def test_bad_input_is_refused_with_one_clear_line(name, study, tmp_path, capsys)
         assert [p for p in written if not p.name.startswith(".fcflow-")] == [], "output written before the check"
 
 
-def test_catalogue_covers_the_issue():
-    documented = set(re.findall(r"^([a-z0-9-]+) {2,}", __doc__, flags=re.M))
-    assert set(CASES) <= documented
-    assert len(CASES) >= 22
-
-
 # ----------------------------------------------------------------------------------------------
 # Inputs that are not errors
 # ----------------------------------------------------------------------------------------------
