@@ -109,8 +109,8 @@ def _run_group(args: argparse.Namespace, recipe) -> int:
                                  command=command)
         invalidate_changed_units(workflow, work_dir, output_dir)
         logging.getLogger("fcflow.group").info(
-            "Group level: %d units (measure x session analysis) with %s; work directory %s",
-            len(plan.units), plugin, work_dir)
+            "Group level: %d group tests of %d session analyses with %s; work directory %s",
+            plan.n_tests, len(plan.units), plugin, work_dir)
         run_workflow(workflow, plugin=plugin, plugin_args=plugin_args, work_dir=work_dir)
         results = output_dir / "group" / "results.tsv"
         if not args.no_reports:
@@ -122,7 +122,7 @@ def _run_group(args: argparse.Namespace, recipe) -> int:
             "n_permutations": recipe.inference.n_permutations,
             "n_permutations_recipe": load_recipe(args.recipe).inference.n_permutations,
             "plugin": plugin, "plugin_args": plugin_args, "work_dir": str(work_dir),
-            "units": len(plan.units), "reports": not args.no_reports})
+            "group_tests": plan.n_tests, "reports": not args.no_reports})
     print(f"Group level done: {results}")
     return 0
 

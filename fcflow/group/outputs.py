@@ -123,6 +123,13 @@ def unit_files(group_dir: Path, measure: MeasureMap, analysis: SessionAnalysis) 
     return found
 
 
+def test_files(group_dir: Path, measure: MeasureMap, analysis: SessionAnalysis,
+               test_name: str) -> dict[Path, tuple[int, int]]:
+    """The files of one group test (:func:`unit_files` naming its ``contrast``), with inode and mtime."""
+    entity = f"_contrast-{test_name}_"
+    return {p: stamp for p, stamp in unit_files(group_dir, measure, analysis).items() if entity in p.name}
+
+
 def finish_group_level(output_dir: str | Path, outputs: Sequence[AnalysisOutputs]) -> Path:
     """Write ``results.tsv`` and ``baseline_results.tsv`` from every unit's rows, in unit order,
     and set apart the files of ``group/`` no unit wrote (:func:`set_apart_stale_outputs`).

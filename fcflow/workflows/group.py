@@ -1,23 +1,25 @@
-"""Group level as a nipype workflow: one job per task x measure x seed x session analysis.
+r"""Group level as a nipype workflow: one job per group test.
 
 :func:`fcflow.group.run.plan_group_level` checks the inputs and lists the units of work in the
-fcflow process; :func:`init_group_wf` turns the plan into::
+fcflow process; :func:`init_group_wf` turns the plan into, per task x measure x seed::
 
-    maps_<measure> (LoadGroupMaps) --> test_<analysis>_<measure> (RunSessionAnalysis) --\\
-                                   \\-> test_<analysis'>_<measure> ...                    --> merge -> results
-                                                                                        (FinishGroupLevel)
+    maps_<measure> (LoadGroupMaps) --> test_<analysis>_<measure>_contrast-<c> (RunGroupTest), one per test
+                                   \-> family_<analysis>_<measure> (RunFamilyCorrection), after its tests
+    every test and family --> merge --> results (FinishGroupLevel: results.tsv)
 
 so ``fcflow BIDS_DIR OUTPUT_DIR group --plugin MultiProc|SLURM|SLURMGraph`` spreads the
-permutation tests, the costly part of a study, over processes or cluster jobs. Why this unit:
-the family-wise correction over a map's group tests (``inference.family_wise``) needs every test
-of one measure x session analysis together, and a repeated-measures analysis shares its shuffles
-between its tests; the maps of a measure are read once for all its analyses. The shipped recipe
-makes 3 measures x 5 analyses = 15 jobs (36 tests).
+permutation tests, the costly part of a study, over processes or cluster jobs: the shipped
+recipe makes 45 test jobs (3 measures x 5 session analyses: 4 tests for each session contrast
+and for the baseline, 2 repeated-measures F tests, 1 group main effect), 3 map readers and 12
+family-wise corrections. The maps of a measure are read once for all its tests; each test
+prepares its analysis (subjects, design, variance groups) itself, which is cheap and
+deterministic, and keeps its permutation result for the correction over its analysis' tests
+(``inference.family_wise``), the one step that needs them together.
 
 Resume is nipype's cache only: a node reruns when its inputs change (the maps' and QC tables'
 identity, :func:`fcflow.io.input_stamps`; the recipe; participants.tsv) or did not finish. The one
-thing nipype cannot see is an output of a finished unit changed or removed in OUTPUT_DIR
-afterwards: :func:`invalidate_changed_units` drops those units from the cache before the run.
+thing nipype cannot see is an output of a finished test changed or removed in OUTPUT_DIR
+afterwards: :func:`invalidate_changed_units` drops those nodes from the cache before the run.
 """
 
 from __future__ import annotations
@@ -32,12 +34,12 @@ import nibabel as nib
 from nipype.interfaces.utility import Merge
 from nipype.pipeline import engine as pe
 
-from fcflow.config import to_plain
+from fcflow.config import PERMUTATION_INFERENCES, to_plain
 from fcflow.derivatives import analysis_command
 from fcflow.group.inference import SessionAnalysis
 from fcflow.group.inputs import MeasureMap
-from fcflow.group.run import GroupPlan, unit_name
-from fcflow.interfaces.group import FinishGroupLevel, LoadGroupMaps, RunSessionAnalysis
+from fcflow.group.run import GroupPlan, analysis_test_names, test_key, unit_name
+from fcflow.interfaces.group import FinishGroupLevel, LoadGroupMaps, RunFamilyCorrection, RunGroupTest
 from fcflow.io import input_stamps
 
 LOGGER = logging.getLogger("fcflow.group")
@@ -54,8 +56,8 @@ def maps_node_name(measure: MeasureMap) -> str:
     return _node_name("maps", f"task-{measure.task}_seed-{measure.seed}_desc-{measure.desc}")
 
 
-def test_node_name(measure: MeasureMap, analysis: SessionAnalysis) -> str:
-    return _node_name("test", unit_name(measure, analysis))
+def test_node_name(measure: MeasureMap, analysis: SessionAnalysis, test: str) -> str:
+    return _node_name("test", test_key(measure, analysis, test))
 
 
 def _n_voxels(output_dir: Path, files: Sequence[str]) -> int:
@@ -117,21 +119,29 @@ def init_group_wf(
     """
     recipe = plan.recipe
     workflow = pe.Workflow(name=WORKFLOW_NAME)
-    units = plan.units
-    merge = pe.Node(Merge(max(len(units), 1)), name="merge")
     finish = pe.Node(FinishGroupLevel(output_dir=str(output_dir)), name="results", mem_gb=0.3)
-    if not units:
-        finish.inputs.outputs_files = []
+    tests = [(measure, analysis, name) for measure, analysis in plan.units
+             for name in analysis_test_names(recipe, analysis)]
+    if not tests:
+        finish.inputs.test_files = []
         workflow.add_nodes([finish])
         return workflow
+    inference = recipe.inference
+    families = [(m, a) for m, a in plan.units if inference.family_wise == "contrasts"
+                and len(analysis_test_names(recipe, a)) > 1 and set(inference.methods) & set(PERMUTATION_INFERENCES)]
+    merge_tests = pe.Node(Merge(len(tests)), name="merge_tests")
+    workflow.connect(merge_tests, "out", finish, "test_files")
+    if families:
+        merge_families = pe.Node(Merge(len(families)), name="merge_families")
+        workflow.connect(merge_families, "out", finish, "family_files")
     participants = [bids_dir / "participants.tsv", bids_dir / "participants.json"]
     label_image = [Path(recipe.regions.atlas)] if recipe.regions.atlas != "julich-brain-3.1" else []
-    unit_stamps = input_stamps([p for p in [*participants, *label_image] if p.exists()])
+    shared = {"output_dir": str(output_dir), "bids_dir": str(bids_dir), "recipe": to_plain(recipe),
+              "input_stamps": input_stamps([p for p in [*participants, *label_image] if p.exists()])}
     qc_tables = sorted(output_dir.glob("sub-*/sub-*_desc-runs_qc.tsv"))
-    plain_recipe = to_plain(recipe)
-    # without its execution options: rerunning with another plugin or --nprocs reuses every unit
+    # without its execution options: rerunning with another plugin or --nprocs reuses every test
     analysis_only = analysis_command(command)
-    index = 0
+    n_test = n_family = 0
     for measure in plan.measures:
         runs = plan.runs[measure]
         usable = runs[runs["session"].isin(recipe.sessions) & ~runs["excluded"] & (runs["file"] != "")]
@@ -145,18 +155,31 @@ def init_group_wf(
             name=maps_node_name(measure),
             mem_gb=round(_BASE_GB + 2 * 4 * len(recipe.sessions) * runs["participant"].nunique() * n_voxels / 1e9, 2),
         )
+        maps_in = [("maps_file", "maps_file"), ("maps_sha256", "maps_sha256")]
         for analysis in plan.analyses:
-            index += 1
-            unit = pe.Node(
-                RunSessionAnalysis(output_dir=str(output_dir), bids_dir=str(bids_dir),
-                                   atlas_dir=str(atlas_dir) if atlas_dir else None, recipe=plain_recipe,
-                                   measure=to_plain(measure), analysis=analysis.label, command=analysis_only,
-                                   input_stamps=unit_stamps),
-                name=test_node_name(measure, analysis), mem_gb=mem_gb,
-            )
-            workflow.connect([(load, unit, [("maps_file", "maps_file"), ("maps_sha256", "maps_sha256")]),
-                              (unit, merge, [("outputs_file", f"in{index}")])])
-    workflow.connect(merge, "out", finish, "outputs_files")
+            names = analysis_test_names(recipe, analysis)
+            family = None
+            if (measure, analysis) in families:
+                n_family += 1
+                family = pe.Node(RunFamilyCorrection(measure=to_plain(measure), analysis=analysis.label, **shared),
+                                 name=_node_name("family", unit_name(measure, analysis)), mem_gb=mem_gb)
+                unit = unit_name(measure, analysis)
+                files_in = pe.Node(Merge(len(names)), name=_node_name("merge_family_files", unit))
+                sha_in = pe.Node(Merge(len(names)), name=_node_name("merge_family_sha", unit))
+                workflow.connect([(load, family, maps_in), (files_in, family, [("out", "test_files")]),
+                                  (sha_in, family, [("out", "test_sha256")]),
+                                  (family, merge_families, [("outputs_file", f"in{n_family}")])])
+            for index, name in enumerate(names, start=1):
+                n_test += 1
+                node = pe.Node(
+                    RunGroupTest(measure=to_plain(measure), analysis=analysis.label, test=name,
+                                 atlas_dir=str(atlas_dir) if atlas_dir else None, command=analysis_only, **shared),
+                    name=test_node_name(measure, analysis, name), mem_gb=mem_gb,
+                )
+                workflow.connect([(load, node, maps_in), (node, merge_tests, [("outputs_file", f"in{n_test}")])])
+                if family is not None:
+                    workflow.connect([(node, files_in, [("outputs_file", f"in{index}")]),
+                                      (node, sha_in, [("outputs_sha256", f"in{index}")])])
     return workflow
 
 
@@ -178,10 +201,12 @@ def invalidate_changed_units(workflow: pe.Workflow, work_dir: Path, output_dir: 
 
     dropped = []
     for node in workflow._graph.nodes():
-        if not isinstance(node.interface, RunSessionAnalysis):
+        record_name = {RunGroupTest: "test_outputs.pkl", RunFamilyCorrection: "family_outputs.pkl"}.get(
+            type(node.interface))
+        if record_name is None:
             continue
         folder = Path(work_dir) / WORKFLOW_NAME / node.name
-        record = folder / "analysis_outputs.pkl"
+        record = folder / record_name
         if not (folder / f"result_{node.name}.pklz").is_file() or not record.is_file():
             continue
         try:

@@ -60,6 +60,15 @@ def run_workflow(workflow: pe.Workflow, *, plugin: str, plugin_args: dict[str, A
         ) from exc
 
 
+def _plumbing() -> tuple[type, ...]:
+    from nipype.interfaces.utility import Merge
+
+    return (Merge,)
+
+
+_PLUMBING = _plumbing()
+
+
 class ProgressReporter:
     """A nipype ``status_callback`` that logs which node ran and how many are left.
 
@@ -71,11 +80,13 @@ class ProgressReporter:
 
         # nipype drops identity nodes before it runs the graph; they are never reported.
         nodes = workflow._create_flat_graph().nodes()
-        self.total = sum(not isinstance(node.interface, IdentityInterface) for node in nodes)
+        self.total = sum(not isinstance(node.interface, (IdentityInterface, *_PLUMBING)) for node in nodes)
         self.done = 0
         self.failed = 0
 
     def __call__(self, node: pe.Node, status: str) -> None:
+        if isinstance(node.interface, _PLUMBING) and status != "exception":
+            return  # list plumbing (Merge) is not a step of the analysis
         if status == "start":
             LOGGER.debug("started %s", node.fullname)
             return

@@ -106,11 +106,13 @@ def test_workflow_writes_the_in_process_group_level_bytes(through_nipype, tmp_pa
     expected, got = group_files(folder / "out"), group_files(through_nipype / "out")
     assert len(expected) > 40 and sorted(got) == sorted(expected)
     assert [name for name in expected if got[name] != expected[name]] == []
-    # one node per measure x session analysis (here 1 x 2), all finished in the working directory
+    # one node per group test (here 1 measure x 2 session analyses x 2 contrasts) and one correction
+    # over the tests of each analysis, all finished in the working directory
     work = through_nipype / "out_work" / "fcflow_group_wf"
     assert sorted(p.name for p in work.glob("test_*") if (p / f"result_{p.name}.pklz").is_file()) == [
-        "test_ses_baseline_task_rest_seed_pgACC_desc_correlation",
-        "test_ses_infusionMinusBaseline_task_rest_seed_pgACC_desc_correlation"]
+        f"test_ses_{ses}_task_rest_seed_pgACC_desc_correlation_contrast_{c}"
+        for ses in ("baseline", "infusionMinusBaseline") for c in ("ketamineMinusPlacebo", "lamotrigineKetamineMinusPlacebo")]
+    assert len([p for p in work.glob("family_*") if (p / f"result_{p.name}.pklz").is_file()]) == 2
 
 
 def test_rerun_reuses_every_unit_and_recomputes_only_what_changed(through_nipype):
@@ -124,7 +126,8 @@ def test_rerun_reuses_every_unit_and_recomputes_only_what_changed(through_nipype
                 n.endswith("_stat-t_desc-correlation_statmap.nii.gz"))
     (out / "group" / name).write_bytes(b"not a map")
     log = run_group(through_nipype)
-    assert "computed again: test_ses_baseline_task_rest_seed_pgACC_desc_correlation" in log
+    assert "computed again: test_ses_baseline_task_rest_seed_pgACC_desc_correlation_contrast_ketamineMinusPlacebo" \
+        in log
     assert "ses baseline: ketamine - placebo (100 permutations)" in log
     assert "ses infusion - baseline: ketamine - placebo" not in log
     assert group_files(out) == before
@@ -160,12 +163,12 @@ def _slurm_job_ids(folder: Path) -> dict[str, str | None]:
 @pytest.mark.parametrize("plugin", ["SLURM", "SLURMGraph"])
 def test_group_level_through_sbatch_equals_multiproc(through_nipype, tmp_path, group_first_level, group_recipe,
                                                     plugin):
-    """Issue 20: the group level spreads over SLURM jobs, one per unit, and writes MultiProc's bytes."""
+    """Issue 20: the group level spreads over SLURM jobs, one per group test, and writes MultiProc's bytes."""
     folder = make_group_study(tmp_path / plugin, group_first_level, group_recipe)
     run_group(folder, "--plugin", plugin, "--sbatch-args=--time=10")
     jobs = _slurm_job_ids(folder)
-    assert len(jobs) == 2 and all(jobs.values()) and len(set(jobs.values())) == 2, \
-        f"the group level's units did not each run in a SLURM job of their own: {jobs}"
+    assert len(jobs) == 4 and all(jobs.values()) and len(set(jobs.values())) == 4, \
+        f"the group level's tests did not each run in a SLURM job of their own: {jobs}"
     assert all(job is None for job in _slurm_job_ids(through_nipype).values())
     expected, got = group_files(through_nipype / "out"), group_files(folder / "out")
     assert len(expected) > 40 and sorted(got) == sorted(expected)

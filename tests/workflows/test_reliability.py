@@ -254,12 +254,13 @@ def test_reference_outputs_are_complete(reference, group_reference):
     assert not [f for f in files if ".tmp-" in f or f.endswith(".lock")]
     group = group_reference["group"]
     assert "group/results.tsv" in group and "group/baseline_results.tsv" in group
-    # one nipype node per measure x session analysis (the session contrast and the baseline), each
+    # one nipype node per group test (2 contrasts x the session contrast and the baseline), each
     # finished in the working directory, which is the only resume cache (issue 20)
     work = group_reference["folder"] / "out_work" / "fcflow_group_wf"
     units = sorted(p.name for p in work.glob("test_*") if (p / f"result_{p.name}.pklz").is_file())
-    assert units == ["test_ses_baseline_task_rest_seed_pgACC_desc_correlation",
-                     "test_ses_infusionMinusBaseline_task_rest_seed_pgACC_desc_correlation"]
+    assert units == [
+        f"test_ses_{ses}_task_rest_seed_pgACC_desc_correlation_contrast_{c}"
+        for ses in ("baseline", "infusionMinusBaseline") for c in ("ketamineMinusPlacebo", "lamotrigineKetamineMinusPlacebo")]
     assert not [f for f in group if f.startswith("group/.fcflow-resume")]
     assert not [f for f in group if ".tmp-" in f]
 
