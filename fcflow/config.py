@@ -171,6 +171,10 @@ class InferenceConfig:
     #: "contrasts": also correct every permutation p over all group tests of a map and session
     #: contrast (same permutations, on z); "none": per test only
     family_wise: str = "contrasts"
+    #: "tail": family-wise p below 0.1 from a generalised Pareto fit to the tail of each null of
+    #: maxima (Winkler et al. 2016, fcflow.tail), so fewer permutations estimate small p;
+    #: "none": the empirical p (benchmarks/results/tail_accuracy.md compares them)
+    accel: str = "none"
     #: with three or more sessions: also the group x session interaction and the session main
     #: effect over all sessions (within-subject differences, subjects as exchangeability
     #: blocks; fcflow.repeated) and the group main effect on each subject's mean over sessions
@@ -602,6 +606,7 @@ def _read_inference(table: _Table, covariate_choices: Sequence[str] | None = Non
                           expectation="a variance inflation factor of at least 1"),
         fdr_p=table.get("fdr_p", "str", base.fdr_p, choices=("parametric", "permutation")),
         family_wise=table.get("family_wise", "str", base.family_wise, choices=("contrasts", "none")),
+        accel=table.get("accel", "str", base.accel, choices=("none", "tail")),
         repeated_measures=table.get("repeated_measures", "bool", base.repeated_measures),
     )
     table.finish()

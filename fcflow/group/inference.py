@@ -206,7 +206,7 @@ def run_inference(
     methods: Sequence[str], n_permutations: int, two_sided: bool, random_seed: int,
     cluster_forming_p: float, min_cluster_voxels: int = 1, variance_groups: Sequence[str] | None = None,
     fdr_p: str = "parametric", zstat: bool = False, group_variances: str = "brain",
-    permutations: NDArray | None = None, scheme: str = "auto",
+    permutations: NDArray | None = None, scheme: str = "auto", accel: str = "none",
 ) -> InferenceResult:
     """Fit and test one contrast with every requested inference.
 
@@ -225,7 +225,8 @@ def run_inference(
     too (tests corrected as a family must share one scale, :func:`fcflow.permutation.combine_family_wise`).
     ``permutations`` (rows without the identity) and ``scheme`` are passed to the engine, e.g.
     whole-subject shuffles of a repeated-measures model (:mod:`fcflow.repeated`); their number
-    then replaces ``n_permutations``.
+    then replaces ``n_permutations``. ``accel="tail"`` refines the permutation methods'
+    family-wise p in the tail of their nulls (:mod:`fcflow.tail`).
     """
     from fcflow.permutation import permutation_test
     from fcflow.stats import compute_f, compute_t, f_to_z, fit_ols, t_to_z
@@ -254,6 +255,7 @@ def run_inference(
             variance_groups=list(variance_groups) if welch else None,
             zstat=True if (welch or test.kind == "F" or zstat) else None, variance_estimate=group_variances,
             permutations=permutations if perm_methods else None, scheme=scheme,
+            accel=accel if perm_methods else "none",
         )  # fmt: skip
         stat, dof, z = result.stat, result.dof, result.z
         dof_map, statistic = result.dof_map, result.settings.get("statistic", result.stat_type)

@@ -360,7 +360,7 @@ def _infer(recipe: Recipe, setup: AnalysisSetup, test: GroupTest, maps: SessionM
         random_seed=inference.random_seed, cluster_forming_p=inference.cluster_forming_p,
         min_cluster_voxels=inference.min_cluster_voxels, variance_groups=setup.variance_labels,
         fdr_p=inference.fdr_p, zstat=setup.family, group_variances=inference.group_variances,
-        permutations=permutations, scheme=scheme,
+        permutations=permutations, scheme=scheme, accel=inference.accel,
     )
 
 
