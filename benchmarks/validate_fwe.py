@@ -36,9 +36,12 @@ repetition counts as a rejection for an inference when any voxel reaches FWE p <
 table gives the count, the rate and its exact (Clopper-Pearson) 95% CI. A valid procedure has a
 rate near alpha (here 5 %).
 
+``--accel tail`` reads every family-wise p with the tail approximation (:mod:`fcflow.tail`); the
+same ``--seed`` draws the same data and permutations, so a run with and one without are paired.
+
 Output columns: ``scenario, inference, repetitions, rejections, rate, ci_low, ci_high``, then
 ``variance_groups, alpha, n_permutations, n_per_group, sd_per_group, covariates, n_voxels, shape,
-smoothing_sigma, cluster_forming_p, seed``.
+smoothing_sigma, cluster_forming_p, seed, residuals, accel``.
 
 Stored results and the commands that made them: ``benchmarks/results/README.md``. Reduced run
 (used by tests/test_variance_groups_fwe.py, marked slow)::
@@ -182,8 +185,12 @@ def run_scenario(
     checkpoint: Callable[[pd.DataFrame], None] | None = None,
     checkpoint_every: int = 50,
     residuals: str = "auto",
+    accel: str = "none",
 ) -> pd.DataFrame:
     """Count family-wise false positives per inference over independent pure-noise data sets.
+
+    ``accel="tail"`` reads the family-wise p with the tail approximation (:mod:`fcflow.tail`); the
+    same ``seed`` gives the same data and permutations, so runs with and without it are paired.
 
     ``checkpoint``, if given, receives the table of the repetitions done so far every
     ``checkpoint_every`` repetitions (a long run killed early keeps what it measured).
@@ -207,7 +214,7 @@ def run_scenario(
     hits = {(setting, name): 0 for setting in variance_groups for name in INFERENCE}
     settings = {"alpha": alpha, "n_permutations": n_permutations, "mask": mask, "shape": shape,
                 "smoothing_sigma": smoothing_sigma, "cluster_forming_p": cluster_forming_p, "seed": seed,
-                "residuals": residuals}
+                "residuals": residuals, "accel": accel}
     started = time.perf_counter()
     for repetition, child in enumerate(children):
         rng = np.random.default_rng(child)
@@ -221,7 +228,7 @@ def run_scenario(
                 random_seed=permutation_seed, inference=INFERENCE, mask=mask,
                 cluster_forming_p=cluster_forming_p, n_jobs=n_jobs,
                 variance_groups=None if setting == "none" else groups,
-                variance_estimate="voxel" if setting == "voxel" else "brain", residuals=residuals,
+                variance_estimate="voxel" if setting == "voxel" else "brain", residuals=residuals, accel=accel,
             )  # fmt: skip
             for name in INFERENCE:
                 hits[(setting, name)] += _rejects(result.logp_fwe[name], alpha)
@@ -336,6 +343,7 @@ def _scenario_table(
     scenario: Scenario | RepeatedScenario, hits: dict, repetitions: int, *, alpha: float, n_permutations: int,
     mask: np.ndarray,
     shape: tuple[int, int, int], smoothing_sigma: float, cluster_forming_p: float, seed: int, residuals: str,
+    accel: str = "none",
 ) -> pd.DataFrame:
     """One row per variance-group setting x inference: counts, rate, exact 95% CI, settings."""
     rows = []
@@ -353,7 +361,7 @@ def _scenario_table(
                         if isinstance(scenario, RepeatedScenario) else "",
             "n_voxels": int(mask.sum()), "shape": "x".join(map(str, shape)),
             "smoothing_sigma": smoothing_sigma, "cluster_forming_p": cluster_forming_p, "seed": seed,
-            "residuals": residuals,
+            "residuals": residuals, "accel": accel,
         })  # fmt: skip
     return pd.DataFrame(rows)
 
@@ -476,6 +484,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--residuals", default="auto", choices=("auto", "freedman_lane", "weighted_freedman_lane",
                                                                 "ter_braak"),
                         help="permutation_test's residuals (comparisons of the 'voxel' statistic)")
+    parser.add_argument("--accel", default="none", choices=("none", "tail"),
+                        help="family-wise p: empirical, or with the tail approximation (fcflow.tail)")
     parser.add_argument("--out", type=Path, default=None, help="TSV file (default: stdout)")
     parser.add_argument("--null-study", type=Path, default=None, metavar="OUTPUT_DIR",
                         help="participant-level outputs of a `fcflow simulate --preset null` study "
@@ -519,7 +529,7 @@ def main(argv: list[str] | None = None) -> int:
                 variance_groups=tuple(args.variance_groups), shape=tuple(args.shape), seed=args.seed,
                 alpha=args.alpha, smoothing_sigma=args.smoothing_sigma,
                 cluster_forming_p=args.cluster_forming_p, n_jobs=args.n_jobs, verbose=True,
-                checkpoint=checkpoint, residuals=args.residuals,
+                checkpoint=checkpoint, residuals=args.residuals, accel=args.accel,
             ))  # fmt: skip
             checkpoint(done[-1].iloc[:0])  # every scenario finished so far
         table = pd.concat(done, ignore_index=True)
