@@ -1269,9 +1269,12 @@ def _fwe_logp(
     if accel == "tail":
         from fcflow.tail import tail_p_values
 
+        refinable = bool(np.any(p < 0.1))
         p, tail = tail_p_values(values, ordered, p)
         if fits is not None:
-            fits[key] = None if tail is None else tail.to_dict()
+            # what the sidecars say: the fit, or why there is none (the p are then the empirical ones)
+            fits[key] = (tail.to_dict() if tail is not None else
+                         "no accepted fit: empirical p kept" if refinable else "not needed: no p below 0.1")
     return -np.log10(p)
 
 

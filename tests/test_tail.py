@@ -143,3 +143,15 @@ def test_recipe_accel_reaches_the_methods_and_references():
     data["inference"]["accel"] = "fast"
     with pytest.raises(RecipeError, match=r"\[inference\] 'accel' must be one of"):
         recipe_from_dict(data)
+
+
+def test_sidecars_say_why_a_null_has_no_fit():
+    from fcflow.permutation import permutation_test
+
+    rng = np.random.default_rng(11)
+    data = rng.normal(size=(16, 40))
+    design = np.column_stack([np.r_[np.ones(8), np.zeros(8)], np.r_[np.zeros(8), np.ones(8)]])
+    result = permutation_test(data, design, np.array([1.0, -1.0]), n_permutations=100, random_seed=0,
+                              inference=("maxt",), accel="tail")
+    assert 10.0 ** -result.logp_fwe["maxt"].max() >= 0.1  # pure noise: nothing in the tail
+    assert result.settings["tail_fits"] == {"maxt": "not needed: no p below 0.1"}
