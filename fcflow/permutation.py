@@ -1267,14 +1267,14 @@ def _fwe_logp(
     if zero_is_null:
         p = np.where(values > 0, p, 1.0)
     if accel == "tail":
-        from fcflow.tail import tail_p_values
+        from fcflow.tail import P_THRESHOLD, tail_p_values
 
-        refinable = bool(np.any(p < 0.1))
+        refinable = bool(np.any(p < P_THRESHOLD))
         p, tail = tail_p_values(values, ordered, p)
         if fits is not None:
             # what the sidecars say: the fit, or why there is none (the p are then the empirical ones)
-            fits[key] = (tail.to_dict() if tail is not None else
-                         "no accepted fit: empirical p kept" if refinable else "not needed: no p below 0.1")
+            fits[key] = (tail.to_dict() if tail is not None else "no accepted fit: empirical p kept" if refinable
+                         else f"not needed: no p below {P_THRESHOLD:g}")
     return -np.log10(p)
 
 

@@ -42,6 +42,8 @@ P_FLOOR = 1e-16
 TAIL_STARTS = tuple(np.round(np.arange(0.75, 0.9701, 0.01), 2))
 #: Fits with an Anderson-Darling p at or below this are rejected
 FIT_ALPHA = 0.05
+#: Only empirical p below this are refined (Winkler et al. 2016, PALM's default)
+P_THRESHOLD = 0.1
 
 
 @dataclass(frozen=True)
@@ -187,7 +189,7 @@ def tail_p_values(
     null: ArrayLike,
     empirical_p: ArrayLike,
     *,
-    p_threshold: float = 0.1,
+    p_threshold: float = P_THRESHOLD,
     random_seed: int = 0,
 ) -> tuple[NDArray[np.float64], ParetoTail | None]:
     """Refine the empirical p of ``values`` against ``null`` in its tail (see the module docstring).
@@ -225,5 +227,5 @@ def tail_p_values(
     return p, tail
 
 
-__all__ = ["P_FLOOR", "ParetoTail", "fit_pareto_tail", "tail_p_values", "gpd_survival", "fit_gpd_moments",
-           "anderson_darling"]
+__all__ = ["P_FLOOR", "P_THRESHOLD", "ParetoTail", "fit_pareto_tail", "tail_p_values", "gpd_survival",
+           "fit_gpd_moments", "anderson_darling"]

@@ -156,13 +156,12 @@ def plan_group_level(
                        "Give --julich-dir, or a label image as [regions] 'atlas' in the recipe, or set [regions] "
                        "enabled = false.")
     analyses = session_analyses(recipe)
-    n_tests = len(recipe.group_contrasts) + len(recipe.f_tests)
-    per_measure = sum({"repeated": 2, "mean": 1}.get(a.kind, n_tests) for a in analyses)
+    per_measure = sum(len(analysis_test_names(recipe, a)) for a in analyses)
     measures: list[MeasureMap] = []
     runs_of: dict[MeasureMap, pd.DataFrame] = {}
     for measure in select_measure_maps(recipe):
         runs = collect_first_level(output_dir, measure, space=recipe.space)
-        usable = runs[runs["session"].isin(recipe.sessions) & ~runs["excluded"] & (runs["file"] != "")]
+        usable = usable_runs(runs, recipe.sessions)
         if usable.empty:
             LOGGER.warning("No first-level map for %s: skipped (%d tests).", measure.label, per_measure)
             continue
@@ -292,6 +291,19 @@ def test_key(measure: MeasureMap, analysis: SessionAnalysis, test_name: str) -> 
     return f"{unit_name(measure, analysis)}_contrast-{test_name}"
 
 
+def usable_runs(runs: pd.DataFrame, sessions: Sequence[str]) -> pd.DataFrame:
+    """The runs of :func:`collect_first_level` that enter: in the recipe's sessions, not excluded, with a map."""
+    return runs[runs["session"].isin(sessions) & ~runs["excluded"] & (runs["file"] != "")]
+
+
+def corrects_over_tests(recipe: Recipe, n_tests: int) -> bool:
+    """Whether a session analysis of ``n_tests`` tests gets the correction over its tests
+    (``family_wise = "contrasts"``, two or more tests, a permutation method)."""
+    inference = recipe.inference
+    return inference.family_wise == "contrasts" and n_tests > 1 and bool(
+        set(inference.methods) & set(PERMUTATION_INFERENCES))
+
+
 def analysis_test_names(recipe: Recipe, analysis: SessionAnalysis) -> list[str]:
     """The names of the group tests of ``analysis``, known from the recipe before any map is read."""
     from fcflow.repeated import repeated_cells
@@ -329,8 +341,7 @@ def prepare_session_analysis(recipe: Recipe, measure: MeasureMap, analysis: Sess
     variance_labels, variance_note = variance_group_labels(inference.variance_groups, row_groups, where, design)
     group_cells = (list(recipe.groups) if repeated is None else
                    [c for c in (design.columns if design is not None else []) if ":" in c])
-    family = inference.family_wise == "contrasts" and not skip_reason and len(tests) > 1 and bool(
-        set(inference.methods) & set(PERMUTATION_INFERENCES))
+    family = not skip_reason and corrects_over_tests(recipe, len(tests))
     return AnalysisSetup(measure=measure, analysis=analysis, subjects=rows_of, design=design, tests=list(tests),
                          skip_reason=skip_reason, variance_labels=variance_labels, variance_note=variance_note,
                          group_cells=group_cells, family=family, counts=counts)

@@ -38,7 +38,7 @@ from fcflow.config import PERMUTATION_INFERENCES, to_plain
 from fcflow.derivatives import analysis_command
 from fcflow.group.inference import SessionAnalysis
 from fcflow.group.inputs import MeasureMap
-from fcflow.group.run import GroupPlan, analysis_test_names, test_key, unit_name
+from fcflow.group.run import GroupPlan, analysis_test_names, corrects_over_tests, test_key, unit_name, usable_runs
 from fcflow.interfaces.group import FinishGroupLevel, LoadGroupMaps, RunFamilyCorrection, RunGroupTest
 from fcflow.io import input_stamps
 
@@ -73,7 +73,6 @@ def estimate_unit_mem_gb(plan: GroupPlan, measure: MeasureMap, n_voxels: int) ->
     (data, residuals, statistic work) and :func:`fcflow.permutation.permutation_memory_bytes` for
     its tests; a generous bound, for MultiProc's budget and SLURM's ``--mem``.
     """
-    from fcflow.config import PERMUTATION_INFERENCES
     from fcflow.permutation import permutation_memory_bytes
 
     runs = plan.runs[measure]
@@ -126,9 +125,7 @@ def init_group_wf(
         finish.inputs.test_files = []
         workflow.add_nodes([finish])
         return workflow
-    inference = recipe.inference
-    families = [(m, a) for m, a in plan.units if inference.family_wise == "contrasts"
-                and len(analysis_test_names(recipe, a)) > 1 and set(inference.methods) & set(PERMUTATION_INFERENCES)]
+    families = [(m, a) for m, a in plan.units if corrects_over_tests(recipe, len(analysis_test_names(recipe, a)))]
     merge_tests = pe.Node(Merge(len(tests)), name="merge_tests")
     workflow.connect(merge_tests, "out", finish, "test_files")
     if families:
@@ -144,8 +141,7 @@ def init_group_wf(
     n_test = n_family = 0
     for measure in plan.measures:
         runs = plan.runs[measure]
-        usable = runs[runs["session"].isin(recipe.sessions) & ~runs["excluded"] & (runs["file"] != "")]
-        files = list(usable["file"])
+        files = list(usable_runs(runs, recipe.sessions)["file"])
         n_voxels = _n_voxels(output_dir, files)
         mem_gb = estimate_unit_mem_gb(plan, measure, n_voxels)
         load = pe.Node(

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from nipype import config as nipype_config
+from nipype.interfaces.utility import Merge
 from nipype.pipeline import engine as pe
 
 from fcflow.errors import FcflowError
@@ -60,13 +61,8 @@ def run_workflow(workflow: pe.Workflow, *, plugin: str, plugin_args: dict[str, A
         ) from exc
 
 
-def _plumbing() -> tuple[type, ...]:
-    from nipype.interfaces.utility import Merge
-
-    return (Merge,)
-
-
-_PLUMBING = _plumbing()
+#: list plumbing nodes, not steps of the analysis: left out of the progress count
+_PLUMBING = (Merge,)
 
 
 class ProgressReporter:
