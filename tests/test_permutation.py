@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-from scipy import ndimage
+from scipy import ndimage, stats
 
 from fcflow.permutation import make_permutations, permutation_test
 from fcflow.stats import (
@@ -15,6 +15,7 @@ from fcflow.stats import (
     fit_ols,
     make_group_design,
     parse_contrast,
+    t_to_z,
 )
 
 LEVELS = ["placebo", "ketamine", "lamotrigine_ketamine"]
@@ -192,6 +193,34 @@ def test_max_t_equals_brute_force(study):
     np.testing.assert_allclose(result.null_max["cluster_mass"], masses, rtol=1e-10)
     tfce = calculate_tfce(volumes, structure, two_sided_test=True)
     np.testing.assert_allclose(result.null_max["tfce"], np.abs(tfce).max(axis=(0, 1, 2)), rtol=1e-8)
+
+
+@pytest.mark.parametrize("precision", ["float64", "float32"])
+def test_zstat_null_equals_brute_force_on_z(study, precision):
+    """A z-scored t test (family-wise correction over tests) converts t to z by a table: same null."""
+    from nilearn.mass_univariate._utils import calculate_cluster_measures, calculate_tfce
+
+    design, data, mask = study
+    contrast = parse_contrast("ketamine - placebo", design.columns)
+    result = permutation_test(
+        data, design, contrast, n_permutations=30, random_seed=5, mask=mask, zstat=True,
+        inference=("maxt", "cluster_mass", "tfce"), cluster_forming_p=0.05, batch_size=7, precision=precision,
+    )  # fmt: skip
+    maps = _freedman_lane_loop(data.astype(float), design, contrast, result.permutations, "permute")
+    z_maps = t_to_z(maps, result.dof)  # the exact conversion of every map
+    rtol = 1e-6 if precision == "float64" else 1e-4
+    np.testing.assert_allclose(result.z, z_maps[0], rtol=1e-10)
+    np.testing.assert_allclose(result.null_max["maxt"], np.abs(z_maps).max(axis=1), rtol=rtol)
+    p_unc = (np.abs(z_maps) >= np.abs(z_maps[0])[None, :] * (1 - 1e-9)).mean(axis=0)
+    np.testing.assert_allclose(result.p_uncorrected, p_unc)
+    volumes = np.zeros((*SHAPE, len(maps)))
+    volumes[mask] = z_maps.T
+    structure = ndimage.generate_binary_structure(3, 1)
+    assert result.cluster_forming_threshold == pytest.approx(stats.norm.isf(0.025))
+    _, masses = calculate_cluster_measures(volumes, result.cluster_forming_threshold, structure, two_sided_test=True)
+    np.testing.assert_allclose(result.null_max["cluster_mass"], masses, rtol=rtol)
+    tfce = calculate_tfce(volumes, structure, two_sided_test=True)
+    np.testing.assert_allclose(result.null_max["tfce"], np.abs(tfce).max(axis=(0, 1, 2)), rtol=rtol)
 
 
 def test_float32_engine_close_to_float64(study):
