@@ -283,7 +283,11 @@ def load_run_confounds(
         )
     # fMRIPrep writes n/a only in the first row (derivatives, FD, DVARS); anything else missing or
     # not a number would reach the regression as NaN (issue 17: it failed naming no file or column)
-    values = raw.apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
+    # read_csv has parsed the numeric columns already: only text columns need coercing (a
+    # column-wise apply over the ~250 columns cost 50 ms a call, 7 calls a reported rest run)
+    text = [column for column in raw.columns if not pd.api.types.is_numeric_dtype(raw[column])]
+    numeric = raw.assign(**{column: pd.to_numeric(raw[column], errors="coerce") for column in text}) if text else raw
+    values = numeric.to_numpy(dtype=np.float64)
     broken = np.isnan(values[1:]).any(axis=0) if len(values) > 1 else np.zeros(values.shape[1], dtype=bool)
     if broken.any():
         column = raw.columns[int(np.flatnonzero(broken)[0])]

@@ -124,6 +124,18 @@ def test_load_run_confounds_errors(tmp_path):
         load_run_confounds(_bold_name(tmp_path), "24P", fd_threshold_mm=0)
 
 
+@pytest.mark.parametrize(("bad", "column"), [("n/a", "rot_z"), ("1.2.3", "csf"), ("high", "a_comp_cor_03")])
+def test_load_run_confounds_names_a_value_that_is_no_number(tmp_path, bad, column):
+    """n/a after the first row, or text, in any column (numeric or read as text) is named with its row."""
+    table = _write_fmriprep_confounds(tmp_path, np.random.default_rng(0))
+    table[column] = table[column].astype(object)
+    table.loc[11, column] = bad
+    table.to_csv(tmp_path / f"{PREFIX}_desc-confounds_timeseries.tsv", sep="\t", index=False, na_rep="n/a")
+    with pytest.raises(InputDataError, match=rf"expected numbers in every row after the first .*column '{column}' "
+                                             r"at data row\(s\) \[12\] \(1 column\(s\) affected\)"):
+        load_run_confounds(_bold_name(tmp_path), "24P+aCompCor")
+
+
 def _run_confounds(n_kept, n_time=300, n_fd=12, fd=0.1, censored_by=None):
     return RunConfounds(
         confounds=None,

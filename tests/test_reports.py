@@ -402,6 +402,25 @@ def test_run_report_figures_are_the_same_bytes_on_a_rerun(reported, tmp_path):
         assert Path(path).read_bytes() == Path(again["figures"][key]).read_bytes(), key
 
 
+def test_seed_template_figure_is_drawn_once_per_process_and_equals_a_fresh_draw(reported, tmp_path):
+    """The seed-on-template figure is the same for every run of a seed: drawn once, the same bytes."""
+    from fcflow.reports import figures
+    from fcflow.reports.participant import _TEMPLATE_FIGURES, _seed_template_figure
+
+    rest = json.loads(Path(reported["reports"]["rest"]).read_text())
+    nback = json.loads(Path(reported["reports"]["nback"]).read_text())
+    seed_img = nib.load(reported["kwargs"]["rest"]["seed_files"][0])
+    fresh = figures.save_figure(figures.plot_seed_overlay({"pgACC": seed_img}, figures.load_template(),
+                                                          title="seed on the MNI152 template"), tmp_path / "a.png")
+    assert Path(rest["figures"]["seedTemplate"]).read_bytes() == fresh.read_bytes()
+    assert Path(nback["figures"]["seedTemplate"]).read_bytes() == fresh.read_bytes()  # the cached copy
+    # another seed is another figure, drawn and kept beside the first
+    n_kept = len(_TEMPLATE_FIGURES)
+    shifted = nib.Nifti1Image(np.roll(np.asarray(seed_img.dataobj), 3, axis=1), seed_img.affine)
+    other = _seed_template_figure({"pgACC": shifted}, tmp_path / "b.png")
+    assert len(_TEMPLATE_FIGURES) == n_kept + 1 and other.read_bytes() != fresh.read_bytes()
+
+
 def test_report_text_is_escaped(reported, tmp_path):
     from fcflow.reports.participant import write_participant_report
 
