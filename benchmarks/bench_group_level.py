@@ -13,10 +13,15 @@ this machine, per mode:
 * ``tail``: the recipe with ``[inference] accel = "tail"`` and ``--n-permutations`` 500;
 * ``plain``: the recipe as shipped with ``--n-permutations`` 100 (the yardstick) or any count.
 
-    python benchmarks/bench_group_level.py --modes tail:500 plain:100 --json group_level.json
-
 Each mode runs in a fresh OUTPUT_DIR and working directory (wall time from start to exit of the
-command, its own imports and map reading included).
+command, its own imports and map reading included). Two or more plain modes give the plain
+5000-permutation row by a straight line through them (fixed + per permutation x 5000: the
+permutations' cost is linear in their count); ``--full`` measures it instead (about 40 min).
+The accelerated rows are compared with it (``ref / step``) and with the plain 100-permutation
+yardstick (notes).
+
+    python benchmarks/bench_group_level.py --results benchmarks/results/group_level_2mm.json
+    python benchmarks/bench_group_level.py --json part.json    # the rows for run_all.py
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 GROUPS = ("placebo", "ketamine", "lamotrigine_ketamine")
 SESSIONS = ("baseline", "infusion", "24h")
@@ -129,20 +136,53 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", type=Path, default=Path("/tmp/fcflow_bench_group_level"))
     parser.add_argument("--n-per-group", type=int, default=25)
-    parser.add_argument("--modes", nargs="+", default=["tail:500", "plain:100"], metavar="MODE:N")
+    parser.add_argument("--modes", nargs="+", default=["tail:500", "plain:100", "plain:300"], metavar="MODE:N")
+    parser.add_argument("--full", action="store_true", help="also measure plain:5000 instead of scaling it")
     parser.add_argument("--nprocs", type=int, default=2)
-    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--results", type=Path, default=None, help="write the measured modes (benchmarks/results)")
+    parser.add_argument("--json", type=Path, default=None, help="write the rows for run_all.py")
     args = parser.parse_args()
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _common import Row, load_average, report_part
+
+    modes = [(spec.partition(":")[0], int(spec.partition(":")[2])) for spec in args.modes]
+    if args.full and ("plain", 5000) not in modes:
+        modes.append(("plain", 5000))
     start = time.perf_counter()
     bids, first = write_inputs(args.root, args.n_per_group)
     print(f"inputs ready in {time.perf_counter() - start:.0f} s ({args.root})", flush=True)
-    rows = []
-    for spec in args.modes:
-        mode, _, count = spec.partition(":")
-        rows.append(run_mode(args.root, bids, first, mode, int(count), args.nprocs))
-        print(json.dumps(rows[-1]), flush=True)
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+    load_before = load_average()
+    measured = []
+    for mode, count in modes:
+        measured.append(run_mode(args.root, bids, first, mode, count, args.nprocs))
+        print(json.dumps(measured[-1]), flush=True)
+    if args.results:
+        args.results.write_text(json.dumps(measured, indent=2) + "\n")
+    n_tests = measured[0]["n_tests"]
+    group = "group level"
+    reference = "plain, 5000 permutations"
+
+    def step(mode: str, count: int) -> str:
+        return reference if (mode, count) == ("plain", 5000) else f"{mode}, {count} permutations"
+
+    rows = [Row(group, step(m["mode"], m["n_permutations"]), m["wall_s"], None, 1,
+                how=f"{n_tests} tests, MultiProc {args.nprocs} procs", reference=reference)
+            for m in measured]
+    plain = {m["n_permutations"]: m["wall_s"] for m in measured if m["mode"] == "plain"}
+    notes = []
+    if 5000 not in plain and len(plain) >= 2:
+        counts = sorted(plain)
+        per_permutation, fixed = np.polyfit(counts, [plain[c] for c in counts], 1)
+        rows.append(Row(group, reference, fixed + per_permutation * 5000, None, 0, reference=reference,
+                        how=f"scaled: fixed {fixed:.0f} s + {per_permutation:.3f} s per permutation, fit through "
+                            f"{', '.join(map(str, counts))}"))
+    if 100 in plain:
+        for m in measured:
+            if m["mode"] != "plain":
+                notes.append(f"{step(m['mode'], m['n_permutations'])}: {m['wall_s'] / plain[100]:.2f} x the plain "
+                             "100-permutation yardstick (issue 18: within 3 x, and under 5 min)")
+    report_part(rows, f"Whole group level of the shipped recipe at 2 mm ({3 * args.n_per_group} subjects x 3 "
+                      f"sessions x 3 maps, {n_tests} tests, no reports)", notes, load_before, args.json)
 
 
 if __name__ == "__main__":
