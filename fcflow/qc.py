@@ -17,6 +17,7 @@ distribution centred on 0, few edges with p < 0.05, and no distance dependence.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -41,6 +42,7 @@ __all__ = [
     "compute_qcfc",
     "QCFCSummary",
     "summarise_qcfc",
+    "summarise_exclusions",
 ]
 
 
@@ -409,3 +411,37 @@ def _strategy_arrays(data, mask_img, brain, seed_imgs, *, bold_file, t_r, task, 
             [per[n]["z"][seed] if "z" in per[n] else np.full(n_points, np.nan, np.float32) for n in names],
             dtype=np.float32)
     return arrays
+
+
+def summarise_exclusions(qc: pd.DataFrame) -> str:
+    """One line on the runs of a QC table: how many were kept, and why the others were not.
+
+    The exclusion reasons fcflow writes name the recipe parameter that excluded the run in
+    parentheses (``(max_mean_fd_mm)``, ``(min_volumes)``, ``(min_dof)``, ``(min_coverage)``);
+    those are counted (a run may count under two), the task-regressor checks of gPPI under
+    ``events``, anything else under ``other``. The participant level prints it at its end,
+    so that a study whose runs mostly failed QC says so where the user looks, not only per run.
+
+    Parameters
+    ----------
+    qc : DataFrame
+        Rows of :func:`fcflow.derivatives.read_runs_qc` (``excluded``, ``exclusion_reason``).
+
+    Returns
+    -------
+    str
+        e.g. ``"31 of 64 runs kept; 33 excluded (max_mean_fd_mm 33, min_dof 2)"``.
+    """
+    n_runs = len(qc)
+    excluded = qc[qc["excluded"].astype(bool)] if n_runs else qc
+    if excluded.empty:
+        return f"{n_runs} of {n_runs} runs kept"
+    counts: dict[str, int] = {}
+    for reason in excluded["exclusion_reason"].fillna("").astype(str):
+        keys = re.findall(r"\((min_volumes|max_mean_fd_mm|min_dof|min_coverage)\)", reason)
+        if not keys:
+            keys = ["events"] if "Check the events file" in reason or "no signal left after" in reason else ["other"]
+        for key in dict.fromkeys(keys):
+            counts[key] = counts.get(key, 0) + 1
+    why = ", ".join(f"{key} {count}" for key, count in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+    return f"{n_runs - len(excluded)} of {n_runs} runs kept; {len(excluded)} excluded ({why})"

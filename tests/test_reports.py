@@ -72,6 +72,25 @@ def test_qcfc_constant_edge_is_nan_and_bad_inputs_raise():
 # ----------------------------------------------------------------------------------------------
 # Motion by group
 # ----------------------------------------------------------------------------------------------
+def test_exclusion_summary_counts_runs_by_the_parameter_that_excluded_them():
+    from fcflow.qc import summarise_exclusions
+
+    reasons = {
+        "r1": "sub-01_ses-a_task-rest: mean FD is 0.600 mm, above the maximum of 0.5 mm (max_mean_fd_mm). Run excluded.",
+        "r2": ("sub-02_ses-a_task-rest: 120 censored; 80 volumes remain, below the minimum of 100 (min_volumes). "
+               "mean FD is 0.700 mm, above the maximum of 0.5 mm (max_mean_fd_mm). Run excluded."),
+        "r3": "sub-03_ses-a_task-rest: correlation would have 4.1 effective degrees of freedom, below the minimum "
+              "of 10 (min_dof). Budget: ... Run excluded: its map would be mostly noise.",
+        "r4": "sub-04_ses-a_task-nback: conditions '0back' and '2back' have identical regressors ... Check the "
+              "events file. Run excluded.",
+        "r5": "something fcflow does not write",
+    }
+    table = pd.DataFrame({"excluded": [True] * 5 + [False] * 3, "exclusion_reason": [*reasons.values(), "", "", ""]})
+    assert summarise_exclusions(table) == (
+        "3 of 8 runs kept; 5 excluded (max_mean_fd_mm 2, events 1, min_dof 1, min_volumes 1, other 1)")
+    assert summarise_exclusions(table[~table["excluded"]]) == "3 of 3 runs kept"
+
+
 def _motion_table(rng: np.random.Generator) -> pd.DataFrame:
     rows = []
     for group, shift in (("placebo", 0.0), ("ketamine", 0.15), ("lamotrigine_ketamine", 0.05)):
@@ -419,6 +438,22 @@ def test_seed_template_figure_is_drawn_once_per_process_and_equals_a_fresh_draw(
     shifted = nib.Nifti1Image(np.roll(np.asarray(seed_img.dataobj), 3, axis=1), seed_img.affine)
     other = _seed_template_figure({"pgACC": shifted}, tmp_path / "b.png")
     assert len(_TEMPLATE_FIGURES) == n_kept + 1 and other.read_bytes() != fresh.read_bytes()
+
+
+def test_a_map_with_nothing_above_the_display_threshold_draws_without_a_warning(reported):
+    """nilearn's "empty mask" warning came once per such figure in the participant log (hard-case study)."""
+    import warnings
+
+    from fcflow.reports import figures
+
+    path = next(p for p in reported["reports"]["rest_maps"]["map_files"] if "stat-z" in p or "_z" in Path(p).name)
+    img = nib.load(path)
+    bg = figures.load_template()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        figure = figures.plot_connectivity_map(img, bg, title="t", threshold=1e6)
+    assert not [w for w in caught if "empty mask" in str(w.message)], [str(w.message) for w in caught]
+    assert len(figure.axes) > 1  # drawn all the same
 
 
 def test_report_text_is_escaped(reported, tmp_path):

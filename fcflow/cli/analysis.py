@@ -171,6 +171,20 @@ def run(args: argparse.Namespace) -> int:
     return _run_group(args, recipe)
 
 
+def _exclusion_line(output_dir: Path, runs) -> str:
+    """How many of this invocation's runs were kept and why the others were not (their QC rows)."""
+    from fcflow.derivatives import read_runs_qc
+    from fcflow.qc import summarise_exclusions
+
+    qc = read_runs_qc(output_dir)
+    selected = {(r.subject, r.session or "", r.task, r.run or "") for r in runs}
+    keys = zip(qc["participant"], qc["session"], qc["task"], qc["run"].replace("n/a", ""), strict=True)
+    rows = qc[[key in selected for key in keys]]
+    if len(rows) != len(runs):  # a QC table from elsewhere: say what ran, nothing more
+        return f"{len(runs)} runs"
+    return summarise_exclusions(rows) + " (the QC tables sub-*/sub-*_desc-runs_qc.tsv give each run's reason)"
+
+
 def _run_participant(args: argparse.Namespace, recipe) -> int:
     import sys
 
@@ -210,7 +224,7 @@ def _run_participant(args: argparse.Namespace, recipe) -> int:
                                settings={"plugin": plugin, "plugin_args": plugin_args, "work_dir": str(work_dir),
                                          "participants": [f"sub-{s}" for s in subjects],
                                          "n_runs": len(study.runs), "reports": not args.no_reports})
-    print(f"Participant level done: {len(study.runs)} runs; outputs in {output_dir}")
+    print(f"Participant level done: {_exclusion_line(output_dir, study.runs)}; outputs in {output_dir}")
     if not args.no_reports:
         print(f"Participant reports: {', '.join(str(output_dir / f'sub-{s}.html') for s in subjects[:3])}"
               + (f" and {len(subjects) - 3} more" if len(subjects) > 3 else ""))

@@ -436,7 +436,7 @@ def run_group_test(
            "group_contrast": test.expression if test.kind == "t" else test.name, "stat_type": test.kind}
     if setup.skip_reason:
         LOGGER.warning("[%d/%d] %s: %s skipped: %s.", index, len(setup.tests), setup.where, test.expression,
-                       setup.skip_reason)
+                       setup.skip_reason.rstrip("."))
         return TestOutputs(key=key, row={**row, "skip_reason": setup.skip_reason}, files={})
     LOGGER.info("[%d/%d] %s: %s (%s)", index, len(setup.tests), setup.where, test.expression,
                 f"{n_perm} permutations" if set(inference.methods) & set(PERMUTATION_INFERENCES) else "parametric")

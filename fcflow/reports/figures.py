@@ -11,6 +11,7 @@ maps, never a stand-in.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from functools import cache
 from pathlib import Path
@@ -340,9 +341,13 @@ def plot_connectivity_map(
     if threshold is not None and threshold >= vmax:
         vmax = 1.5 * threshold  # nothing above the threshold: keep a scale that shows it
     figure = new_figure(8.0, 1.9)
-    plotting.plot_stat_map(stat_img, bg_img=bg_img, display_mode="z", cut_coords=n_cuts, figure=figure,
-                           title=title, colorbar=True, vmax=vmax, symmetric_cbar=True, black_bg=True,
-                           cmap="RdBu_r", threshold=1e-6 if threshold is None else threshold)
+    with warnings.catch_warnings():
+        # a run's map with nothing above the display threshold is drawn as its background, and
+        # nilearn says "empty mask" for it once per figure (the caption gives the threshold)
+        warnings.filterwarnings("ignore", message="empty mask", category=UserWarning)
+        plotting.plot_stat_map(stat_img, bg_img=bg_img, display_mode="z", cut_coords=n_cuts, figure=figure,
+                               title=title, colorbar=True, vmax=vmax, symmetric_cbar=True, black_bg=True,
+                               cmap="RdBu_r", threshold=1e-6 if threshold is None else threshold)
     if colorbar_label:
         # nilearn draws the colour bar last, on an axes of its own
         figure.axes[-1].set_ylabel(colorbar_label, color="white", fontsize=LEGEND_SIZE)

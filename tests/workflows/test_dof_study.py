@@ -55,6 +55,11 @@ def test_no_run_below_min_dof_is_used(analysed):
         assert "below the minimum of 10 (min_dof)" in reason
         assert "filter -" in reason and "motion -" in reason and "compcor -" in reason
     assert "(min_dof)" in analysed["log"]  # and the log said so
+    # and the last line of the participant level counts what was kept and why the rest was not
+    n_excluded = int(qc["excluded"].sum())
+    by_dof = int(qc["exclusion_reason"].fillna("").str.contains("(min_dof)", regex=False).sum())
+    assert (f"Participant level done: {len(qc) - n_excluded} of {len(qc)} runs kept; {n_excluded} excluded ("
+            in analysed["log"]) and f"min_dof {by_dof}" in analysed["log"] and by_dof >= 9
     for measure in ("gppi", "background"):
         included = qc[(qc["task"] == "nback") & ~qc["excluded"]]
         assert (included[f"dof_{measure}"] >= 20).all()
