@@ -1,6 +1,6 @@
 """Run every benchmark and print the one table: step, median, peak RSS, ratio to floor / to reference.
 
-    python benchmarks/run_all.py              # the defaults of each script (about 35 min on 2 cores)
+    python benchmarks/run_all.py              # the defaults of each script (about an hour on 2 cores)
     python benchmarks/run_all.py --full       # full sizes (hours: nilearn's recipe and TFCE)
     python benchmarks/run_all.py --only group # one or more of: firstlevel group grouplevel study
 
