@@ -949,15 +949,13 @@ def permutation_test(
     for key in keys:
         null_max[key][0] = first[key]
 
-    # v, G and z pass through more float32 products and a dof of their own than t and F:
-    # permutations equivalent to the identity then differ from it by about 1e-5
-    rtol = (1e-4 if zstat else 1e-5) if dtype == np.float32 else 1e-9 if zstat else 1e-12
+    rtol = _tie_rtol(dtype, on_z=zstat)
     observed_abs = np.abs(inferred) if two_sided else inferred
-    tie_floor = (observed_abs - rtol * np.abs(observed_abs)).astype(dtype)
-    if statistic.table is not None:  # the null compares t or F, at their tolerance
-        stat_rtol = 1e-5 if dtype == np.float32 else 1e-12
-        stat_abs = np.abs(observed) if two_sided else observed
-        tie_floor = (stat_abs - stat_rtol * np.abs(stat_abs)).astype(dtype)
+    # with a table the null compares t or F (at their tolerance), otherwise the inferred statistic
+    null_scale = observed if statistic.table is not None else inferred
+    null_rtol = _tie_rtol(dtype, on_z=False) if statistic.table is not None else rtol
+    null_abs = np.abs(null_scale) if two_sided else null_scale
+    tie_floor = (null_abs - null_rtol * np.abs(null_abs)).astype(dtype)
 
     exceed = _null_distribution(
         statistic, unit, rows, null_max, scheme=scheme, tie_floor=tie_floor, two_sided=two_sided,
@@ -1248,7 +1246,7 @@ def combine_family_wise(results: Sequence[PermutationResult]) -> list[dict[str, 
                 f"for test {number} and {sorted(first.null_max)} for test 0."
             )
     family_null = {key: np.max([r.null_max[key] for r in results], axis=0) for key in first.null_max}
-    rtol = 1e-4 if first.settings.get("precision", "float32") == "float32" else 1e-9
+    rtol = _tie_rtol(np.dtype(first.settings.get("precision", "float32")), on_z=True)
     out = []
     for result in results:
         observed = {
@@ -1263,6 +1261,17 @@ def combine_family_wise(results: Sequence[PermutationResult]) -> list[dict[str, 
             for key in result.logp_fwe
         })  # fmt: skip
     return out
+
+
+def _tie_rtol(dtype: np.dtype, *, on_z: bool) -> float:
+    """Relative tolerance under which a permuted statistic ties the observed one.
+
+    v, G and z pass through more float32 products and a dof of their own than t and F:
+    permutations equivalent to the identity then differ from it by about 1e-5.
+    """
+    if dtype == np.float32:
+        return 1e-4 if on_z else 1e-5
+    return 1e-9 if on_z else 1e-12
 
 
 def _fwe_logp(

@@ -433,7 +433,7 @@ def summarise_exclusions(qc: pd.DataFrame) -> str:
         e.g. ``"31 of 64 runs kept; 33 excluded (max_mean_fd_mm 33, min_dof 2)"``.
     """
     n_runs = len(qc)
-    excluded = qc[qc["excluded"].astype(bool)] if n_runs else qc
+    excluded = qc[qc["excluded"].astype(bool)]
     if excluded.empty:
         return f"{n_runs} of {n_runs} runs kept"
     counts: dict[str, int] = {}

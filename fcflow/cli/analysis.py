@@ -178,7 +178,7 @@ def _exclusion_line(output_dir: Path, runs) -> str:
 
     qc = read_runs_qc(output_dir)
     selected = {(r.subject, r.session or "", r.task, r.run or "") for r in runs}
-    keys = zip(qc["participant"], qc["session"], qc["task"], qc["run"].replace("n/a", ""), strict=True)
+    keys = zip(qc["participant"], qc["session"], qc["task"], qc["run"], strict=True)
     rows = qc[[key in selected for key in keys]]
     if len(rows) != len(runs):  # a QC table from elsewhere: say what ran, nothing more
         return f"{len(runs)} runs"
